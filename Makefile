@@ -1,0 +1,32 @@
+# make demo  — set up .venv (once) and run the main comparison on real digits data
+# make test  — set up .venv (once) and run the test suite
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+OUT    ?= runs/demo
+
+.PHONY: setup test demo bench clean
+
+setup: $(STAMP)
+
+# torch first and alone: `torch==2.13.0` takes the local CPU wheel; letting another
+# package pull torch would fetch GBs of CUDA packages.
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt torch==2.13.0
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
+	touch $(STAMP)
+
+test: setup
+	$(PY) -m pytest -q -ra
+
+demo: setup
+	$(VENV)/bin/fl-subnet compare scenarios/digits-fedavg.toml scenarios/digits-ist.toml scenarios/digits-fedsubdrop.toml --out $(OUT)
+
+bench: setup
+	$(PY) bench/aggregate.py
+
+clean:
+	rm -rf $(VENV) runs build *.egg-info

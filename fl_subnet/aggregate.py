@@ -1,0 +1,173 @@
+"""Masked aggregation: fold trained compact slices back into the full model.
+
+For every entry ``e`` of every tensor (DESIGN.md §3; Liao & Kyrillidis 2022, Alg. 1,
+the per-neuron weights η of Figure 1)::
+
+    W_{k+1}[e] = Σ_{c holds e} n_c · W_c[e] / Σ_{c holds e} n_c
+
+and an entry that no client held keeps ``W_k[e]`` (``untouched="zero"`` reproduces the
+authors' reference code, which zeroes such neurons). Integer tensors (e.g. BatchNorm's
+``num_batches_tracked``) are not averaged: they take the maximum over holders.
+"""
+
+from __future__ import annotations
+
+import math
+import string
+from collections.abc import Mapping
+
+import torch
+
+from .masks import Mask
+from .slicing import Slicer
+
+UNTOUCHED_MODES = ("keep", "zero")
+
+
+class MaskedAggregator:
+    """Accumulate ``(compact state, mask, weight)`` replies, then :meth:`finalize`.
+
+    Parameters
+    ----------
+    global_state : Mapping[str, torch.Tensor]
+        ``W_k``; not modified.
+    slicer : Slicer
+        Coupling table of the model's unit groups.
+    untouched : {"keep", "zero"}
+        What entries that no client held become: ``keep`` their value (default) or
+        ``zero`` (only the reference code of Liao & Kyrillidis; kills those neurons).
+
+    Notes
+    -----
+    Cost per reply is one ``index_add_`` over the compact entries; the per-entry
+    denominators are computed once in :meth:`finalize` as small products of the
+    per-group holder indicators (``Σ_c n_c 1[i∈R_c] 1[j∈C_c]``), never per entry.
+    """
+
+    def __init__(self, global_state: Mapping[str, torch.Tensor], slicer: Slicer,
+                 untouched: str = "keep") -> None:
+        if untouched not in UNTOUCHED_MODES:
+            raise ValueError(f"untouched must be one of {UNTOUCHED_MODES}, got {untouched!r}")
+        self.state = dict(global_state)
+        self.slicer = slicer
+        self.untouched = untouched
+        self._num: dict[str, torch.Tensor] = {}
+        self._masks: list[Mask] = []
+        self._weights: list[float] = []
+
+    @property
+    def num_replies(self) -> int:
+        return len(self._weights)
+
+    def check(self, compact: Mapping[str, torch.Tensor], mask: Mask) -> None:
+        """Validate a reply against the slice its mask implies.
+
+        Raises
+        ------
+        ValueError
+            Naming the key: missing or extra keys, wrong shape or dtype, NaN/Inf.
+        """
+        missing = sorted(set(self.state) - set(compact))
+        extra = sorted(set(compact) - set(self.state))
+        if missing or extra:
+            raise ValueError(f"reply keys differ from the model: missing {missing}, extra {extra}")
+        for key, full in self.state.items():
+            t = compact[key]
+            if not isinstance(t, torch.Tensor):
+                raise ValueError(f"'{key}' is not a tensor ({type(t).__name__})")
+            want = self.slicer.compact_shape(key, full.shape, mask)
+            if tuple(t.shape) != want:
+                raise ValueError(f"'{key}' has shape {tuple(t.shape)}, expected {want}")
+            if t.dtype != full.dtype:
+                raise ValueError(f"'{key}' has dtype {t.dtype}, expected {full.dtype}")
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise ValueError(f"'{key}' contains NaN or Inf")
+
+    def add(self, compact: Mapping[str, torch.Tensor], mask: Mask, weight: float = 1.0) -> None:
+        """Add one client's trained compact slice.
+
+        Parameters
+        ----------
+        compact : Mapping[str, torch.Tensor]
+            Tensor ``key`` of shape ``slicer.compact_shape(key, ...)``.
+        mask : Mask
+            The mask the slice was cut with.
+        weight : float
+            ``n_c`` (the client's ``num-examples``), or 1 for a count mean.
+
+        Raises
+        ------
+        ValueError
+            If the mask, a tensor or the weight is invalid; nothing is accumulated then.
+        """
+        if not (isinstance(weight, (int, float)) and math.isfinite(weight) and weight > 0):
+            raise ValueError(f"weight (num-examples) must be finite and > 0, got {weight!r}")
+        mask.validate(self.slicer.groups)
+        self.check(compact, mask)
+        w = float(weight)
+        for key, full in self.state.items():
+            t = compact[key]
+            kept = self.slicer.kept(mask, key)
+            if not full.is_floating_point():
+                self._add_int(key, full, t, mask, kept)
+                continue
+            acc = self._num.get(key)
+            if acc is None:
+                acc = self._num[key] = torch.zeros_like(full)
+            if not kept:
+                acc.add_(t, alpha=w)
+            elif len(kept) == 1:
+                acc.index_add_(kept[0][0], kept[0][1], t, alpha=w)
+            else:
+                acc.view(-1).index_add_(0, self.slicer.flat_index(key, full.shape, mask),
+                                        t.reshape(-1), alpha=w)
+        self._masks.append(mask)
+        self._weights.append(w)
+
+    def _add_int(self, key, full, t, mask, kept) -> None:
+        acc = self._num.get(key)
+        if acc is None:
+            acc = self._num[key] = full.clone()
+            first = True
+        else:
+            first = False
+        if not kept:
+            acc.copy_(t if first else torch.maximum(acc, t))
+        else:
+            flat = self.slicer.flat_index(key, full.shape, mask)
+            acc.view(-1).scatter_reduce_(0, flat, t.reshape(-1), "amax", include_self=not first)
+
+    def _denominator(self, key: str, full: torch.Tensor, weights: torch.Tensor,
+                     indicators: dict[str, torch.Tensor]) -> torch.Tensor:
+        coupled = sorted(self.slicer.coupled.get(key, []))
+        if not coupled:
+            return weights.sum().to(full.dtype)
+        letters = string.ascii_letters[1:1 + len(coupled)]
+        spec = "a," + ",".join("a" + c for c in letters) + "->" + letters
+        den = torch.einsum(spec, weights, *[indicators[g] for _, g in coupled])
+        view = [1] * full.dim()
+        for (d, _), size in zip(coupled, den.shape):
+            view[d] = size
+        return den.reshape(view).to(full.dtype)
+
+    def finalize(self) -> dict[str, torch.Tensor]:
+        """The new global state ``W_{k+1}`` (new tensors; ``W_k`` if no reply was added)."""
+        if not self._weights:
+            return {k: v.clone() for k, v in self.state.items()}
+        weights = torch.tensor(self._weights, dtype=torch.float64)
+        indicators = {}
+        for g in self.slicer.groups:
+            ind = torch.zeros(len(self._masks), g.size, dtype=torch.float64)
+            for i, m in enumerate(self._masks):
+                ind[i, m.kept(g)] = 1.0
+            indicators[g.name] = ind
+        out = {}
+        for key, full in self.state.items():
+            if not full.is_floating_point():
+                out[key] = self._num[key].clone()
+                continue
+            den = self._denominator(key, full, weights, indicators)
+            held = den > 0
+            fallback = torch.zeros_like(full) if (self.untouched == "zero" and key in self.slicer.coupled) else full
+            out[key] = torch.where(held, self._num[key] / torch.where(held, den, torch.ones_like(den)), fallback)
+        return out

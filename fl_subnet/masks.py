@@ -1,0 +1,75 @@
+"""Masks: which units of each group a sub-model keeps, and the scale of their output."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+
+from .groups import UnitGroup
+
+
+@dataclass(frozen=True)
+class Mask:
+    """Kept units per unit group plus a per-group output scale.
+
+    Attributes
+    ----------
+    indices : dict[str, torch.Tensor]
+        Group name → sorted, unique ``int64`` positions kept, shape ``(k_g,)``. A group
+        that is absent is kept whole.
+    scale : dict[str, float]
+        Group name → factor applied to the kept units' output (``1/ξ`` for inverted
+        dropout, DESIGN.md §3); absent means 1.
+    """
+
+    indices: dict[str, torch.Tensor]
+    scale: dict[str, float] = field(default_factory=dict)
+
+    def kept(self, group: UnitGroup) -> torch.Tensor:
+        """Kept positions of ``group``, shape ``(k,)`` int64 (all if absent)."""
+        idx = self.indices.get(group.name)
+        return torch.arange(group.size) if idx is None else idx
+
+    def scale_of(self, group: UnitGroup) -> float:
+        return float(self.scale.get(group.name, 1.0))
+
+    def validate(self, groups: Iterable[UnitGroup]) -> None:
+        """Check the mask against ``groups``.
+
+        Raises
+        ------
+        ValueError
+            Naming the group when it is unknown, its indices are not a sorted unique
+            1-D int64 tensor within ``[0, size)``, or its scale is not finite and > 0.
+        """
+        by_name = {g.name: g for g in groups}
+        for name in set(self.indices) | set(self.scale):
+            if name not in by_name:
+                raise ValueError(f"mask names unknown unit group '{name}'")
+        for name, idx in self.indices.items():
+            size = by_name[name].size
+            if not isinstance(idx, torch.Tensor) or idx.dtype != torch.int64 or idx.dim() != 1:
+                raise ValueError(f"mask['{name}'] must be a 1-D int64 tensor")
+            if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= size):
+                raise ValueError(
+                    f"mask['{name}'] has an index out of range [0, {size}): "
+                    f"min {int(idx.min())}, max {int(idx.max())}"
+                )
+            if idx.numel() > 1 and not bool((idx[1:] > idx[:-1]).all()):
+                raise ValueError(f"mask['{name}'] indices must be sorted and unique")
+        for name, s in self.scale.items():
+            if not (float(s) > 0 and float(s) < float("inf")):
+                raise ValueError(f"mask scale['{name}'] must be finite and > 0, got {s}")
+
+    def coverage(self, groups: Iterable[UnitGroup]) -> float:
+        """Fraction of all units (over every group) that this mask keeps."""
+        groups = list(groups)
+        total = sum(g.size for g in groups)
+        return sum(int(self.kept(g).numel()) for g in groups) / max(total, 1)
+
+
+def full_mask(groups: Iterable[UnitGroup]) -> Mask:
+    """The mask that keeps every unit with scale 1 (FedAvg)."""
+    return Mask({g.name: torch.arange(g.size) for g in groups})

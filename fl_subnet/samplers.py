@@ -1,0 +1,147 @@
+"""Mask samplers: full (FedAvg), Bernoulli (dropout family) and partition (IST).
+
+Every mask comes from a ``torch.Generator`` seeded by (run seed, server round, client
+slot) only (DESIGN.md §3): never the global ``random``/``numpy`` state, never node ids.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from .groups import UnitGroup
+from .masks import Mask
+
+PARTITION_MODES = ("equal", "iid")
+
+
+def generator_for(seed: int, server_round: int, slot: int) -> torch.Generator:
+    """A CPU generator determined by ``(seed, server_round, slot)`` alone."""
+    state = np.random.SeedSequence([int(seed), int(server_round), int(slot) + 1]).generate_state(2)
+    return torch.Generator(device="cpu").manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+def check_keep_prob(keep_prob: float, key: str = "keep-prob") -> float:
+    """Return ``keep_prob`` as float; ``ValueError`` naming ``key`` unless in (0, 1]."""
+    try:
+        xi = float(keep_prob)
+    except (TypeError, ValueError):
+        raise ValueError(f"{key} must be a number in (0, 1], got {keep_prob!r}") from None
+    if not 0.0 < xi <= 1.0:
+        raise ValueError(f"{key} must be in (0, 1], got {keep_prob!r}")
+    return xi
+
+
+def check_num_subnets(num_subnets: int, key: str = "num-subnets") -> int:
+    """Return ``num_subnets`` as int; ``ValueError`` naming ``key`` unless an int ≥ 1."""
+    if isinstance(num_subnets, bool) or not isinstance(num_subnets, (int, np.integer)) or num_subnets < 1:
+        raise ValueError(f"{key} must be an integer >= 1, got {num_subnets!r}")
+    return int(num_subnets)
+
+
+class MaskSampler:
+    """Base class: ``sample(groups, server_round, num_masks)`` → one mask per slot."""
+
+    def __init__(self, seed: int = 0) -> None:
+        self.seed = int(seed)
+
+    def sample(self, groups: Sequence[UnitGroup], server_round: int, num_masks: int) -> list[Mask]:
+        raise NotImplementedError
+
+
+class FullSampler(MaskSampler):
+    """Every client keeps every unit (FedAvg, McMahan et al. 2017)."""
+
+    def sample(self, groups, server_round, num_masks):
+        return [Mask({g.name: torch.arange(g.size) for g in groups}) for _ in range(num_masks)]
+
+
+class BernoulliSampler(MaskSampler):
+    """Each unit kept independently with keep probability ξ, per client.
+
+    Dropout (Srivastava et al. 2014) and its federated and multi-sample versions
+    (Liao & Kyrillidis 2022, §3; Caldas et al. 2018; Inoue 2019).
+
+    Parameters
+    ----------
+    keep_prob : float
+        ξ ∈ (0, 1].
+    scale : bool
+        Multiply kept units' output by 1/ξ (inverted dropout) when True.
+    seed : int
+        Run seed.
+
+    Raises
+    ------
+    ValueError
+        If ``keep_prob`` is outside (0, 1].
+    """
+
+    def __init__(self, keep_prob: float, scale: bool = True, seed: int = 0) -> None:
+        super().__init__(seed)
+        self.keep_prob = check_keep_prob(keep_prob)
+        self.scale = bool(scale)
+
+    def sample(self, groups, server_round, num_masks):
+        masks = []
+        for slot in range(num_masks):
+            gen = generator_for(self.seed, server_round, slot)
+            idx = {g.name: torch.nonzero(torch.rand(g.size, generator=gen) < self.keep_prob).flatten()
+                   for g in groups}
+            s = 1.0 / self.keep_prob if self.scale else 1.0
+            masks.append(Mask(idx, {g.name: s for g in groups}))
+        return masks
+
+
+class PartitionSampler(MaskSampler):
+    """Disjoint random partition of each group's units into ``p`` parts (IST).
+
+    Independent Subnetwork Training (Yuan et al., VLDB 2022); Liao & Kyrillidis 2022,
+    §3 (categorical masks). Slot ``i`` receives part ``i mod p`` of one partition drawn
+    per server round, so ``p`` clients together hold every unit exactly once.
+
+    Parameters
+    ----------
+    num_subnets : int
+        p ≥ 1.
+    mode : {"equal", "iid"}
+        ``equal``: shuffle, then ``p`` blocks whose sizes differ by at most one;
+        ``iid``: each unit picks its part uniformly (the paper's code).
+    scale : float
+        Output scale of kept units: 1 (IST's original code) or ``p`` (= 1/ξ).
+
+    Raises
+    ------
+    ValueError
+        If ``num_subnets`` < 1, ``mode`` is unknown or ``scale`` ≤ 0.
+    """
+
+    def __init__(self, num_subnets: int, mode: str = "equal", scale: float = 1.0, seed: int = 0):
+        super().__init__(seed)
+        self.num_subnets = check_num_subnets(num_subnets)
+        if mode not in PARTITION_MODES:
+            raise ValueError(f"partition-mode must be one of {PARTITION_MODES}, got {mode!r}")
+        if not float(scale) > 0:
+            raise ValueError(f"scale must be > 0, got {scale!r}")
+        self.mode = mode
+        self.scale = float(scale)
+
+    def parts(self, group: UnitGroup, gen: torch.Generator) -> torch.Tensor:
+        """Part id of each unit, shape ``(size,)`` int64 in ``[0, p)``."""
+        p = self.num_subnets
+        if self.mode == "iid":
+            return torch.randint(0, p, (group.size,), generator=gen)
+        part = torch.empty(group.size, dtype=torch.int64)
+        part[torch.randperm(group.size, generator=gen)] = torch.arange(group.size) * p // max(group.size, 1)
+        return part
+
+    def sample(self, groups, server_round, num_masks):
+        gen = generator_for(self.seed, server_round, -1)
+        parts = {g.name: self.parts(g, gen) for g in groups}
+        return [
+            Mask({g.name: torch.nonzero(parts[g.name] == slot % self.num_subnets).flatten() for g in groups},
+                 {g.name: self.scale for g in groups})
+            for slot in range(num_masks)
+        ]
