@@ -39,7 +39,8 @@ class MaskedAggregator:
 
     Notes
     -----
-    Cost per reply is one ``index_add_`` over the compact entries; the per-entry
+    Sums are kept in float64, so an entry with one holder comes back bit-exact
+    (``n·x/n == x``). Cost per reply is one ``index_add_`` over the compact entries; the per-entry
     denominators are computed once in :meth:`finalize` as small products of the
     per-group holder indicators (``Σ_c n_c 1[i∈R_c] 1[j∈C_c]``), never per entry.
     """
@@ -113,7 +114,8 @@ class MaskedAggregator:
                 continue
             acc = self._num.get(key)
             if acc is None:
-                acc = self._num[key] = torch.zeros_like(full)
+                acc = self._num[key] = torch.zeros_like(full, dtype=torch.float64)
+            t = t.to(torch.float64)
             if not kept:
                 acc.add_(t, alpha=w)
             elif len(kept) == 1:
@@ -141,14 +143,14 @@ class MaskedAggregator:
                      indicators: dict[str, torch.Tensor]) -> torch.Tensor:
         coupled = sorted(self.slicer.coupled.get(key, []))
         if not coupled:
-            return weights.sum().to(full.dtype)
+            return weights.sum()
         letters = string.ascii_letters[1:1 + len(coupled)]
         spec = "a," + ",".join("a" + c for c in letters) + "->" + letters
         den = torch.einsum(spec, weights, *[indicators[g] for _, g in coupled])
         view = [1] * full.dim()
         for (d, _), size in zip(coupled, den.shape):
             view[d] = size
-        return den.reshape(view).to(full.dtype)
+        return den.reshape(view)
 
     def finalize(self) -> dict[str, torch.Tensor]:
         """The new global state ``W_{k+1}`` (new tensors; ``W_k`` if no reply was added)."""
@@ -169,5 +171,6 @@ class MaskedAggregator:
             den = self._denominator(key, full, weights, indicators)
             held = den > 0
             fallback = torch.zeros_like(full) if (self.untouched == "zero" and key in self.slicer.coupled) else full
-            out[key] = torch.where(held, self._num[key] / torch.where(held, den, torch.ones_like(den)), fallback)
+            mean = (self._num[key] / torch.where(held, den, torch.ones_like(den))).to(full.dtype)
+            out[key] = torch.where(held, mean, fallback)
         return out

@@ -1,0 +1,124 @@
+"""Masked aggregation against a hand-computed example and a plain-numpy reference."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from fl_subnet.aggregate import MaskedAggregator
+from fl_subnet.groups import Coupling, UnitGroup, find_unit_groups
+from fl_subnet.masks import Mask
+from fl_subnet.models import MLP
+from fl_subnet.samplers import BernoulliSampler, PartitionSampler
+from fl_subnet.slicing import Slicer
+
+
+def test_two_clients_hand_computed():
+    # MLP 2 -> 3 -> 1; hidden units {0,1,2}. Client A holds {0,1} (weight 1),
+    # client B holds {1,2} (weight 3). Every compact entry of A is 1.0, of B is 5.0.
+    model = MLP(2, [3], 1)
+    groups = find_unit_groups(model)
+    slicer = Slicer(groups)
+    old = {k: torch.full_like(v, -9.0) for k, v in model.state_dict().items()}
+    a = Mask({"1": torch.tensor([0, 1])})
+    b = Mask({"1": torch.tensor([1, 2])})
+    agg = MaskedAggregator(old, slicer)
+    agg.add({k: torch.full_like(v, 1.0) for k, v in slicer.gather(old, a).items()}, a, 1)
+    agg.add({k: torch.full_like(v, 5.0) for k, v in slicer.gather(old, b).items()}, b, 3)
+    new = agg.finalize()
+    both = (1 * 1.0 + 3 * 5.0) / 4  # = 4.0
+    assert new["1.weight"].tolist() == [[1.0, 1.0], [both, both], [5.0, 5.0]]
+    assert new["1.bias"].tolist() == [1.0, both, 5.0]
+    assert new["3.weight"].tolist() == [[1.0, both, 5.0]]
+    assert new["3.bias"].tolist() == [both]  # shared: held by both
+
+
+def test_unheld_units_keep_or_zero():
+    model = MLP(2, [4], 1)
+    groups = find_unit_groups(model)
+    slicer = Slicer(groups)
+    old = {k: torch.full_like(v, 2.0) for k, v in model.state_dict().items()}
+    m = Mask({"1": torch.tensor([1])})
+    for mode, fill in (("keep", 2.0), ("zero", 0.0)):
+        agg = MaskedAggregator(old, slicer, untouched=mode)
+        agg.add({k: torch.full_like(v, 7.0) for k, v in slicer.gather(old, m).items()}, m, 2)
+        new = agg.finalize()
+        assert new["1.bias"].tolist() == [fill, 7.0, fill, fill]
+        assert new["3.weight"].tolist() == [[fill, 7.0, fill, fill]]
+        assert new["3.bias"].tolist() == [7.0]
+
+
+def _numpy_reference(old, slicer, replies):
+    """Per entry: sum of n_c * W_c[e] over holders / sum of n_c over holders."""
+    out = {}
+    for key, full in old.items():
+        num = np.zeros(full.shape)
+        den = np.zeros(full.shape)
+        for compact, mask, w in replies:
+            idx = [np.arange(s) for s in full.shape]
+            for dim, g in slicer.coupled.get(key, []):
+                idx[dim] = mask.indices[g].numpy()
+            sel = np.ix_(*idx)
+            num[sel] += w * compact[key].numpy().astype(np.float64)
+            den[sel] += w
+        out[key] = np.where(den > 0, num / np.where(den > 0, den, 1), full.numpy())
+    return out
+
+
+@pytest.mark.parametrize("sampler", [BernoulliSampler(0.4, seed=1), PartitionSampler(3, mode="iid", seed=2)])
+def test_matches_numpy_reference_on_random_masks(sampler):
+    torch.manual_seed(0)
+    model = MLP(5, [12, 9, 6], 4)  # three hidden groups: weights coupled on both dims
+    groups = find_unit_groups(model)
+    slicer = Slicer(groups)
+    old = model.state_dict()
+    replies = []
+    for i, mask in enumerate(sampler.sample(groups, 1, 5)):
+        compact = {k: torch.randn_like(v) for k, v in slicer.gather(old, mask).items()}
+        replies.append((compact, mask, float(10 + 7 * i)))
+    agg = MaskedAggregator(old, slicer)
+    for r in replies:
+        agg.add(*r)
+    new = agg.finalize()
+    ref = _numpy_reference(old, slicer, replies)
+    for key in old:
+        np.testing.assert_allclose(new[key].numpy(), ref[key], rtol=1e-6, atol=1e-6, err_msg=key)
+
+
+class _WithBuffers(nn.Module):
+    """A custom model declaring its own group, with an int buffer and a 0-dim tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.arange(8.0).reshape(4, 2))
+        self.t = nn.Parameter(torch.tensor(1.0))
+        self.register_buffer("steps", torch.tensor(0, dtype=torch.int64))
+
+    def unit_groups(self):
+        return [UnitGroup("rows", 4, (Coupling("w", 0),), ())]
+
+
+def test_integer_buffers_and_scalars():
+    model = _WithBuffers()
+    groups = find_unit_groups(model)
+    slicer = Slicer(groups)
+    old = model.state_dict()
+    a, b = Mask({"rows": torch.tensor([0, 2])}), Mask({"rows": torch.tensor([2, 3])})
+    ca = {"w": torch.ones(2, 2), "t": torch.tensor(3.0), "steps": torch.tensor(5)}
+    cb = {"w": torch.zeros(2, 2), "t": torch.tensor(6.0), "steps": torch.tensor(9)}
+    agg = MaskedAggregator(old, slicer)
+    agg.add(ca, a, 2)
+    agg.add(cb, b, 1)
+    new = agg.finalize()
+    assert new["steps"].dtype == torch.int64 and int(new["steps"]) == 9  # max, not a float mean
+    assert new["t"].shape == () and float(new["t"]) == pytest.approx((2 * 3 + 6) / 3)
+    want = torch.tensor([[1, 1], [2, 3], [2 / 3, 2 / 3], [0, 0]])  # row 1: nobody held it
+    assert torch.allclose(new["w"], want, atol=1e-7)
+
+
+def test_no_reply_keeps_model():
+    model = MLP(3, [4], 2)
+    slicer = Slicer(find_unit_groups(model))
+    old = model.state_dict()
+    new = MaskedAggregator(old, slicer).finalize()
+    assert all(torch.equal(new[k], old[k]) for k in old)
