@@ -1,4 +1,12 @@
-"""fl_subnet.clients (lives in the top-level `clients/` folder)."""
+"""fl_subnet.clients (lives in the top-level `clients/` folder).
+
+ClientApp handlers that train the compact slice a node receives.
+"""
 
 if __name__ == "clients":  # imported as a top-level package by accident
     raise ImportError("import this package as 'fl_subnet.clients', not 'clients'")
+
+from .app import make_client_app  # noqa: E402
+from .train import TrainConfig, evaluate_model, train_local  # noqa: E402
+
+__all__ = ["make_client_app", "TrainConfig", "train_local", "evaluate_model"]

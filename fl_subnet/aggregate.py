@@ -22,6 +22,7 @@ from .masks import Mask
 from .slicing import Slicer
 
 UNTOUCHED_MODES = ("keep", "zero")
+DENOMINATORS = ("holders", "all")
 
 
 class MaskedAggregator:
@@ -36,6 +37,11 @@ class MaskedAggregator:
     untouched : {"keep", "zero"}
         What entries that no client held become: ``keep`` their value (default) or
         ``zero`` (only the reference code of Liao & Kyrillidis; kills those neurons).
+    denominator : {"holders", "all"}
+        ``holders``: mean over the clients that held the entry (default). ``all``: mean
+        over every client, a non-holder counting with the unchanged ``W_k[e]``; with one
+        local step this is one step on the loss averaged over the masks (multi-sample
+        dropout, Inoue 2019, Eq. 1).
 
     Notes
     -----
@@ -46,9 +52,12 @@ class MaskedAggregator:
     """
 
     def __init__(self, global_state: Mapping[str, torch.Tensor], slicer: Slicer,
-                 untouched: str = "keep") -> None:
+                 untouched: str = "keep", denominator: str = "holders") -> None:
         if untouched not in UNTOUCHED_MODES:
             raise ValueError(f"untouched must be one of {UNTOUCHED_MODES}, got {untouched!r}")
+        if denominator not in DENOMINATORS:
+            raise ValueError(f"denominator must be one of {DENOMINATORS}, got {denominator!r}")
+        self.denominator = denominator
         self.state = dict(global_state)
         self.slicer = slicer
         self.untouched = untouched
@@ -170,6 +179,10 @@ class MaskedAggregator:
                 continue
             den = self._denominator(key, full, weights, indicators)
             held = den > 0
+            if self.denominator == "all":
+                total = weights.sum()
+                out[key] = ((self._num[key] + full.to(torch.float64) * (total - den)) / total).to(full.dtype)
+                continue
             fallback = torch.zeros_like(full) if (self.untouched == "zero" and key in self.slicer.coupled) else full
             mean = (self._num[key] / torch.where(held, den, torch.ones_like(den))).to(full.dtype)
             out[key] = torch.where(held, mean, fallback)

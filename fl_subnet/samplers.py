@@ -19,7 +19,9 @@ PARTITION_MODES = ("equal", "iid")
 
 def generator_for(seed: int, server_round: int, slot: int) -> torch.Generator:
     """A CPU generator determined by ``(seed, server_round, slot)`` alone."""
-    state = np.random.SeedSequence([int(seed), int(server_round), int(slot) + 1]).generate_state(2)
+    # slots < 0 are round-level draws (-1: IST partition, -2: node sample)
+    entropy = [int(v) % 2**64 for v in (seed, server_round, slot)]
+    state = np.random.SeedSequence(entropy).generate_state(2)
     return torch.Generator(device="cpu").manual_seed(int(state[0]) << 32 | int(state[1]))
 
 

@@ -122,3 +122,18 @@ def test_no_reply_keeps_model():
     old = model.state_dict()
     new = MaskedAggregator(old, slicer).finalize()
     assert all(torch.equal(new[k], old[k]) for k in old)
+
+
+def test_loss_average_denominator_counts_every_client():
+    model = MLP(2, [3], 1)
+    groups = find_unit_groups(model)
+    slicer = Slicer(groups)
+    old = {k: torch.full_like(v, 2.0) for k, v in model.state_dict().items()}
+    a, b = Mask({"1": torch.tensor([0, 1])}), Mask({"1": torch.tensor([1, 2])})
+    agg = MaskedAggregator(old, slicer, denominator="all")
+    agg.add({k: torch.full_like(v, 4.0) for k, v in slicer.gather(old, a).items()}, a, 1)
+    agg.add({k: torch.full_like(v, 8.0) for k, v in slicer.gather(old, b).items()}, b, 1)
+    new = agg.finalize()
+    # unit 0: (4 + 2)/2, unit 1: (4 + 8)/2, unit 2: (2 + 8)/2 — W_k stands in for non-holders
+    assert new["1.bias"].tolist() == [3.0, 6.0, 5.0]
+    assert new["3.bias"].tolist() == [6.0]

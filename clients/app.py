@@ -1,0 +1,108 @@
+"""ClientApp handlers: build the compact sub-model, train it, reply with its tensors."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import torch
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from torch import nn
+from torch.utils.data import Dataset
+
+from fl_subnet.compact import build_compact_module
+from fl_subnet.groups import find_unit_groups
+from fl_subnet.masks import full_mask
+from fl_subnet.records import MASK_PREFIX, arrays_to_state, mask_from_config, state_to_arrays
+
+from .train import TrainConfig, evaluate_model, train_local
+
+log = logging.getLogger(__name__)
+
+DataFn = Callable[[Context], tuple[Dataset, Dataset | None]]
+TrainFn = Callable[[nn.Module, Dataset, TrainConfig, int], tuple[int, float]]
+STATE_KEY = "fl-subnet"
+
+
+def _count_call(context: Context, name: str) -> int:
+    """Per-node counter kept in ``context.state`` (a deployment runs a fresh process)."""
+    record = context.state.config_records.get(STATE_KEY)
+    if record is None:
+        record = context.state[STATE_KEY] = ConfigRecord()
+    record[name] = int(record.get(name, 0)) + 1
+    return int(record[name])
+
+
+def make_client_app(model_factory: Callable[[], nn.Module], load_data: DataFn,
+                    train_fn: TrainFn = train_local) -> ClientApp:
+    """A Flower ClientApp that trains whatever compact slice the server sends.
+
+    Parameters
+    ----------
+    model_factory : Callable[[], nn.Module]
+        Builds the full architecture (called on the ``meta`` device for training).
+    load_data : Callable[[Context], tuple[Dataset, Dataset | None]]
+        The node's ``(train, test)`` sets of ``(x, y)`` pairs, e.g. chosen by
+        ``context.node_config["partition-id"]``.
+    train_fn : Callable, optional
+        ``train_fn(model, train_set, cfg, seed) -> (num_examples, train_loss)``;
+        defaults to :func:`~fl_subnet.clients.train.train_local` (SGD, τ steps or E
+        epochs).
+
+    Returns
+    -------
+    ClientApp
+        Train replies hold the compact tensors (``arrays``) and ``num-examples``,
+        ``train-loss`` (``metrics``); evaluate replies ``num-examples``,
+        ``eval-loss`` and, for classification, ``eval-acc``.
+    """
+    app = ClientApp()
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        config = msg.content.config_records.get("config", ConfigRecord())
+        cfg = TrainConfig.from_config(config)
+        with torch.device("meta"):
+            groups = find_unit_groups(model_factory())
+        # No mask keys: a plain FedAvg message (e.g. Flower's own FedAvg) → full model.
+        has_mask = any(str(k).startswith(MASK_PREFIX) for k in config)
+        mask = mask_from_config(config, groups) if has_mask else full_mask(groups)
+        compact_state = arrays_to_state(next(iter(msg.content.array_records.values())))
+        model = build_compact_module(model_factory, compact_state, groups, mask)
+        train_set, _ = load_data(context)
+        round_ = int(config.get("server-round", 0))
+        seed = hash((cfg.seed, round_, int(context.node_config.get("partition-id", 0)))) & 0x7FFFFFFF
+        n, loss = train_fn(model, train_set, cfg, seed)
+        calls = _count_call(context, "train-calls")
+        log.info("node %d round %d: %d examples, train-loss %.4f", context.node_id, round_, n, loss)
+        content = RecordDict({
+            "arrays": state_to_arrays(model.state_dict()),
+            "metrics": MetricRecord({"num-examples": int(n), "train-loss": float(loss),
+                                     "train-calls": calls}),
+        })
+        return Message(content=content, reply_to=msg)
+
+    @app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        config = msg.content.config_records.get("config", ConfigRecord())
+        cfg = TrainConfig.from_config(config)
+        model = model_factory()
+        model.load_state_dict(arrays_to_state(next(iter(msg.content.array_records.values()))))
+        _, test_set = load_data(context)
+        metrics: dict[str, float | int] = {"num-examples": 0}
+        if test_set is not None and len(test_set):
+            metrics = {"num-examples": len(test_set), **evaluate_model(model, test_set, cfg.loss)}
+        return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+
+    @app.query()
+    def query(msg: Message, context: Context) -> Message:
+        """Report this node's ``partition-id`` so the server can order nodes stably."""
+        pid = context.node_config.get("partition-id")
+        metrics = MetricRecord({"partition-id": int(pid)} if isinstance(pid, int) else {})
+        return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)
+
+    return app
+
+
+__all__ = ["make_client_app"]

@@ -1,0 +1,147 @@
+"""The local work of a client: τ SGD steps (or E epochs) on its compact sub-model."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+LOSSES = ("cross-entropy", "mse")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Local training settings, read from the ConfigRecord a node receives.
+
+    Attributes
+    ----------
+    local_steps : int
+        τ SGD steps (``local-steps``); 0 means run ``local_epochs`` instead.
+    local_epochs : int
+        E passes over the local data (``local-epochs``), used when τ = 0.
+    lr, momentum, weight_decay : float
+        ``torch.optim.SGD`` settings (``lr``, ``momentum``, ``weight-decay``).
+    batch_size : int
+        Mini-batch size (``batch-size``); 0 means full batch (the paper's GD).
+    loss : {"cross-entropy", "mse"}
+        ``mse`` is ½·mean squared error (Liao & Kyrillidis, §2).
+    seed : int
+        Seeds the batch order together with the server round and partition.
+    """
+
+    local_steps: int = 1
+    local_epochs: int = 1
+    lr: float = 0.1
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    batch_size: int = 32
+    loss: str = "cross-entropy"
+    seed: int = 0
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, object]) -> "TrainConfig":
+        """Build from kebab-case config keys; missing keys take the defaults.
+
+        Raises
+        ------
+        ValueError
+            Naming the key, for a negative count, a non-positive lr or an unknown loss.
+        """
+        d = cls()
+        cfg = cls(
+            local_steps=int(config.get("local-steps", d.local_steps)),
+            local_epochs=int(config.get("local-epochs", d.local_epochs)),
+            lr=float(config.get("lr", d.lr)),
+            momentum=float(config.get("momentum", d.momentum)),
+            weight_decay=float(config.get("weight-decay", d.weight_decay)),
+            batch_size=int(config.get("batch-size", d.batch_size)),
+            loss=str(config.get("loss", d.loss)),
+            seed=int(config.get("seed", d.seed)),
+        )
+        for key, value in (("local-steps", cfg.local_steps), ("local-epochs", cfg.local_epochs),
+                           ("batch-size", cfg.batch_size)):
+            if value < 0:
+                raise ValueError(f"{key} must be >= 0, got {value}")
+        if cfg.local_steps == 0 and cfg.local_epochs == 0:
+            raise ValueError("local-steps and local-epochs cannot both be 0")
+        if not cfg.lr > 0:
+            raise ValueError(f"lr must be > 0, got {cfg.lr}")
+        if cfg.loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}, got {cfg.loss!r}")
+        return cfg
+
+
+def loss_fn(name: str, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Mean loss of a batch: cross-entropy, or ½·MSE (targets of shape ``out.shape``)."""
+    if name == "mse":
+        return 0.5 * (out - y.view_as(out)).pow(2).mean()
+    return F.cross_entropy(out, y)
+
+
+def make_loader(data: Dataset, batch_size: int, shuffle: bool, seed: int) -> DataLoader:
+    """A DataLoader with a seeded order; ``batch_size`` 0 means the whole set at once."""
+    size = len(data) if batch_size == 0 else batch_size
+    gen = torch.Generator().manual_seed(int(seed))
+    return DataLoader(data, batch_size=max(size, 1), shuffle=shuffle, generator=gen)
+
+
+def train_local(model: nn.Module, data: Dataset, cfg: TrainConfig, seed: int = 0) -> tuple[int, float]:
+    """Train ``model`` in place on ``data``.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The compact sub-model; only parameters with ``requires_grad`` are updated.
+    data : Dataset
+        Yields ``(x, y)`` pairs.
+    cfg : TrainConfig
+        τ steps if ``cfg.local_steps`` > 0 (cycling through the data), else E epochs.
+    seed : int
+        Batch-order seed (e.g. derived from run seed, server round and partition).
+
+    Returns
+    -------
+    tuple[int, float]
+        ``num-examples`` (size of the local set) and the mean training loss over the
+        steps taken.
+    """
+    loader = make_loader(data, cfg.batch_size, shuffle=True, seed=seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if cfg.local_steps > 0:
+        batches = itertools.islice(itertools.chain.from_iterable(itertools.repeat(loader)), cfg.local_steps)
+    else:
+        batches = itertools.chain.from_iterable(itertools.repeat(loader, cfg.local_epochs))
+    model.train()
+    total, steps = 0.0, 0
+    for x, y in batches:
+        loss = loss_fn(cfg.loss, model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        total += float(loss.detach())
+        steps += 1
+    return len(data), (total / steps if steps else math.nan)
+
+
+@torch.no_grad()
+def evaluate_model(model: nn.Module, data: Dataset, loss: str, batch_size: int = 512) -> dict[str, float]:
+    """``eval-loss`` (mean over examples) and, for classification, ``eval-acc``."""
+    model.eval()
+    n, total, correct = 0, 0.0, 0
+    for x, y in DataLoader(data, batch_size=batch_size):
+        out = model(x)
+        total += float(loss_fn(loss, out, y)) * len(x)
+        if loss == "cross-entropy":
+            correct += int((out.argmax(1) == y).sum())
+        n += len(x)
+    metrics = {"eval-loss": total / max(n, 1)}
+    if loss == "cross-entropy":
+        metrics["eval-acc"] = correct / max(n, 1)
+    return metrics

@@ -1,0 +1,265 @@
+"""Datasets for the experiments, as ``datasets.DatasetDict`` and federated torch tensors.
+
+Every loader returns a ``DatasetDict`` with splits ``"train"`` and ``"test"`` whose
+column ``"x"`` is a fixed-length list of float32 features and whose target column is
+``"label"`` (int class) or ``"y"`` (float regression target). Names:
+
+* ``"digits"``: scikit-learn's bundled ``load_digits`` (1,797 8x8 images, offline).
+* ``"mnist"``, ``"fashion-mnist"``, ``"cifar10"``: the Hugging Face hub datasets
+  ``ylecun/mnist``, ``zalando-datasets/fashion_mnist`` and ``uoft-cs/cifar10`` (needs
+  network), or the same data given as ``source=`` (a ``DatasetDict``) or ``path=`` (a
+  ``DatasetDict.save_to_disk`` folder) on an offline machine.
+* ``"synthetic-regression"``: unit-norm inputs and a random ReLU teacher, the setting
+  of Liao & Kyrillidis, "On the convergence of shallow neural network training with
+  randomly masked neurons", TMLR 2022.
+
+Partitioning is in :mod:`fl_subnet.partition`; :func:`load_partition` and
+:func:`load_centralized_test` are the cached entry points for ClientApp / ServerApp.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import datasets
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from .partition import check_num_partitions, partition
+
+logger = logging.getLogger(__name__)
+
+#: name -> (hub id, image column, PIL mode); labels are in column "label" for all three.
+HUB_DATASETS = {
+    "mnist": ("ylecun/mnist", "image", "L"),
+    "fashion-mnist": ("zalando-datasets/fashion_mnist", "image", "L"),
+    "cifar10": ("uoft-cs/cifar10", "img", "RGB"),
+}
+DATASET_NAMES = ("digits", *HUB_DATASETS, "synthetic-regression")
+
+
+def _features(dim: int, target: datasets.Value | datasets.ClassLabel, target_key: str = "label") -> datasets.Features:
+    return datasets.Features({"x": datasets.List(datasets.Value("float32"), length=dim), target_key: target})
+
+
+def load_digits(*, seed: int = 0, test_fraction: float = 0.2) -> datasets.DatasetDict:
+    """scikit-learn's digits as ``x`` (64 floats in [0, 1], pixel/16) and ``label`` (0-9).
+
+    The train/test split is stratified by label (``sklearn.model_selection.train_test_split``
+    with ``random_state=seed``): 1,437 / 360 rows at the default ``test_fraction=0.2``.
+    """
+    from sklearn.datasets import load_digits as sk_digits
+    from sklearn.model_selection import train_test_split
+
+    bunch = sk_digits()
+    x = (bunch.data / 16.0).astype(np.float32)  # (1797, 64), raw pixel values 0..16
+    y = bunch.target.astype(np.int64)
+    x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=test_fraction, stratify=y, random_state=int(seed))
+    feats = _features(64, datasets.ClassLabel(num_classes=10))
+    return datasets.DatasetDict(
+        train=datasets.Dataset.from_dict({"x": x_tr, "label": y_tr}, features=feats),
+        test=datasets.Dataset.from_dict({"x": x_te, "label": y_te}, features=feats),
+    )
+
+
+def images_to_features(dataset: datasets.Dataset, image_key: str, mode: str) -> datasets.Dataset:
+    """Replace the PIL image column ``image_key`` by ``x``: flat float32 pixels / 255 in [0, 1].
+
+    Each image is converted to PIL ``mode`` ("L": H*W features; "RGB": 3*H*W features in
+    channel-first order, so ``x.view(-1, 3, H, W)`` recovers a torch image batch). All
+    images must share one size (``ValueError`` from ``np.stack`` otherwise). Other
+    columns (``label``) are kept as they are.
+    """
+    if len(dataset) == 0:
+        raise ValueError(f"cannot convert an empty image dataset (column {image_key!r})")
+    w, h = dataset[0][image_key].size
+    dim = h * w * (3 if mode == "RGB" else 1)
+
+    def convert(batch: dict) -> dict:
+        arr = np.stack([np.asarray(im.convert(mode), dtype=np.uint8) for im in batch[image_key]])
+        if arr.ndim == 4:  # (N, H, W, C) -> (N, C, H, W)
+            arr = arr.transpose(0, 3, 1, 2)
+        return {"x": arr.reshape(len(arr), -1).astype(np.float32) / 255.0}
+
+    feats = datasets.Features({k: v for k, v in dataset.features.items() if k != image_key})
+    feats["x"] = datasets.List(datasets.Value("float32"), length=dim)
+    return dataset.map(convert, batched=True, batch_size=1000, remove_columns=[image_key], features=feats)
+
+
+def load_images(
+    name: str, *, source: datasets.DatasetDict | None = None, path: str | None = None, seed: int = 0
+) -> datasets.DatasetDict:
+    """MNIST / Fashion-MNIST / CIFAR-10 as flat features (see :func:`images_to_features`).
+
+    Data come from ``source`` if given, else ``datasets.load_from_disk(path)`` if given,
+    else ``datasets.load_dataset(<hub id>)`` (network). Splits "train" (60,000 / 60,000 /
+    50,000 rows) and "test" (10,000 each) are the hub's own; ``seed`` is unused.
+    Raises ``ConnectionError`` with a hint when the hub is unreachable.
+    """
+    hub_id, image_key, mode = HUB_DATASETS[name]
+    if source is None and path is not None:
+        source = datasets.load_from_disk(path)
+    if source is None:
+        logger.info("loading %s from the Hugging Face hub (%s)", name, hub_id)
+        try:
+            source = datasets.load_dataset(hub_id)
+        except OSError as err:
+            raise ConnectionError(
+                f"could not load {hub_id!r} from the hub ({err}); offline, pass path= a "
+                f"DatasetDict.save_to_disk folder or source= a DatasetDict"
+            ) from err
+    if not isinstance(source, datasets.DatasetDict) or not {"train", "test"} <= set(source):
+        raise ValueError(f"{name}: expected a DatasetDict with 'train' and 'test' splits, got {source!r}")
+    return datasets.DatasetDict({s: images_to_features(source[s], image_key, mode) for s in ("train", "test")})
+
+
+def synthetic_regression(
+    n: int = 1000, d: int = 10, *, n_test: int = 200, teacher_width: int = 16, noise: float = 0.0, seed: int = 0
+) -> datasets.DatasetDict:
+    """Unit-norm Gaussian inputs labelled by a fixed random two-layer ReLU teacher.
+
+    Draws (in this order, from ``numpy.random.default_rng(seed)``) teacher weights
+    ``W ~ N(0, 1)^(teacher_width, d)``, ``a ~ Uniform{-1, +1}^teacher_width``, then
+    ``n + n_test`` inputs ``x = g / ||g||`` with ``g ~ N(0, I_d)``, so ``||x|| = 1`` as
+    in Liao & Kyrillidis (TMLR 2022), and targets
+    ``y = a . relu(W x) / sqrt(teacher_width) + noise * N(0, 1)`` (bounded, O(1)).
+    The first ``n`` rows are "train", the last ``n_test`` "test". Columns: ``x``
+    (``d`` float32) and ``y`` (float32). Same arguments, same data. ``ValueError``
+    naming ``num-samples`` / ``input-dim`` (the run-config keys) for a bad ``n`` / ``d``.
+    """
+    for key, val in (("num-samples (n)", n), ("input-dim (d)", d), ("teacher_width", teacher_width), ("n_test", n_test)):
+        if isinstance(val, bool) or not isinstance(val, int) or val < (0 if key == "n_test" else 1):
+            raise ValueError(f"{key} must be a positive integer, got {val!r}")
+    rng = np.random.default_rng(int(seed))
+    w = rng.standard_normal((teacher_width, d))
+    a = rng.choice([-1.0, 1.0], size=teacher_width)
+    g = rng.standard_normal((n + n_test, d))
+    x = g / np.linalg.norm(g, axis=1, keepdims=True)
+    y = np.maximum(x @ w.T, 0.0) @ a / np.sqrt(teacher_width) + float(noise) * rng.standard_normal(n + n_test)
+    feats = _features(d, datasets.Value("float32"), "y")
+    x, y = x.astype(np.float32), y.astype(np.float32)
+    return datasets.DatasetDict(
+        train=datasets.Dataset.from_dict({"x": x[:n], "y": y[:n]}, features=feats),
+        test=datasets.Dataset.from_dict({"x": x[n:], "y": y[n:]}, features=feats),
+    )
+
+
+def load_dataset_by_name(name: str, **kw) -> datasets.DatasetDict:
+    """Load dataset ``name`` (one of :data:`DATASET_NAMES`) as a train/test ``DatasetDict``.
+
+    ``kw`` go to the loader: :func:`load_digits` (seed, test_fraction),
+    :func:`load_images` (source, path, seed) or :func:`synthetic_regression` (n, d,
+    n_test, teacher_width, noise, seed). ``ValueError`` naming ``dataset`` for an
+    unknown name; ``TypeError`` for a keyword the loader does not take.
+    """
+    if name == "digits":
+        return load_digits(**kw)
+    if name in HUB_DATASETS:
+        return load_images(name, **kw)
+    if name == "synthetic-regression":
+        return synthetic_regression(**kw)
+    raise ValueError(f"dataset must be one of {DATASET_NAMES}, got {name!r}")
+
+
+def to_tensors(dataset: datasets.Dataset) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x, y)``: features float32 ``(N, d)``; ``label`` as int64 ``(N,)`` or ``y`` as float32 ``(N, 1)``.
+
+    An empty dataset gives ``(0, d)`` / ``(0,)`` or ``(0, 1)`` tensors (``d`` from the
+    fixed-length ``x`` feature). ``ValueError`` if ``x`` or both targets are missing.
+    """
+    target = "label" if "label" in dataset.column_names else "y" if "y" in dataset.column_names else None
+    if "x" not in dataset.column_names or target is None:
+        raise ValueError(f"expected columns 'x' and 'label' or 'y', got {dataset.column_names}")
+    cols = dataset.with_format("numpy", columns=["x", target])[:]
+    x = cols["x"]
+    if x.dtype == object:  # variable-length lists come back as an array of arrays
+        x = np.stack(list(x)) if len(x) else x
+    dim = getattr(dataset.features["x"], "length", -1)
+    x = torch.as_tensor(np.asarray(x, dtype=np.float32).reshape(len(dataset), dim if dim > 0 else -1))
+    if target == "label":
+        return x, torch.as_tensor(np.asarray(cols[target], dtype=np.int64).reshape(-1))
+    return x, torch.as_tensor(np.asarray(cols[target], dtype=np.float32).reshape(-1, 1))
+
+
+def make_loader(x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool = True, seed: int = 0) -> DataLoader:
+    """A ``DataLoader`` over ``TensorDataset(x, y)``; shuffling uses a generator seeded by ``seed``.
+
+    ``ValueError`` naming ``batch-size`` unless a positive int; the last batch may be
+    smaller. Same seed, same batch order (per fresh loader).
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch-size must be a positive integer, got {batch_size!r}")
+    gen = torch.Generator().manual_seed(int(seed)) if shuffle else None
+    return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=shuffle, generator=gen)
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_dataset(name: str, data_kw: tuple) -> datasets.DatasetDict:
+    logger.info("loading dataset %s %s", name, dict(data_kw))
+    return load_dataset_by_name(name, **dict(data_kw))
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_partitions(
+    name: str, data_kw: tuple, num_partitions: int, scheme: str, alpha: float, classes_per_partition: int, seed: int
+) -> tuple[datasets.Dataset, ...]:
+    train = _cached_dataset(name, data_kw)["train"]
+    return tuple(partition(train, num_partitions, scheme, alpha=alpha, classes_per_partition=classes_per_partition, seed=seed))
+
+
+def load_partition(
+    name: str,
+    partition_id: int,
+    num_partitions: int,
+    scheme: str = "iid",
+    alpha: float = 0.5,
+    seed: int = 0,
+    *,
+    classes_per_partition: int = 2,
+    test_fraction: float = 0.2,
+    data_seed: int = 0,
+    **data_kw,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One client's ``(train_x, train_y, test_x, test_y)`` for a ClientApp.
+
+    The global train split of ``name`` (loaded with ``seed=data_seed`` and ``data_kw``,
+    e.g. ``path=``, ``n=``, ``d=``; values must be hashable, so no ``source=``) is split
+    by :func:`fl_subnet.partition.partition` (``scheme``, ``alpha``,
+    ``classes_per_partition``, ``seed``). The test tensors are the partition's OWN local
+    hold-out: ``round(test_fraction * size)`` rows (at least 1 if the partition has >= 2
+    rows and ``test_fraction > 0``) drawn with ``default_rng([seed, partition_id])``; they
+    follow the client's label skew. The global test set is :func:`load_centralized_test`.
+    Loaded datasets and partitions are cached per process (``functools.lru_cache``);
+    tensors are fresh on each call. Shapes as :func:`to_tensors`.
+
+    Raises
+    ------
+    ValueError
+        Naming ``partition-id`` (not in [0, num_partitions)), ``test-fraction`` (not in
+        [0, 1)), or anything :func:`~fl_subnet.partition.partition` raises.
+    """
+    check_num_partitions(num_partitions)
+    if isinstance(partition_id, bool) or not isinstance(partition_id, int) or not 0 <= partition_id < num_partitions:
+        raise ValueError(f"partition-id must be an integer in [0, {num_partitions}), got {partition_id!r}")
+    if not 0.0 <= float(test_fraction) < 1.0:
+        raise ValueError(f"test-fraction must be in [0, 1), got {test_fraction!r}")
+    key = tuple(sorted({**data_kw, "seed": int(data_seed)}.items()))
+    parts = _cached_partitions(name, key, num_partitions, scheme, alpha, classes_per_partition, int(seed))
+    part = parts[partition_id]
+    n = len(part)
+    n_test = min(max(1, round(test_fraction * n)), n - 1) if test_fraction > 0 and n >= 2 else 0
+    perm = np.random.default_rng([int(seed), partition_id]).permutation(n)
+    train_x, train_y = to_tensors(part.select(np.sort(perm[n_test:])))
+    test_x, test_y = to_tensors(part.select(np.sort(perm[:n_test])))
+    return train_x, train_y, test_x, test_y
+
+
+def load_centralized_test(name: str, *, data_seed: int = 0, **data_kw) -> tuple[torch.Tensor, torch.Tensor]:
+    """The global "test" split of ``name`` as ``(x, y)`` tensors, for server-side evaluation.
+
+    Same loading (and cache) as :func:`load_partition` with the same ``data_seed`` /
+    ``data_kw``, so train partitions and this test set never overlap.
+    """
+    return to_tensors(_cached_dataset(name, tuple(sorted({**data_kw, "seed": int(data_seed)}.items())))["test"])

@@ -1,0 +1,237 @@
+"""The subnetwork strategy: one mask per node per round, compact slices down, masked
+aggregation up (DESIGN.md §1, §3; Liao & Kyrillidis, TMLR 2022, Alg. 1 and Fig. 1)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+from torch import nn
+
+from fl_subnet.aggregate import MaskedAggregator
+from fl_subnet.groups import find_unit_groups
+from fl_subnet.masks import Mask
+from fl_subnet.records import arrays_to_state, mask_to_config, state_to_arrays
+from fl_subnet.samplers import MaskSampler, generator_for
+from fl_subnet.slicing import Slicer
+
+from .replies import ReplyError, parse_reply, payload_bytes
+
+log = logging.getLogger(__name__)
+
+
+class SubnetStrategy(FedAvg):
+    """Flower strategy that trains a model through per-node sub-models.
+
+    Each server round it samples nodes, gives node slot ``i`` the mask
+    ``sampler.sample(...)[i]``, sends it only the compact slice of the global model
+    (ArrayRecord) plus the mask and training config (ConfigRecord), and folds the
+    trained slices back with :class:`~fl_subnet.aggregate.MaskedAggregator`.
+    Federated evaluation sends the full model, as in Flower's FedAvg.
+
+    Parameters
+    ----------
+    model_factory : Callable[[], nn.Module]
+        Builds the full architecture; used on the ``meta`` device to find unit groups.
+    sampler : MaskSampler
+        Draws the masks; seeded by (seed, server round, slot).
+    num_train_nodes : int, optional
+        Exactly this many nodes per round (e.g. 1 for dropout, p for IST); by default
+        Flower's ``fraction_train`` / ``min_train_nodes`` rule.
+    local_steps : int, optional
+        τ, sent as ``local-steps`` (the client runs ``local-epochs`` if it is 0/None).
+    untouched, denominator : str
+        Passed to :class:`MaskedAggregator`.
+    weighted : bool
+        Weight replies by ``weighted_by_key`` (``num-examples``); else a count mean.
+    seed : int
+        Seeds the node sampling (masks use the sampler's own seed).
+    order_by_partition : bool
+        Order nodes by the ``partition-id`` they report to a one-off QUERY message
+        (node ids are random per run), so that the same seed pairs the same data with
+        the same mask in a simulation, a deployment and the in-process grid. Nodes that
+        do not answer are ordered after, by node id.
+    **fedavg_kwargs
+        Flower FedAvg options: ``fraction_train``, ``fraction_evaluate``,
+        ``min_train_nodes``, ``min_evaluate_nodes``, ``min_available_nodes``,
+        ``weighted_by_key``, ``arrayrecord_key``, ``configrecord_key``, ...
+
+    Notes
+    -----
+    Per-round train metrics (in Flower's ``Result.train_metrics_clientapp``) add to the
+    clients' weighted means: ``bytes-down`` and ``bytes-up`` (serialized arrays and
+    mask bytes, summed over nodes), ``coverage`` (fraction of units held by at least
+    one valid reply), ``num-replies`` and ``num-rejected``.
+    """
+
+    def __init__(
+        self,
+        model_factory: Callable[[], nn.Module],
+        sampler: MaskSampler,
+        *,
+        num_train_nodes: int | None = None,
+        local_steps: int | None = None,
+        untouched: str = "keep",
+        denominator: str = "holders",
+        weighted: bool = True,
+        seed: int = 0,
+        order_by_partition: bool = True,
+        **fedavg_kwargs,
+    ) -> None:
+        if num_train_nodes is not None:
+            if num_train_nodes < 1:
+                raise ValueError(f"num_train_nodes must be >= 1, got {num_train_nodes!r}")
+            fedavg_kwargs.setdefault("min_train_nodes", num_train_nodes)
+            fedavg_kwargs.setdefault("min_available_nodes", num_train_nodes)
+        super().__init__(**fedavg_kwargs)
+        with torch.device("meta"):
+            self.groups = find_unit_groups(model_factory())
+        self.slicer = Slicer(self.groups)
+        self.sampler = sampler
+        self.num_train_nodes = num_train_nodes
+        self.local_steps = local_steps
+        self.untouched = untouched
+        self.denominator = denominator
+        MaskedAggregator({}, self.slicer, untouched, denominator)  # validates both
+        self.weighted = weighted
+        self.seed = int(seed)
+        self.order_by_partition = order_by_partition
+        self.query_timeout = 600.0
+        self._rank: dict[int, int] = {}
+        self._sent: dict[int, Mask] = {}
+        self._state: dict[str, torch.Tensor] = {}
+        self._bytes_down = 0
+        self._t_round = 0.0
+
+    # ------------------------------------------------------------------ sampling
+    def order_nodes(self, grid: Grid, nodes: list[int]) -> list[int]:
+        """``nodes`` sorted by reported ``partition-id`` (asked once per node), then id."""
+        unknown = [n for n in nodes if n not in self._rank]
+        if unknown and self.order_by_partition:
+            ask = RecordDict({self.configrecord_key: ConfigRecord({"fl-subnet-query": "partition-id"})})
+            replies = grid.send_and_receive(
+                [Message(content=ask, message_type=MessageType.QUERY, dst_node_id=n) for n in unknown],
+                timeout=self.query_timeout)
+            for msg in replies:
+                pid = None
+                if not msg.has_error():
+                    for record in msg.content.metric_records.values():
+                        pid = record.get("partition-id", pid)
+                if isinstance(pid, int) and not isinstance(pid, bool):
+                    self._rank[msg.metadata.src_node_id] = pid
+            log.info("order_nodes: %d of %d nodes reported a partition-id",
+                     sum(n in self._rank for n in nodes), len(nodes))
+        big = 1 << 62
+        return sorted(nodes, key=lambda n: (self._rank.get(n, big), n))
+
+    def sample_train_nodes(self, server_round: int, grid: Grid) -> list[int]:
+        """Deterministic node sample: ordered nodes (:meth:`order_nodes`), permuted by (seed, round)."""
+        wanted = self.num_train_nodes
+        if wanted is None:
+            n = int(len(list(grid.get_node_ids())) * self.fraction_train)
+            wanted = max(n, self.min_train_nodes)
+        need = max(self.min_available_nodes, wanted)
+        while len(nodes := sorted(grid.get_node_ids())) < need:
+            log.info("Waiting for nodes: %d connected, %d needed", len(nodes), need)
+            time.sleep(1)
+        nodes = self.order_nodes(grid, nodes)
+        order = torch.randperm(len(nodes), generator=generator_for(self.seed, server_round, -2))
+        return [nodes[i] for i in order[:wanted].tolist()]
+
+    # ------------------------------------------------------------------ training
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """One Message per sampled node with its own compact slice and mask."""
+        self._t_round = time.perf_counter()
+        self._sent = {}
+        if self.fraction_train == 0.0 and self.num_train_nodes is None:
+            return []
+        nodes = self.sample_train_nodes(server_round, grid)
+        masks = self.sampler.sample(self.groups, server_round, len(nodes))
+        self._state = arrays_to_state(arrays)
+        messages, self._bytes_down = [], 0
+        for node_id, mask in zip(nodes, masks):
+            slice_arrays = state_to_arrays(self.slicer.gather(self._state, mask))
+            node_config = ConfigRecord(dict(config))  # Strategy.start reuses `config`
+            node_config["server-round"] = server_round
+            if self.local_steps is not None:
+                node_config["local-steps"] = int(self.local_steps)
+            for key, value in mask_to_config(mask, self.groups).items():
+                node_config[key] = value
+            self._bytes_down += payload_bytes(slice_arrays, node_config)
+            content = RecordDict({self.arrayrecord_key: slice_arrays,
+                                  self.configrecord_key: node_config})
+            messages.append(Message(content=content, message_type=MessageType.TRAIN,
+                                    dst_node_id=node_id))
+            self._sent[node_id] = mask
+        log.info("configure_train: round %d, %d nodes, coverage %.3f, %.2f MB down",
+                 server_round, len(nodes), self._coverage(masks), self._bytes_down / 1e6)
+        return messages
+
+    def _coverage(self, masks: list[Mask]) -> float:
+        total = sum(g.size for g in self.groups)
+        if total == 0:
+            return 1.0
+        held = 0
+        for g in self.groups:
+            seen = torch.zeros(g.size, dtype=torch.bool)
+            for m in masks:
+                seen[m.kept(g)] = True
+            held += int(seen.sum())
+        return held / total
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Masked aggregation of the valid replies; malformed ones are logged and skipped.
+
+        Returns ``(None, metrics)`` when no reply is valid: Flower then keeps the model.
+        Never raises because of a reply's content.
+        """
+        agg = MaskedAggregator(self._state, self.slicer, self.untouched, self.denominator)
+        valid: list[RecordDict] = []
+        used: list[Mask] = []
+        bytes_up, rejected, seen = 0, 0, set()
+        for msg in replies:
+            node = msg.metadata.src_node_id
+            try:
+                if msg.has_error():
+                    raise ReplyError(f"error reply: {msg.error.reason}")
+                if node in seen:
+                    raise ReplyError("duplicate reply")
+                mask = self._sent.get(node)
+                if mask is None:
+                    raise ReplyError("unknown node (no mask was sent to it this round)")
+                compact, weight, size = parse_reply(msg.content, self.weighted_by_key)
+                agg.add(compact, mask, weight if self.weighted else 1.0)
+            except Exception as err:  # noqa: BLE001 — a reply must never crash the ServerApp
+                rejected += 1
+                log.warning("aggregate_train: round %d: rejected reply from node %d: %s",
+                            server_round, node, err)
+                continue
+            seen.add(node)
+            valid.append(msg.content)
+            used.append(mask)
+            bytes_up += size
+        metrics = MetricRecord()
+        if valid:
+            try:
+                metrics = self.train_metrics_aggr_fn(valid, self.weighted_by_key)
+            except Exception as err:  # noqa: BLE001
+                log.warning("aggregate_train: client metrics not aggregated: %s", err)
+        metrics["bytes-down"] = int(self._bytes_down)
+        metrics["bytes-up"] = int(bytes_up)
+        metrics["coverage"] = float(self._coverage(used)) if used else 0.0
+        metrics["num-replies"] = len(valid)
+        metrics["num-rejected"] = rejected
+        metrics["round-seconds"] = time.perf_counter() - self._t_round
+        if not valid:
+            log.warning("aggregate_train: round %d: no valid reply, model unchanged", server_round)
+            return None, metrics
+        return state_to_arrays(agg.finalize()), metrics

@@ -1,0 +1,67 @@
+"""Dropout and multi-sample dropout as federated protocols."""
+
+from __future__ import annotations
+
+from fl_subnet.samplers import BernoulliSampler, check_num_subnets
+
+from .base import SubnetStrategy
+
+
+class Dropout(SubnetStrategy):
+    """One node per round trains one Bernoulli(ξ) sub-network for one step; copy back.
+
+    Dropout (Srivastava et al., JMLR 2014) in the form analysed by Liao & Kyrillidis,
+    TMLR 2022 (§3, p = 1, τ = 1): kept units scaled by 1/ξ. With one local SGD step
+    this equals one dropout SGD step of the full model (tested to 1e-6).
+
+    Parameters
+    ----------
+    model_factory : Callable[[], nn.Module]
+        Builds the full architecture.
+    keep_prob : float
+        ξ ∈ (0, 1].
+    scale : bool
+        Inverted-dropout 1/ξ scaling of kept units (default True).
+
+    Raises
+    ------
+    ValueError
+        If ``keep_prob`` is outside (0, 1] (names ``keep-prob``).
+    """
+
+    def __init__(self, model_factory, keep_prob: float, *, scale: bool = True, seed: int = 0, **kwargs):
+        kwargs.setdefault("local_steps", 1)
+        super().__init__(model_factory, BernoulliSampler(keep_prob, scale=scale, seed=seed),
+                         num_train_nodes=1, seed=seed, **kwargs)
+
+
+class MultiSampleDropout(SubnetStrategy):
+    """p nodes per round, each one Bernoulli(ξ) sub-network, one step each.
+
+    Liao & Kyrillidis, TMLR 2022, §3 (p masks, per-neuron mean over the masks that keep
+    it: ``loss_average=False``); Inoue, "Multi-Sample Dropout", 2019 (the loss averaged
+    over the p masks: ``loss_average=True``, every node counts in every mean).
+
+    Parameters
+    ----------
+    model_factory : Callable[[], nn.Module]
+        Builds the full architecture.
+    keep_prob : float
+        ξ ∈ (0, 1].
+    num_subnets : int
+        p ≥ 1 masks (= nodes) per round.
+    loss_average : bool
+        Inoue's 1/p loss average instead of the per-unit mean over holders.
+
+    Raises
+    ------
+    ValueError
+        If ``keep_prob`` ∉ (0, 1] or ``num_subnets`` < 1 (the message names the key).
+    """
+
+    def __init__(self, model_factory, keep_prob: float, num_subnets: int, *,
+                 loss_average: bool = False, scale: bool = True, seed: int = 0, **kwargs):
+        kwargs.setdefault("local_steps", 1)
+        super().__init__(model_factory, BernoulliSampler(keep_prob, scale=scale, seed=seed),
+                         num_train_nodes=check_num_subnets(num_subnets), seed=seed,
+                         denominator="all" if loss_average else "holders", **kwargs)

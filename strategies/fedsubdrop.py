@@ -1,0 +1,39 @@
+"""Federated Dropout (Caldas et al., 2018)."""
+
+from __future__ import annotations
+
+from fl_subnet.samplers import BernoulliSampler
+
+from .base import SubnetStrategy
+
+
+class FederatedDropout(SubnetStrategy):
+    """Each sampled node trains its own Bernoulli(ξ) sub-model for τ steps or E epochs.
+
+    Caldas, Konečný, McMahan, Talwalkar, "Expanding the Reach of Federated Learning by
+    Reducing Client Resource Requirements", arXiv:1812.07210, 2018, §3. Entries are
+    averaged over the nodes that held them (weighted by ``num-examples``); entries no
+    node held keep their value.
+
+    Parameters
+    ----------
+    model_factory : Callable[[], nn.Module]
+        Builds the full architecture.
+    keep_prob : float
+        ξ ∈ (0, 1] (Caldas et al. use a fixed fraction of units; the size here is
+        Binomial(size, ξ)).
+    scale : bool
+        Inverted-dropout 1/ξ scaling (default True; Caldas et al. evaluate the full
+        model, which the scaling keeps consistent).
+    **kwargs
+        :class:`SubnetStrategy` / Flower FedAvg options (``fraction_train``, ...).
+
+    Raises
+    ------
+    ValueError
+        If ``keep_prob`` is outside (0, 1] (names ``keep-prob``).
+    """
+
+    def __init__(self, model_factory, keep_prob: float, *, scale: bool = True, seed: int = 0, **kwargs):
+        super().__init__(model_factory, BernoulliSampler(keep_prob, scale=scale, seed=seed),
+                         seed=seed, **kwargs)

@@ -1,0 +1,41 @@
+"""Build a named strategy from a validated :class:`~fl_subnet.config.RunConfig`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import nn
+
+from fl_subnet.config import STRATEGIES, RunConfig
+
+from .base import SubnetStrategy
+from .dropout import Dropout, MultiSampleDropout
+from .fedavg import SubnetFedAvg
+from .fedsubdrop import FederatedDropout
+from .ist import IST
+
+
+def build_strategy(cfg: RunConfig, model_factory: Callable[[], nn.Module], **fedavg_kwargs) -> SubnetStrategy:
+    """The strategy named by ``cfg.strategy`` with the config's knobs.
+
+    ``fraction-train`` applies to FedAvg and federated dropout; IST, dropout and
+    multi-sample dropout take exactly p (resp. 1) nodes per round.
+    ``min_available_nodes`` etc. can be passed through ``fedavg_kwargs``.
+    """
+    common = dict(seed=cfg.seed, untouched=cfg.untouched,
+                  fraction_evaluate=cfg.fraction_evaluate, **fedavg_kwargs)
+    steps = cfg.local_steps
+    if cfg.strategy == "fedavg":
+        return SubnetFedAvg(model_factory, local_steps=steps, fraction_train=cfg.fraction_train, **common)
+    if cfg.strategy == "federated-dropout":
+        return FederatedDropout(model_factory, cfg.keep_prob, local_steps=steps,
+                                fraction_train=cfg.fraction_train, **common)
+    if cfg.strategy == "ist":
+        return IST(model_factory, cfg.num_subnets, local_steps=max(steps, 1),
+                   partition_mode=cfg.partition_mode, scaling=cfg.ist_scaling, **common)
+    if cfg.strategy == "dropout":
+        return Dropout(model_factory, cfg.keep_prob, local_steps=steps, **common)
+    if cfg.strategy == "multisample-dropout":
+        return MultiSampleDropout(model_factory, cfg.keep_prob, cfg.num_subnets,
+                                  loss_average=cfg.loss_average, local_steps=steps, **common)
+    raise ValueError(f"strategy must be one of {STRATEGIES}, got {cfg.strategy!r}")

@@ -1,0 +1,54 @@
+"""Reading a client's train reply: its compact arrays, its weight, its size in bytes."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+
+from fl_subnet.records import arrays_to_state
+
+
+class ReplyError(ValueError):
+    """A reply that cannot be aggregated; the message says why."""
+
+
+def payload_bytes(arrays: ArrayRecord, config: ConfigRecord | None = None) -> int:
+    """Serialized size in bytes of the arrays plus the config's bytes/str values.
+
+    Counts ``len(Array.data)`` of each array (NumPy ``.npy`` payload, as sent) and
+    the raw bytes of ``bytes``/``str`` config values (the masks); scalars count 8.
+    """
+    total = sum(len(a.data) for a in arrays.values())
+    for value in (config or {}).values():
+        total += len(value) if isinstance(value, (bytes, str)) else 8
+    return total
+
+
+def parse_reply(content: RecordDict, weighted_by_key: str) -> tuple[dict[str, torch.Tensor], float, int]:
+    """The compact state, the weight and the arrays' size (bytes) of a train reply.
+
+    Raises
+    ------
+    ReplyError
+        If the reply does not hold exactly one ArrayRecord and one MetricRecord, the
+        weight ``weighted_by_key`` is missing or not a finite number > 0, or an array
+        cannot be decoded.
+    """
+    arrays = list(content.array_records.values())
+    metrics = list(content.metric_records.values())
+    if len(arrays) != 1:
+        raise ReplyError(f"expected one ArrayRecord, got {len(arrays)}")
+    if len(metrics) != 1:
+        raise ReplyError(f"expected one MetricRecord, got {len(metrics)}")
+    weight = metrics[0].get(weighted_by_key)
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not (
+        math.isfinite(weight) and weight > 0
+    ):
+        raise ReplyError(f"metric '{weighted_by_key}' must be a finite number > 0, got {weight!r}")
+    try:
+        state = arrays_to_state(arrays[0])
+    except Exception as err:  # noqa: BLE001 — undecodable payload
+        raise ReplyError(f"arrays cannot be decoded: {err}") from err
+    return state, float(weight), payload_bytes(arrays[0])

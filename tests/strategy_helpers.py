@@ -1,0 +1,38 @@
+"""A small federated problem for strategy tests: an MLP on seeded per-node data."""
+
+import functools
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord
+from torch.utils.data import TensorDataset
+
+from fl_subnet.clients import make_client_app
+from fl_subnet.inprocess_grid import InProcessGrid
+from fl_subnet.models import MLP
+
+D_IN, HIDDEN, D_OUT = 8, [16], 3
+factory = functools.partial(MLP, D_IN, HIDDEN, D_OUT)
+
+
+def load_data(context):
+    pid = int(context.node_config["partition-id"])
+    g = torch.Generator().manual_seed(100 + pid)
+    n = 20 + 5 * pid  # unequal sizes, so num-examples weighting matters
+    x = torch.randn(n, D_IN, generator=g)
+    y = (x[:, 0] > 0).long() + (x[:, 1] > 0.5).long()
+    return TensorDataset(x, y), TensorDataset(x[:8], y[:8])
+
+
+def initial_arrays(seed=0):
+    torch.manual_seed(seed)
+    return ArrayRecord(factory().state_dict())
+
+
+def train_config(**over):
+    cfg = {"local-steps": 3, "lr": 0.1, "batch-size": 8, "loss": "cross-entropy", "seed": 1}
+    cfg.update(over)
+    return ConfigRecord(cfg)
+
+
+def grid(num_nodes=4):
+    return InProcessGrid(make_client_app(factory, load_data), num_nodes)
