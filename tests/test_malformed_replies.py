@@ -1,0 +1,127 @@
+"""Malformed replies are rejected and logged; the round goes on; nothing else changes."""
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, Error, Message, MetricRecord, RecordDict  # noqa: F401
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import array_shapes, arrays
+
+from fl_subnet.aggregate import MaskedAggregator
+from fl_subnet.records import arrays_to_state
+from fl_subnet.strategies import FederatedDropout
+
+from strategy_helpers import factory, grid, initial_arrays, train_config
+
+
+def _round():
+    """One configured and answered round of federated dropout on 4 nodes."""
+    strategy = FederatedDropout(factory, 0.5, seed=2, fraction_evaluate=0.0,
+                                min_available_nodes=4, min_train_nodes=4)
+    g = grid(4)
+    arrays = initial_arrays()
+    replies = list(g.send_and_receive(list(strategy.configure_train(1, arrays, train_config(), g))))
+    return strategy, arrays_to_state(arrays), replies
+
+
+def _expected(strategy, old, replies):
+    agg = MaskedAggregator(old, strategy.slicer)
+    for r in replies:
+        agg.add(arrays_to_state(r.content["arrays"]), strategy._sent[r.metadata.src_node_id],
+                r.content["metrics"]["num-examples"])
+    return agg.finalize()
+
+
+def _set_array(msg, key, value):
+    arrays = ArrayRecord({k: v for k, v in msg.content["arrays"].items()})
+    if value is None:
+        del arrays[key]
+    else:
+        arrays[key] = Array(value)
+    msg.content = RecordDict({"arrays": arrays, "metrics": msg.content["metrics"]})
+
+
+def _corrupt_arrays(fn):
+    def apply(msg, strategy):
+        state = arrays_to_state(msg.content["arrays"])
+        key, value = fn(state)
+        _set_array(msg, key, value)
+        return key
+    return apply
+
+
+def _unknown_node(msg, strategy):
+    del strategy._sent[msg.metadata.src_node_id]
+    return "unknown node"
+
+
+def _metrics(value):
+    def apply(msg, strategy):
+        msg.content = RecordDict({"arrays": msg.content["arrays"], "metrics": MetricRecord(value)})
+        return "num-examples"
+    return apply
+
+
+CORRUPTIONS = {
+    "missing-key": _corrupt_arrays(lambda s: ("1.bias", None)),
+    "extra-key": _corrupt_arrays(lambda s: ("bogus", np.zeros(3, np.float32))),
+    "wrong-shape": _corrupt_arrays(lambda s: ("1.weight", np.zeros((2, 2), np.float32))),
+    "wrong-dtype": _corrupt_arrays(lambda s: ("3.bias", s["3.bias"].double().numpy())),
+    "nan": _corrupt_arrays(lambda s: ("1.weight", np.full(tuple(s["1.weight"].shape), np.nan, np.float32))),
+    "inf": _corrupt_arrays(lambda s: ("3.weight", np.full(tuple(s["3.weight"].shape), np.inf, np.float32))),
+    "no-num-examples": _metrics({"train-loss": 1.0}),
+    "zero-num-examples": _metrics({"num-examples": 0}),
+    "unknown-node": _unknown_node,
+}
+
+
+@pytest.mark.parametrize("kind", sorted(CORRUPTIONS))
+def test_malformed_reply_is_rejected_and_logged(kind, caplog):
+    strategy, old, replies = _round()
+    bad = replies[1]
+    node = bad.metadata.src_node_id
+    with caplog.at_level(logging.WARNING):
+        what = CORRUPTIONS[kind](bad, strategy)
+        new_arrays, metrics = strategy.aggregate_train(1, replies)
+    good = [r for r in replies if r is not bad]
+    want = _expected(strategy, old, good)
+    new = arrays_to_state(new_arrays)
+    for key in old:
+        assert torch.equal(new[key], want[key]), key
+    assert metrics["num-rejected"] == 1 and metrics["num-replies"] == 3
+    lines = [r.getMessage() for r in caplog.records if f"node {node}" in r.getMessage()]
+    assert len(lines) == 1 and what in lines[0], caplog.text
+
+
+def test_error_replies_and_no_valid_reply_keep_the_model(caplog):
+    strategy, old, replies = _round()
+    errored = Message(Error(code=0, reason="client crashed"), reply_to=replies[0])
+    for r in replies[1:]:  # the others come from nodes the strategy never asked
+        del strategy._sent[r.metadata.src_node_id]
+    with caplog.at_level(logging.WARNING):
+        arrays, metrics = strategy.aggregate_train(1, [errored] + replies[1:])
+    assert arrays is None  # Flower keeps the current model
+    assert metrics["num-replies"] == 0 and metrics["num-rejected"] == 4
+    assert "no valid reply" in caplog.text
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(key=st.sampled_from(["1.weight", "1.bias", "3.weight", "3.bias"]),
+       value=arrays(st.sampled_from([np.float32, np.float64, np.float16]),
+                    array_shapes(min_dims=0, max_dims=3, max_side=20),
+                    elements=st.floats(allow_nan=True, allow_infinity=True, width=16))
+       | arrays(np.int64, array_shapes(min_dims=0, max_dims=3, max_side=20)))
+def test_fuzzed_reply_never_raises(key, value):
+    strategy, old, replies = _round()
+    _set_array(replies[0], key, value)
+    new_arrays, metrics = strategy.aggregate_train(1, replies)
+    new = arrays_to_state(new_arrays)
+    held = [r for r in replies if r is not replies[0]]
+    if metrics["num-rejected"] == 0:  # the fuzzed value happened to be a valid slice
+        held = replies
+    want = _expected(strategy, old, held)
+    for k in old:
+        assert torch.equal(new[k], want[k]), k
