@@ -10,7 +10,8 @@ parameters):
 * ``fl_subnet_gather_aggregate``: for each client, ``Slicer.gather`` of its compact
   slice under a Bernoulli(ξ = ``--keep-prob``) mask (timed); then, from replies that are
   ArrayRecords of those compact slices serialized beforehand (not timed, mirroring the
-  Flower side), ``arrays_to_state(reply)`` + ``MaskedAggregator.add`` for every client
+  Flower side), ``arrays_to_state(reply, copy=False)`` (the zero-copy decode the
+  strategy uses) + ``MaskedAggregator.add`` for every client
   and one ``finalize()`` (timed).
 
 Each is repeated ``--reps`` times; the median and every repetition are reported, with
@@ -62,7 +63,7 @@ def run_fl_subnet(state, slicer, masks, replies, weights) -> dict[str, float]:
     t1 = time.perf_counter()
     agg = MaskedAggregator(state, slicer)
     for reply, mask, w in zip(replies, masks, weights, strict=True):
-        agg.add(arrays_to_state(reply), mask, w)
+        agg.add(arrays_to_state(reply, copy=False), mask, w)  # as the strategy decodes replies
     t2 = time.perf_counter()
     agg.finalize()
     t3 = time.perf_counter()

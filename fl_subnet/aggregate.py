@@ -13,7 +13,9 @@ authors' reference code, which zeroes such neurons). Integer tensors (e.g. Batch
 from __future__ import annotations
 
 import math
+import os
 import string
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Mapping
 
 import torch
@@ -23,6 +25,8 @@ from .slicing import Slicer
 
 UNTOUCHED_MODES = ("keep", "zero")
 DENOMINATORS = ("holders", "all")
+_WORKERS = max(1, min(4, os.cpu_count() or 1))
+PRECISIONS = {"float32": torch.float32, "float64": torch.float64}
 
 
 class MaskedAggregator:
@@ -42,26 +46,37 @@ class MaskedAggregator:
         over every client, a non-holder counting with the unchanged ``W_k[e]``; with one
         local step this is one step on the loss averaged over the masks (multi-sample
         dropout, Inoue 2019, Eq. 1).
+    precision : {"float32", "float64"}
+        Dtype of the running sums (never below the tensor's own). ``float32`` is what
+        Flower's FedAvg does and the fastest; an entry with a single holder then comes
+        back within one ulp. ``float64`` makes it bit-exact (``n·x/n == x``): use it
+        where exact reassembly matters (IST).
 
     Notes
     -----
-    Sums are kept in float64, so an entry with one holder comes back bit-exact
-    (``n·x/n == x``). Cost per reply is one ``index_add_`` over the compact entries; the per-entry
+    :meth:`add` validates a reply and keeps a reference to its tensors (do not modify
+    them afterwards); :meth:`finalize` scatters them key by key, on up to 4 threads,
+    with one ``index_add_`` per reply and key over the compact entries; the per-entry
     denominators are computed once in :meth:`finalize` as small products of the
     per-group holder indicators (``Σ_c n_c 1[i∈R_c] 1[j∈C_c]``), never per entry.
     """
 
     def __init__(self, global_state: Mapping[str, torch.Tensor], slicer: Slicer,
-                 untouched: str = "keep", denominator: str = "holders") -> None:
+                 untouched: str = "keep", denominator: str = "holders",
+                 precision: str = "float32") -> None:
         if untouched not in UNTOUCHED_MODES:
             raise ValueError(f"untouched must be one of {UNTOUCHED_MODES}, got {untouched!r}")
         if denominator not in DENOMINATORS:
             raise ValueError(f"denominator must be one of {DENOMINATORS}, got {denominator!r}")
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {tuple(PRECISIONS)}, got {precision!r}")
         self.denominator = denominator
+        self.precision = PRECISIONS[precision]
         self.state = dict(global_state)
         self.slicer = slicer
         self.untouched = untouched
-        self._num: dict[str, torch.Tensor] = {}
+        self._num: dict[str, torch.Tensor] = {}  # integer tensors: running max
+        self._pending: list[dict[str, torch.Tensor]] = []  # float slices, scattered in finalize
         self._masks: list[Mask] = []
         self._weights: list[float] = []
 
@@ -75,7 +90,8 @@ class MaskedAggregator:
         Raises
         ------
         ValueError
-            Naming the key: missing or extra keys, wrong shape or dtype, NaN/Inf.
+            Naming the key: missing or extra keys, wrong shape or dtype. (NaN/Inf is
+            checked by :meth:`add`, before anything is accumulated.)
         """
         missing = sorted(set(self.state) - set(compact))
         extra = sorted(set(compact) - set(self.state))
@@ -90,8 +106,6 @@ class MaskedAggregator:
                 raise ValueError(f"'{key}' has shape {tuple(t.shape)}, expected {want}")
             if t.dtype != full.dtype:
                 raise ValueError(f"'{key}' has dtype {t.dtype}, expected {full.dtype}")
-            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                raise ValueError(f"'{key}' contains NaN or Inf")
 
     def add(self, compact: Mapping[str, torch.Tensor], mask: Mask, weight: float = 1.0) -> None:
         """Add one client's trained compact slice.
@@ -115,16 +129,26 @@ class MaskedAggregator:
         mask.validate(self.slicer.groups)
         self.check(compact, mask)
         w = float(weight)
+        # Check every float tensor now (finite values have a finite float64 sum), so a
+        # rejected reply leaves no trace; the scatter itself happens in finalize().
         for key, full in self.state.items():
             t = compact[key]
-            kept = self.slicer.kept(mask, key)
+            if full.is_floating_point() and not math.isfinite(float(t.sum(dtype=torch.float64))):
+                raise ValueError(f"'{key}' contains NaN or Inf")
+        for key, full in self.state.items():
             if not full.is_floating_point():
-                self._add_int(key, full, t, mask, kept)
-                continue
-            acc = self._num.get(key)
-            if acc is None:
-                acc = self._num[key] = torch.zeros_like(full, dtype=torch.float64)
-            t = t.to(torch.float64)
+                self._add_int(key, full, compact[key], mask, self.slicer.kept(mask, key))
+        self._pending.append({k: compact[k] for k in self.state if self.state[k].is_floating_point()})
+        self._masks.append(mask)
+        self._weights.append(w)
+
+    def _sum_key(self, key: str) -> torch.Tensor:
+        """Σ_c n_c · W_c[key] scattered into full size, over every added reply."""
+        full = self.state[key]
+        acc = torch.zeros_like(full, dtype=self._acc_dtype(full))
+        for compact, mask, w in zip(self._pending, self._masks, self._weights):
+            t = compact[key].to(acc.dtype)
+            kept = self.slicer.kept(mask, key)
             if not kept:
                 acc.add_(t, alpha=w)
             elif len(kept) == 1:
@@ -132,8 +156,10 @@ class MaskedAggregator:
             else:
                 acc.view(-1).index_add_(0, self.slicer.flat_index(key, full.shape, mask),
                                         t.reshape(-1), alpha=w)
-        self._masks.append(mask)
-        self._weights.append(w)
+        return acc
+
+    def _acc_dtype(self, full: torch.Tensor) -> torch.dtype:
+        return torch.promote_types(full.dtype, self.precision)
 
     def _add_int(self, key, full, t, mask, kept) -> None:
         acc = self._num.get(key)
@@ -165,13 +191,18 @@ class MaskedAggregator:
         """The new global state ``W_{k+1}`` (new tensors; ``W_k`` if no reply was added)."""
         if not self._weights:
             return {k: v.clone() for k, v in self.state.items()}
-        weights = torch.tensor(self._weights, dtype=torch.float64)
+        weights = torch.tensor(self._weights, dtype=self.precision)
         indicators = {}
         for g in self.slicer.groups:
-            ind = torch.zeros(len(self._masks), g.size, dtype=torch.float64)
+            ind = torch.zeros(len(self._masks), g.size, dtype=self.precision)
             for i, m in enumerate(self._masks):
                 ind[i, m.kept(g)] = 1.0
             indicators[g.name] = ind
+        float_keys = sorted((k for k, v in self.state.items() if v.is_floating_point()),
+                            key=lambda k: -self.state[k].numel())
+        # Keys are independent: scatter them on a few threads (torch releases the GIL).
+        with ThreadPoolExecutor(max_workers=min(_WORKERS, max(len(float_keys), 1))) as pool:
+            sums = dict(zip(float_keys, pool.map(self._sum_key, float_keys)))
         out = {}
         for key, full in self.state.items():
             if not full.is_floating_point():
@@ -181,9 +212,14 @@ class MaskedAggregator:
             held = den > 0
             if self.denominator == "all":
                 total = weights.sum()
-                out[key] = ((self._num[key] + full.to(torch.float64) * (total - den)) / total).to(full.dtype)
+                num = sums[key].to(torch.float64)
+                out[key] = ((num + full.to(torch.float64) * (total - den)) / total).to(full.dtype)
                 continue
             fallback = torch.zeros_like(full) if (self.untouched == "zero" and key in self.slicer.coupled) else full
-            mean = (self._num[key] / torch.where(held, den, torch.ones_like(den))).to(full.dtype)
+            num = sums[key]
+            if bool(held.all()):  # every entry had a holder: no fallback needed
+                out[key] = num.div_(den.to(num.dtype)).to(full.dtype)
+                continue
+            mean = num.div_(torch.where(held, den, torch.ones_like(den)).to(num.dtype)).to(full.dtype)
             out[key] = torch.where(held, mean, fallback)
         return out

@@ -6,11 +6,15 @@ plus its scale, all plain Python types as Flower's ConfigRecord requires (DESIGN
 
 from __future__ import annotations
 
+import functools
+import io
+import math
+import warnings
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord
+from flwr.app import Array, ArrayRecord
 
 from .groups import UnitGroup
 from .masks import Mask
@@ -63,6 +67,64 @@ def state_to_arrays(state: Mapping[str, torch.Tensor]) -> ArrayRecord:
     return ArrayRecord({k: v.detach().cpu().contiguous() for k, v in state.items()})
 
 
-def arrays_to_state(arrays: ArrayRecord) -> dict[str, torch.Tensor]:
-    """An ArrayRecord as a ``state_dict`` of CPU tensors (0-dim arrays included)."""
-    return {k: torch.from_numpy(np.array(a.numpy(), copy=True)) for k, a in arrays.items()}
+@functools.lru_cache(maxsize=4096)
+def _npy_header(head: bytes) -> tuple[tuple[int, ...], np.dtype, int] | None:
+    """(shape, dtype, data offset) of a C-ordered native ``.npy`` header, else None."""
+    fp = io.BytesIO(head)
+    try:
+        version = np.lib.format.read_magic(fp)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(fp)
+        elif version == (2, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(fp)
+        else:
+            return None
+    except (ValueError, OSError, SyntaxError):
+        return None
+    if fortran or dtype.hasobject or not dtype.isnative:
+        return None
+    return tuple(shape), dtype, fp.tell()
+
+
+def _npy_view(array: Array) -> np.ndarray | None:
+    """A read-only view of a C-ordered, native-endian ``.npy`` payload, else None."""
+    data = array.data
+    if len(data) < 12 or data[:6] != b"\x93NUMPY":
+        return None
+    hlen = int.from_bytes(data[8:10], "little") + 10 if data[6] == 1 else int.from_bytes(data[8:12], "little") + 12
+    parsed = _npy_header(bytes(data[:hlen]))
+    if parsed is None:
+        return None
+    shape, dtype, offset = parsed
+    count = math.prod(shape)
+    if offset + count * dtype.itemsize != len(data):
+        return None
+    return np.frombuffer(data, dtype=dtype, count=count, offset=offset).reshape(shape)
+
+
+def arrays_to_state(arrays: ArrayRecord, copy: bool = True) -> dict[str, torch.Tensor]:
+    """An ArrayRecord as a ``state_dict`` of CPU tensors (0-dim arrays included).
+
+    Parameters
+    ----------
+    arrays : ArrayRecord
+        NumPy-serialized arrays, as Flower sends them.
+    copy : bool
+        ``False`` returns read-only tensors that share the message's bytes (no copy;
+        for the server's aggregation, which only reads them). Never write to them.
+
+    Raises
+    ------
+    ValueError
+        If an array cannot be decoded.
+    """
+    out = {}
+    for key, a in arrays.items():
+        view = None if copy else _npy_view(a)
+        if view is None:
+            out[key] = torch.from_numpy(a.numpy())  # np.load returns a fresh array
+            continue
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # read-only buffer: we only read
+            out[key] = torch.from_numpy(view)
+    return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -78,18 +79,18 @@ class Slicer:
         Returns
         -------
         torch.Tensor
-            int64, shape ``(prod(compact_shape),)``: ``full.view(-1)[flat] ==
-            compact.view(-1)``.
+            int32 (int64 for tensors of 2**31 entries or more), shape
+            ``(prod(compact_shape),)``: ``full.view(-1)[flat] == compact.view(-1)``.
         """
-        stride = [1] * len(shape)
-        for i in range(len(shape) - 2, -1, -1):
-            stride[i] = stride[i + 1] * int(shape[i + 1])
+        dtype = torch.int32 if math.prod(shape) < 2**31 else torch.int64
         kept = dict(self.kept(mask, key))
-        flat = torch.zeros((), dtype=torch.int64)
-        for d in range(len(shape)):
+        flat = torch.zeros((), dtype=dtype)
+        stride = 1
+        for d in range(len(shape) - 1, -1, -1):
             pos = kept.get(d)
-            pos = torch.arange(int(shape[d])) if pos is None else pos
-            view = [1] * len(shape)
-            view[d] = -1
-            flat = flat + (pos * stride[d]).view(view)
+            pos = torch.arange(int(shape[d]), dtype=dtype) if pos is None else pos.to(dtype)
+            view = [1] * (len(shape) - d)
+            view[0] = -1
+            flat = (pos * stride).view(view) + flat
+            stride *= int(shape[d])
         return flat.reshape(-1)

@@ -45,7 +45,7 @@ class SubnetStrategy(FedAvg):
         Flower's ``fraction_train`` / ``min_train_nodes`` rule.
     local_steps : int, optional
         τ, sent as ``local-steps`` (the client runs ``local-epochs`` if it is 0/None).
-    untouched, denominator : str
+    untouched, denominator, precision : str
         Passed to :class:`MaskedAggregator`.
     weighted : bool
         Weight replies by ``weighted_by_key`` (``num-examples``); else a count mean.
@@ -78,6 +78,7 @@ class SubnetStrategy(FedAvg):
         local_steps: int | None = None,
         untouched: str = "keep",
         denominator: str = "holders",
+        precision: str = "float32",
         weighted: bool = True,
         seed: int = 0,
         order_by_partition: bool = True,
@@ -97,7 +98,8 @@ class SubnetStrategy(FedAvg):
         self.local_steps = local_steps
         self.untouched = untouched
         self.denominator = denominator
-        MaskedAggregator({}, self.slicer, untouched, denominator)  # validates both
+        self.precision = precision
+        MaskedAggregator({}, self.slicer, untouched, denominator, precision)  # validates
         self.weighted = weighted
         self.seed = int(seed)
         self.order_by_partition = order_by_partition
@@ -194,7 +196,8 @@ class SubnetStrategy(FedAvg):
         Returns ``(None, metrics)`` when no reply is valid: Flower then keeps the model.
         Never raises because of a reply's content.
         """
-        agg = MaskedAggregator(self._state, self.slicer, self.untouched, self.denominator)
+        agg = MaskedAggregator(self._state, self.slicer, self.untouched, self.denominator,
+                               self.precision)
         valid: list[RecordDict] = []
         used: list[Mask] = []
         bytes_up, rejected, seen = 0, 0, set()

@@ -30,6 +30,8 @@ class IST(SubnetStrategy):
         Equal blocks after a shuffle, or iid categorical (the paper's code).
     scaling : {"none", "p"}
         Output scale of kept units: none (IST's code) or p = 1/ξ (Liao & Kyrillidis).
+    precision : {"float64", "float32"}
+        Aggregation sums; float64 (default) makes reassembly bit-exact.
 
     Raises
     ------
@@ -39,7 +41,7 @@ class IST(SubnetStrategy):
 
     def __init__(self, model_factory, num_subnets: int, *, local_steps: int = 1,
                  partition_mode: str = "equal", scaling: str = "none", seed: int = 0,
-                 num_train_nodes: int | None = None, **kwargs):
+                 num_train_nodes: int | None = None, precision: str = "float64", **kwargs):
         if scaling not in IST_SCALINGS:
             raise ValueError(f"ist-scaling must be one of {IST_SCALINGS}, got {scaling!r}")
         if int(local_steps) < 1:
@@ -47,4 +49,5 @@ class IST(SubnetStrategy):
         sampler = PartitionSampler(num_subnets, mode=partition_mode,
                                    scale=float(num_subnets) if scaling == "p" else 1.0, seed=seed)
         super().__init__(model_factory, sampler, local_steps=local_steps, seed=seed,
-                         num_train_nodes=num_train_nodes or sampler.num_subnets, **kwargs)
+                         num_train_nodes=num_train_nodes or sampler.num_subnets,
+                         precision=precision, **kwargs)

@@ -48,7 +48,7 @@ def parse_reply(content: RecordDict, weighted_by_key: str) -> tuple[dict[str, to
     ):
         raise ReplyError(f"metric '{weighted_by_key}' must be a finite number > 0, got {weight!r}")
     try:
-        state = arrays_to_state(arrays[0])
+        state = arrays_to_state(arrays[0], copy=False)  # read-only views: we only read
     except Exception as err:  # noqa: BLE001 — undecodable payload
         raise ReplyError(f"arrays cannot be decoded: {err}") from err
     return state, float(weight), payload_bytes(arrays[0])
