@@ -34,14 +34,16 @@ def _count_call(context: Context, name: str) -> int:
     return int(record[name])
 
 
-def make_client_app(model_factory: Callable[[], nn.Module], load_data: DataFn,
-                    train_fn: TrainFn = train_local) -> ClientApp:
+def make_client_app(model_factory: Callable[[], nn.Module] | None, load_data: DataFn,
+                    train_fn: TrainFn = train_local, *,
+                    context_factory: Callable[[Context], Callable[[], nn.Module]] | None = None) -> ClientApp:
     """A Flower ClientApp that trains whatever compact slice the server sends.
 
     Parameters
     ----------
-    model_factory : Callable[[], nn.Module]
+    model_factory : Callable[[], nn.Module] or None
         Builds the full architecture (called on the ``meta`` device for training).
+        ``None`` when ``context_factory`` is given.
     load_data : Callable[[Context], tuple[Dataset, Dataset | None]]
         The node's ``(train, test)`` sets of ``(x, y)`` pairs, e.g. chosen by
         ``context.node_config["partition-id"]``.
@@ -49,6 +51,8 @@ def make_client_app(model_factory: Callable[[], nn.Module], load_data: DataFn,
         ``train_fn(model, train_set, cfg, seed) -> (num_examples, train_loss)``;
         defaults to :func:`~fl_subnet.clients.train.train_local` (SGD, τ steps or E
         epochs).
+    context_factory : Callable[[Context], Callable[[], nn.Module]], optional
+        Returns the model factory for a message's context (e.g. from its run config).
 
     Returns
     -------
@@ -57,19 +61,26 @@ def make_client_app(model_factory: Callable[[], nn.Module], load_data: DataFn,
         ``train-loss`` (``metrics``); evaluate replies ``num-examples``,
         ``eval-loss`` and, for classification, ``eval-acc``.
     """
+    if (model_factory is None) == (context_factory is None):
+        raise ValueError("give exactly one of model_factory and context_factory")
+
+    def factory_of(context: Context) -> Callable[[], nn.Module]:
+        return model_factory if context_factory is None else context_factory(context)
+
     app = ClientApp()
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         config = msg.content.config_records.get("config", ConfigRecord())
         cfg = TrainConfig.from_config(config)
+        factory = factory_of(context)
         with torch.device("meta"):
-            groups = find_unit_groups(model_factory())
+            groups = find_unit_groups(factory())
         # No mask keys: a plain FedAvg message (e.g. Flower's own FedAvg) → full model.
         has_mask = any(str(k).startswith(MASK_PREFIX) for k in config)
         mask = mask_from_config(config, groups) if has_mask else full_mask(groups)
         compact_state = arrays_to_state(next(iter(msg.content.array_records.values())))
-        model = build_compact_module(model_factory, compact_state, groups, mask)
+        model = build_compact_module(factory, compact_state, groups, mask)
         train_set, _ = load_data(context)
         round_ = int(config.get("server-round", 0))
         seed = hash((cfg.seed, round_, int(context.node_config.get("partition-id", 0)))) & 0x7FFFFFFF
@@ -87,7 +98,7 @@ def make_client_app(model_factory: Callable[[], nn.Module], load_data: DataFn,
     def evaluate(msg: Message, context: Context) -> Message:
         config = msg.content.config_records.get("config", ConfigRecord())
         cfg = TrainConfig.from_config(config)
-        model = model_factory()
+        model = factory_of(context)()
         model.load_state_dict(arrays_to_state(next(iter(msg.content.array_records.values()))))
         _, test_set = load_data(context)
         metrics: dict[str, float | int] = {"num-examples": 0}

@@ -32,6 +32,9 @@ class RunConfig:
         One of :data:`STRATEGIES`.
     num_server_rounds : int
         Server rounds k.
+    num_nodes : int
+        Nodes (= data partitions) for ``fl-subnet run``; under ``flwr run`` the
+        federation's ``num-supernodes`` decides and should match.
     keep_prob : float
         ξ ∈ (0, 1] (dropout family).
     num_subnets : int
@@ -48,6 +51,7 @@ class RunConfig:
 
     strategy: str = "fedavg"
     num_server_rounds: int = 5
+    num_nodes: int = 10
     keep_prob: float = 0.5
     num_subnets: int = 4
     local_steps: int = 10
@@ -111,7 +115,9 @@ class RunConfig:
                 raise ValueError(f"{key} must be one of {allowed}, got {value!r}")
         if not 0.0 < self.keep_prob <= 1.0:
             raise ValueError(f"keep-prob must be in (0, 1], got {self.keep_prob}")
-        for key in ("num-server-rounds", "num-subnets", "num-samples", "input-dim", "classes-per-partition"):
+        if self.dataset == "synthetic-regression" and self.partitioning != "iid" and self.data_scope == "local":
+            raise ValueError("partitioning must be 'iid' for dataset 'synthetic-regression' (it has no labels)")
+        for key in ("num-server-rounds", "num-nodes", "num-subnets", "num-samples", "input-dim", "classes-per-partition"):
             if getattr(self, key.replace("-", "_")) < 1:
                 raise ValueError(f"{key} must be >= 1, got {getattr(self, key.replace('-', '_'))}")
         for key in ("local-steps", "local-epochs", "batch-size", "momentum", "weight-decay"):

@@ -263,3 +263,10 @@ def load_centralized_test(name: str, *, data_seed: int = 0, **data_kw) -> tuple[
     ``data_kw``, so train partitions and this test set never overlap.
     """
     return to_tensors(_cached_dataset(name, tuple(sorted({**data_kw, "seed": int(data_seed)}.items())))["test"])
+
+
+def load_centralized_train(name: str, *, data_seed: int = 0, **data_kw) -> tuple[torch.Tensor, torch.Tensor]:
+    """The global "train" split of ``name`` as ``(x, y)`` tensors (the union of all
+    partitions): the full model's training loss, and the paper's setting in which
+    every sub-network sees all the data."""
+    return to_tensors(_cached_dataset(name, tuple(sorted({**data_kw, "seed": int(data_seed)}.items())))["train"])

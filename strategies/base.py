@@ -109,6 +109,7 @@ class SubnetStrategy(FedAvg):
         self._state: dict[str, torch.Tensor] = {}
         self._bytes_down = 0
         self._t_round = 0.0
+        self.last_train_metrics: MetricRecord | None = None
 
     # ------------------------------------------------------------------ sampling
     def order_nodes(self, grid: Grid, nodes: list[int]) -> list[int]:
@@ -234,6 +235,7 @@ class SubnetStrategy(FedAvg):
         metrics["num-replies"] = len(valid)
         metrics["num-rejected"] = rejected
         metrics["round-seconds"] = time.perf_counter() - self._t_round
+        self.last_train_metrics = metrics
         if not valid:
             log.warning("aggregate_train: round %d: no valid reply, model unchanged", server_round)
             return None, metrics

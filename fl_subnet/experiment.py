@@ -1,0 +1,132 @@
+"""What a RunConfig means in practice: data, model, strategy, evaluation, one run.
+
+Shared by the ServerApp (``flwr run``), the ClientApp and the ``fl-subnet`` command,
+so that the three see exactly the same data, model and strategy.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.serverapp import Grid
+from torch.utils.data import TensorDataset
+
+from .config import RunConfig
+from .records import arrays_to_state
+from .zoo import model_factory
+
+log = logging.getLogger(__name__)
+
+DIMS = {"digits": (64, 10), "mnist": (784, 10), "fashion-mnist": (784, 10), "cifar10": (3072, 10)}
+
+
+def data_dims(cfg: RunConfig) -> tuple[int, int]:
+    """(input features, outputs) of the configured data set."""
+    return DIMS.get(cfg.dataset, (cfg.input_dim, 1))
+
+
+def data_kwargs(cfg: RunConfig) -> dict[str, int]:
+    """Loader keywords of the configured data set (size of the synthetic set)."""
+    if cfg.dataset == "synthetic-regression":
+        return {"n": cfg.num_samples, "d": cfg.input_dim}
+    return {}
+
+
+def factory_for(cfg: RunConfig) -> Callable[[], torch.nn.Module]:
+    """The full-model factory of ``cfg``."""
+    return model_factory(cfg, *data_dims(cfg))
+
+
+def node_data(cfg: RunConfig, partition_id: int, num_partitions: int) -> tuple[TensorDataset, TensorDataset | None]:
+    """One node's (train, local test) sets: its partition, or all data (``data-scope=all``)."""
+    from .data import load_centralized_train, load_partition
+
+    if cfg.data_scope == "all":
+        return TensorDataset(*load_centralized_train(cfg.dataset, data_seed=cfg.seed, **data_kwargs(cfg))), None
+    tx, ty, vx, vy = load_partition(
+        cfg.dataset, partition_id, num_partitions, cfg.partitioning, cfg.dirichlet_alpha, seed=cfg.seed,
+        classes_per_partition=cfg.classes_per_partition, data_seed=cfg.seed, **data_kwargs(cfg))
+    return TensorDataset(tx, ty), (TensorDataset(vx, vy) if len(vx) else None)
+
+
+def context_data(context: Context) -> tuple[TensorDataset, TensorDataset | None]:
+    """``node_data`` for a ClientApp's context (run config + ``partition-id``)."""
+    cfg = RunConfig.from_mapping(context.run_config)
+    pid = int(context.node_config.get("partition-id", 0))
+    n = int(context.node_config.get("num-partitions", cfg.num_nodes))
+    return node_data(cfg, pid, n)
+
+
+class CentralEvaluation:
+    """Flower ``evaluate_fn``: the global model on the global test and train sets.
+
+    Called by ``Strategy.start`` before round 1 (round 0) and after every round. It
+    returns ``eval-loss``, ``eval-acc`` (classification) and ``full-train-loss`` (the
+    full model's loss on the union of all training data: the quantity of Liao &
+    Kyrillidis' theorems), and passes one metrics row per round to ``on_round``
+    together with the strategy's train metrics of that round (bytes, coverage, ...).
+    """
+
+    def __init__(self, cfg: RunConfig, strategy, on_round: Callable[[dict], None] | None = None):
+        from .data import load_centralized_test, load_centralized_train
+
+        self.cfg = cfg
+        self.strategy = strategy
+        self.on_round = on_round
+        self.factory = factory_for(cfg)
+        kw = data_kwargs(cfg)
+        self.test = TensorDataset(*load_centralized_test(cfg.dataset, data_seed=cfg.seed, **kw))
+        self.train = TensorDataset(*load_centralized_train(cfg.dataset, data_seed=cfg.seed, **kw))
+        self.t0 = time.perf_counter()
+        self.cumulative = 0
+
+    def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        from fl_subnet.clients.train import evaluate_model
+
+        model = self.factory()
+        model.load_state_dict(arrays_to_state(arrays))
+        loss = self.cfg.loss_name
+        test = evaluate_model(model, self.test, loss)
+        train = evaluate_model(model, self.train, loss)
+        metrics = MetricRecord({**test, "full-train-loss": train["eval-loss"]})
+        tm = getattr(self.strategy, "last_train_metrics", None) if server_round > 0 else None
+        tm = dict(tm) if tm is not None else {}
+        down, up = int(tm.get("bytes-down", 0)), int(tm.get("bytes-up", 0))
+        self.cumulative += down + up
+        row = {
+            "server-round": server_round, "strategy": self.cfg.strategy,
+            "train-loss": float(tm.get("train-loss", float("nan"))),
+            "full-train-loss": train["eval-loss"], "eval-loss": test["eval-loss"],
+            "eval-acc": test.get("eval-acc", float("nan")),
+            "bytes-down": down, "bytes-up": up, "cumulative-bytes": self.cumulative,
+            "coverage": float(tm.get("coverage", float("nan"))),
+            "seconds": time.perf_counter() - self.t0,
+        }
+        log.info("round %d: full-train-loss %.4g, eval-loss %.4g, eval-acc %.4f, %.2f MB so far",
+                 server_round, row["full-train-loss"], row["eval-loss"], row["eval-acc"],
+                 self.cumulative / 1e6)
+        if self.on_round is not None:
+            self.on_round(row)
+        return metrics
+
+
+def run_server(grid: Grid, cfg: RunConfig, on_round: Callable[[dict], None] | None = None):
+    """Run ``cfg`` on ``grid``: the body of the ServerApp and of ``fl-subnet run``.
+
+    Returns Flower's ``Result``. ``on_round`` receives one metrics row per round (round
+    0 = the initial model).
+    """
+    from fl_subnet.strategies import build_strategy
+
+    factory = factory_for(cfg)
+    torch.manual_seed(cfg.seed)
+    initial = ArrayRecord(factory().state_dict())
+    strategy = build_strategy(cfg, factory)
+    evaluate = CentralEvaluation(cfg, strategy, on_round)
+    return strategy.start(grid=grid, initial_arrays=initial, num_rounds=cfg.num_server_rounds,
+                          train_config=ConfigRecord(cfg.train_config()),
+                          evaluate_config=ConfigRecord(cfg.train_config()), evaluate_fn=evaluate)

@@ -1,0 +1,89 @@
+"""Run results on disk: resolved config, per-round metrics (JSON + CSV), summary.
+
+Files are rewritten after every round, so an interrupted run keeps the metrics of the
+rounds it finished.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+
+from .config import RunConfig
+
+log = logging.getLogger(__name__)
+
+COLUMNS = ["server-round", "strategy", "train-loss", "full-train-loss", "eval-loss", "eval-acc",
+           "bytes-down", "bytes-up", "cumulative-bytes", "coverage", "seconds"]
+
+
+def _clean(value):
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+class RunRecorder:
+    """Writes ``config.json``, ``metrics.json``, ``metrics.csv`` and ``summary.json``.
+
+    Parameters
+    ----------
+    out_dir : str or Path
+        Created if missing.
+    cfg : RunConfig
+        Saved as ``config.json`` (every key, defaults included).
+    """
+
+    def __init__(self, out_dir: str | Path, cfg: RunConfig) -> None:
+        self.out_dir = Path(out_dir).resolve()
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.cfg = cfg
+        self.rows: list[dict] = []
+        config = {k.replace("_", "-"): v for k, v in dataclasses.asdict(cfg).items()}
+        (self.out_dir / "config.json").write_text(json.dumps(config, indent=2))
+
+    @classmethod
+    def for_config(cls, cfg: RunConfig) -> "RunRecorder":
+        """``out-dir`` of the config, else ``runs/<strategy>-<time>`` under the cwd."""
+        out = cfg.out_dir or os.path.join("runs", f"{cfg.strategy}-{time.strftime('%Y%m%d-%H%M%S')}")
+        return cls(out, cfg)
+
+    def add_row(self, row: dict) -> None:
+        """Append one round's metrics and rewrite the metrics files."""
+        self.rows.append({k: _clean(row.get(k)) for k in COLUMNS})
+        (self.out_dir / "metrics.json").write_text(json.dumps(self.rows, indent=1))
+        with open(self.out_dir / "metrics.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=COLUMNS)
+            writer.writeheader()
+            writer.writerows(self.rows)
+
+    def summary(self) -> dict:
+        """Final accuracy/loss, total MB and seconds of the rows so far."""
+        last = self.rows[-1] if self.rows else {}
+        return {
+            "strategy": self.cfg.strategy, "rounds": max((r["server-round"] for r in self.rows), default=0),
+            "final-eval-acc": last.get("eval-acc"), "final-eval-loss": last.get("eval-loss"),
+            "final-full-train-loss": last.get("full-train-loss"),
+            "total-mb": (last.get("cumulative-bytes") or 0) / 1e6, "seconds": last.get("seconds"),
+            "out-dir": str(self.out_dir),
+        }
+
+    def finish(self, plot: bool = True) -> dict:
+        """Write ``summary.json`` and, with matplotlib, ``plots.png``; return the summary."""
+        summary = self.summary()
+        (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        if plot and self.rows:
+            from .plots import plot_runs
+
+            plot_runs({self.cfg.strategy: self.rows}, self.out_dir / "plots.png",
+                      title=f"{self.cfg.strategy} on {self.cfg.dataset}")
+        return summary
+
+
+def load_rows(run_dir: str | Path) -> list[dict]:
+    """The ``metrics.json`` rows of a finished (or interrupted) run."""
+    return json.loads((Path(run_dir) / "metrics.json").read_text())

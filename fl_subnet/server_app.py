@@ -1,0 +1,25 @@
+"""The fl-subnet ServerApp (``flwr run .``): the strategy named in the run config."""
+
+from __future__ import annotations
+
+import logging
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from .config import RunConfig
+from .experiment import run_server
+from .results import RunRecorder
+
+log = logging.getLogger(__name__)
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Validate the run config (a bad key stops here, naming it), run, save results."""
+    cfg = RunConfig.from_mapping(context.run_config)
+    recorder = RunRecorder.for_config(cfg)
+    log.info("fl-subnet: %s, %d rounds; results in %s", cfg.strategy, cfg.num_server_rounds, recorder.out_dir)
+    run_server(grid, cfg, on_round=recorder.add_row)
+    recorder.finish()
