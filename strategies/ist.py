@@ -23,7 +23,9 @@ class IST(SubnetStrategy):
     model_factory : Callable[[], nn.Module]
         Builds the full architecture.
     num_subnets : int
-        p ≥ 1; also the number of nodes per round unless ``num_train_nodes`` is given.
+        p ≥ 1. Nodes per round: ``num_train_nodes`` if given (``p`` is classic IST),
+        else Flower's ``fraction_train`` rule with at least ``p`` nodes; slot ``i``
+        trains part ``i mod p``, so a part held by several nodes is averaged.
     local_steps : int
         τ ≥ 1.
     partition_mode : {"equal", "iid"}
@@ -48,6 +50,8 @@ class IST(SubnetStrategy):
             raise ValueError(f"local-steps must be >= 1, got {local_steps!r}")
         sampler = PartitionSampler(num_subnets, mode=partition_mode,
                                    scale=float(num_subnets) if scaling == "p" else 1.0, seed=seed)
+        if num_train_nodes is None:  # Flower's fraction rule, but never fewer than p nodes
+            kwargs["min_train_nodes"] = max(kwargs.get("min_train_nodes", 2), sampler.num_subnets)
+            kwargs.setdefault("min_available_nodes", sampler.num_subnets)
         super().__init__(model_factory, sampler, local_steps=local_steps, seed=seed,
-                         num_train_nodes=num_train_nodes or sampler.num_subnets,
-                         precision=precision, **kwargs)
+                         num_train_nodes=num_train_nodes, precision=precision, **kwargs)

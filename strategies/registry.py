@@ -18,8 +18,8 @@ from .ist import IST
 def build_strategy(cfg: RunConfig, model_factory: Callable[[], nn.Module], **fedavg_kwargs) -> SubnetStrategy:
     """The strategy named by ``cfg.strategy`` with the config's knobs.
 
-    ``fraction-train`` applies to FedAvg and federated dropout; IST, dropout and
-    multi-sample dropout take exactly p (resp. 1) nodes per round.
+    ``fraction-train`` applies to FedAvg, federated dropout and IST (at least p
+    nodes); dropout and multi-sample dropout take exactly 1 (resp. p) nodes per round.
     ``min_available_nodes`` etc. can be passed through ``fedavg_kwargs``.
     """
     common = dict(seed=cfg.seed, untouched=cfg.untouched,
@@ -32,7 +32,8 @@ def build_strategy(cfg: RunConfig, model_factory: Callable[[], nn.Module], **fed
                                 fraction_train=cfg.fraction_train, **common)
     if cfg.strategy == "ist":
         return IST(model_factory, cfg.num_subnets, local_steps=max(steps, 1),
-                   partition_mode=cfg.partition_mode, scaling=cfg.ist_scaling, **common)
+                   partition_mode=cfg.partition_mode, scaling=cfg.ist_scaling,
+                   fraction_train=cfg.fraction_train, **common)
     if cfg.strategy == "dropout":
         return Dropout(model_factory, cfg.keep_prob, local_steps=steps, **common)
     if cfg.strategy == "multisample-dropout":
