@@ -2,6 +2,7 @@
 
     fl-subnet run scenarios/digits-ist.toml [--rounds N] [--out DIR] [--set key=value ...]
     fl-subnet compare scenarios/a.toml scenarios/b.toml ... [--rounds N] [--out DIR]
+    fl-subnet sweep scenarios/paper-msd.toml --vary num-subnets=1,2,4,8 [--out DIR]
 
 A scenario is a TOML file of run-config keys (the same keys ``flwr run . --run-config``
 takes). Runs use :class:`~fl_subnet.inprocess_grid.InProcessGrid`: the real ServerApp
@@ -114,7 +115,11 @@ def main(argv: list[str] | None = None) -> int:
     p_run.add_argument("scenario")
     p_cmp = sub.add_parser("compare", help="run several scenarios on the same data and seeds")
     p_cmp.add_argument("scenarios", nargs="+")
-    for p in (p_run, p_cmp):
+    p_sw = sub.add_parser("sweep", help="run one scenario per value of a key; plot the loss floor")
+    p_sw.add_argument("scenario")
+    p_sw.add_argument("--vary", required=True, metavar="KEY=V1,V2,...",
+                      help="the key and its values, e.g. num-subnets=1,2,4,8")
+    for p in (p_run, p_cmp, p_sw):
         p.add_argument("--rounds", type=int, help="override num-server-rounds")
         p.add_argument("--out", help="output folder (default runs/<name>)")
         p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override run-config keys")
@@ -126,16 +131,26 @@ def main(argv: list[str] | None = None) -> int:
 
     logging.getLogger("flwr").setLevel(logging.INFO if args.verbose else logging.ERROR)
 
-    files = [args.scenario] if args.command == "run" else args.scenarios
+    files = args.scenarios if args.command == "compare" else [args.scenario]
     try:
         overrides = _parse_set(args.set)
         if args.rounds is not None:
             overrides["num-server-rounds"] = args.rounds
-        scenarios = [(Path(f).stem, load_scenario(f, overrides)) for f in files]
+        if args.command == "sweep":
+            key, _, raw = args.vary.partition("=")
+            sweep_values = [_parse_set([f"{key}={v}"])[key] for v in raw.split(",") if v]
+            if not sweep_values:
+                raise ValueError(f"--vary expects KEY=V1,V2,..., got {args.vary!r}")
+            stem = Path(files[0]).stem
+            scenarios = [(f"{stem}-{key}-{v}", load_scenario(files[0], {**overrides, key: v}))
+                         for v in sweep_values]
+        else:
+            scenarios = [(Path(f).stem, load_scenario(f, overrides)) for f in files]
     except (ValueError, OSError) as err:
         console.print(f"[red]error:[/red] {err}")
         return 2
-    base = Path(args.out or (Path("runs") / (scenarios[0][0] if args.command == "run" else "compare")))
+    default = {"run": scenarios[0][0], "compare": "compare", "sweep": Path(files[0]).stem + "-sweep"}
+    base = Path(args.out or (Path("runs") / default[args.command]))
     summaries = []
     try:
         with _progress() as progress:
@@ -146,6 +161,15 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"[yellow]interrupted[/yellow]: metrics of the finished rounds are in {base}")
         return 130
     console.print(_table(summaries))
+    if args.command == "sweep":
+        from .results import load_rows
+        from .sweep import write_sweep
+
+        runs = {Path(s["out-dir"]).name: load_rows(s["out-dir"]) for s in summaries}
+        result = write_sweep(base, key, sweep_values, runs, title=f"{Path(files[0]).stem}: {key} sweep")
+        for v, (label, floor) in zip(sweep_values, result["floors"].items()):
+            console.print(f"{key} = {v}: loss floor {floor:.4g}")
+        console.print(f"plots: {base / 'sweep-loss.png'}, {base / 'sweep-floor.png'}")
     if args.command == "compare":
         from .plots import plot_runs
         from .results import load_rows
