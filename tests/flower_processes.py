@@ -235,15 +235,18 @@ def start_superlink(procs: Processes, port: int, *, simulation: bool) -> subproc
     return proc
 
 
-def flwr_run(procs: Processes, connection: str, overrides: Mapping[str, object], out_dir: Path,
+def flwr_run(procs: Processes, connection: str, overrides: Mapping[str, object] | Path, out_dir: Path,
              timeout: float) -> None:
     """``flwr run <repo> <connection> --run-config ... --stream``; wait for summary.json.
 
     ``--stream`` returns when the run ends (finished or failed); the results files are
     then complete. Raises if ``flwr`` fails, a started process dies, or time runs out.
     """
-    cmd = [binary("flwr"), "run", str(ROOT), connection, "--run-config", run_config_arg(overrides),
-           "--stream"]
+    if isinstance(overrides, Path):  # a scenario file (flwr takes no key=value beside it)
+        config_args = ["--run-config", str(overrides)]
+    else:
+        config_args = ["--run-config", run_config_arg(overrides)]
+    cmd = [binary("flwr"), "run", str(ROOT), connection, *config_args, "--stream"]
     run = procs.start("flwr-run", cmd)
     summary = out_dir / "summary.json"
     wait_until(lambda: run.poll() is not None or summary.exists(), timeout, "the run to end",

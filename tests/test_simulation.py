@@ -9,8 +9,12 @@ by the ``partition-id`` they report), same data.
 """
 
 import json
+import tomllib
 
 import pytest
+import tomli_w
+
+from fl_subnet import cli
 
 from flower_processes import (
     Processes,
@@ -18,7 +22,6 @@ from flower_processes import (
     flower_env,
     flwr_run,
     free_ports,
-    inprocess_rows,
     missing_binaries,
     start_superlink,
     write_flower_config,
@@ -45,11 +48,13 @@ def test_flwr_run_simulation_matches_inprocess(tmp_path):
     home = tmp_path / "flwr-home"
     (port,) = free_ports(1)
     write_flower_config(home, "fl-subnet-sim", f"127.0.0.1:{port}", SIMULATION_OPTIONS)
-    overrides = {**OVERRIDES, "out-dir": str(out_dir)}
+    scenario = tmp_path / "ist.toml"  # the same scenario file for `flwr run` and `fl-subnet run`
+    scenario.write_text(tomli_w.dumps({**OVERRIDES, "out-dir": str(out_dir)}))
+    assert tomllib.loads(scenario.read_text())["out-dir"] == str(out_dir)
     procs = Processes(tmp_path / "logs", flower_env(home))
     try:
         start_superlink(procs, port, simulation=True)
-        flwr_run(procs, "fl-subnet-sim", overrides, out_dir, timeout=300)
+        flwr_run(procs, "fl-subnet-sim", scenario, out_dir, timeout=300)
         rows = json.loads((out_dir / "metrics.json").read_text())
         summary = json.loads((out_dir / "summary.json").read_text())
         assert summary["rounds"] == 2
@@ -59,7 +64,9 @@ def test_flwr_run_simulation_matches_inprocess(tmp_path):
         for row in rows[1:]:
             assert row["bytes-down"] > 0 and row["bytes-up"] > 0, row
             assert row["coverage"] == 1.0, row
-        assert_same_rows(rows, inprocess_rows(overrides, NUM_NODES))
+        cli_out = tmp_path / "cli"
+        assert cli.main(["run", str(scenario), "--out", str(cli_out)]) == 0
+        assert_same_rows(rows, json.loads((cli_out / "metrics.json").read_text()))
     except BaseException:
         print(procs.tails())
         raise
