@@ -121,3 +121,23 @@ def test_strategy_config_errors_name_the_key():
         IST(factory, 2, scaling="huge")
     with pytest.raises(ValueError, match="num-subnets"):
         MultiSampleDropout(factory, 0.5, 0)
+
+
+def test_federated_evaluation_sends_full_model_and_aggregates():
+    n = 3
+    strategy = SubnetFedAvg(factory, min_available_nodes=n, min_train_nodes=n, min_evaluate_nodes=n,
+                            fraction_evaluate=1.0)
+    result = _start(strategy, num_nodes=n, rounds=2)
+    ev = result.evaluate_metrics_clientapp[2]
+    # each node evaluates the full global model on its first 8 examples; recompute it here
+    from fl_subnet.clients import evaluate_model
+    from strategy_helpers import load_data
+    from flwr.app import Context, RecordDict
+
+    model = factory()
+    model.load_state_dict(arrays_to_state(result.arrays))
+    accs = []
+    for pid in range(n):
+        ctx = Context(run_id=1, node_id=1, node_config={"partition-id": pid}, state=RecordDict(), run_config={})
+        accs.append(evaluate_model(model, load_data(ctx)[1], "cross-entropy")["eval-acc"])
+    assert ev["eval-acc"] == pytest.approx(sum(accs) / n)  # 8 examples each: a plain mean
