@@ -65,9 +65,25 @@ class Mask:
 
     def coverage(self, groups: Iterable[UnitGroup]) -> float:
         """Fraction of all units (over every group) that this mask keeps."""
-        groups = list(groups)
-        total = sum(g.size for g in groups)
-        return sum(int(self.kept(g).numel()) for g in groups) / max(total, 1)
+        return coverage([self], groups)
+
+
+def coverage(masks: Iterable[Mask], groups: Iterable[UnitGroup]) -> float:
+    """Fraction of all units (over every group) kept by at least one of ``masks``.
+
+    1.0 for a model without unit groups (nothing can be left out).
+    """
+    groups, masks = list(groups), list(masks)
+    total = sum(g.size for g in groups)
+    if total == 0:
+        return 1.0
+    held = 0
+    for g in groups:
+        seen = torch.zeros(g.size, dtype=torch.bool)
+        for m in masks:
+            seen[m.kept(g)] = True
+        held += int(seen.sum())
+    return held / total
 
 
 def full_mask(groups: Iterable[UnitGroup]) -> Mask:

@@ -15,7 +15,7 @@ from torch import nn
 
 from fl_subnet.aggregate import MaskedAggregator
 from fl_subnet.groups import find_unit_groups
-from fl_subnet.masks import Mask
+from fl_subnet.masks import Mask, coverage
 from fl_subnet.records import arrays_to_state, mask_to_config, state_to_arrays
 from fl_subnet.samplers import MaskSampler, generator_for
 from fl_subnet.slicing import Slicer
@@ -174,20 +174,8 @@ class SubnetStrategy(FedAvg):
                                     dst_node_id=node_id))
             self._sent[node_id] = mask
         log.info("configure_train: round %d, %d nodes, coverage %.3f, %.2f MB down",
-                 server_round, len(nodes), self._coverage(masks), self._bytes_down / 1e6)
+                 server_round, len(nodes), coverage(masks, self.groups), self._bytes_down / 1e6)
         return messages
-
-    def _coverage(self, masks: list[Mask]) -> float:
-        total = sum(g.size for g in self.groups)
-        if total == 0:
-            return 1.0
-        held = 0
-        for g in self.groups:
-            seen = torch.zeros(g.size, dtype=torch.bool)
-            for m in masks:
-                seen[m.kept(g)] = True
-            held += int(seen.sum())
-        return held / total
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -231,7 +219,7 @@ class SubnetStrategy(FedAvg):
                 log.warning("aggregate_train: client metrics not aggregated: %s", err)
         metrics["bytes-down"] = int(self._bytes_down)
         metrics["bytes-up"] = int(bytes_up)
-        metrics["coverage"] = float(self._coverage(used)) if used else 0.0
+        metrics["coverage"] = coverage(used, self.groups) if used else 0.0
         metrics["num-replies"] = len(valid)
         metrics["num-rejected"] = rejected
         metrics["round-seconds"] = time.perf_counter() - self._t_round

@@ -103,3 +103,13 @@ def test_full_sampler_keeps_everything(model_and_factory):
     _, _, groups, _ = model_and_factory
     for m in FullSampler().sample(groups, 1, 2):
         assert m.coverage(groups) == 1.0
+
+
+def test_union_coverage_counts_units_held_by_any_mask():
+    from fl_subnet.masks import Mask, coverage
+    groups = [UnitGroup("a", 6, (), ()), UnitGroup("b", 4, (), ())]
+    m1 = Mask({"a": torch.tensor([0, 1]), "b": torch.tensor([0])})
+    m2 = Mask({"a": torch.tensor([1, 2]), "b": torch.tensor([], dtype=torch.int64)})
+    assert coverage([m1, m2], groups) == (3 + 1) / 10  # a: {0,1,2}, b: {0}
+    assert m1.coverage(groups) == 3 / 10
+    assert coverage([], []) == 1.0
