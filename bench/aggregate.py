@@ -32,12 +32,12 @@ import torch
 from flwr.app import ArrayRecord, MetricRecord, RecordDict
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
-from fl_subnet.aggregate import MaskedAggregator
-from fl_subnet.groups import find_unit_groups
+from fl_subnet.core.aggregate import MaskedAggregator
+from fl_subnet.core.groups import find_unit_groups
 from fl_subnet.models import MLP
-from fl_subnet.records import arrays_to_state, state_to_arrays
-from fl_subnet.samplers import BernoulliSampler
-from fl_subnet.slicing import Slicer
+from fl_subnet.wire import arrays_to_state, state_to_arrays
+from fl_subnet.core.samplers import BernoulliSampler
+from fl_subnet.core.slicing import Slicer
 
 log = logging.getLogger("bench.aggregate")
 

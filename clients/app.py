@@ -11,10 +11,10 @@ from flwr.clientapp import ClientApp
 from torch import nn
 from torch.utils.data import Dataset
 
-from fl_subnet.compact import build_compact_module
-from fl_subnet.groups import find_unit_groups
-from fl_subnet.masks import full_mask
-from fl_subnet.records import MASK_PREFIX, arrays_to_state, mask_from_config, state_to_arrays
+from fl_subnet.core.compact import build_compact_module
+from fl_subnet.core.groups import find_unit_groups
+from fl_subnet.core.masks import full_mask
+from fl_subnet.wire import MASK_PREFIX, arrays_to_state, mask_from_config, state_to_arrays
 
 from .train import TrainConfig, evaluate_model, train_local
 

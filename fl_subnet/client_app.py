@@ -6,8 +6,8 @@ from flwr.app import Context
 
 from fl_subnet.clients import make_client_app
 
-from .config import RunConfig
-from .experiment import context_data, factory_for
+from .experiments.config import RunConfig
+from .experiments.experiment import context_data, factory_for
 
 
 def _factory(context: Context):

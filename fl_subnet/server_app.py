@@ -7,9 +7,9 @@ import logging
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from .config import RunConfig
-from .experiment import run_server
-from .results import RunRecorder
+from .experiments.config import RunConfig
+from .experiments.experiment import run_server
+from .experiments.results import RunRecorder
 
 log = logging.getLogger(__name__)
 app = ServerApp()

@@ -13,12 +13,12 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from torch import nn
 
-from fl_subnet.aggregate import MaskedAggregator
-from fl_subnet.groups import find_unit_groups
-from fl_subnet.masks import Mask, coverage
-from fl_subnet.records import arrays_to_state, mask_to_config, state_to_arrays
-from fl_subnet.samplers import MaskSampler, generator_for
-from fl_subnet.slicing import Slicer
+from fl_subnet.core.aggregate import MaskedAggregator
+from fl_subnet.core.groups import find_unit_groups
+from fl_subnet.core.masks import Mask, coverage
+from fl_subnet.wire import arrays_to_state, mask_to_config, state_to_arrays
+from fl_subnet.core.samplers import MaskSampler, generator_for
+from fl_subnet.core.slicing import Slicer
 
 from .replies import ReplyError, parse_reply, payload_bytes
 
@@ -31,7 +31,7 @@ class SubnetStrategy(FedAvg):
     Each server round it samples nodes, gives node slot ``i`` the mask
     ``sampler.sample(...)[i]``, sends it only the compact slice of the global model
     (ArrayRecord) plus the mask and training config (ConfigRecord), and folds the
-    trained slices back with :class:`~fl_subnet.aggregate.MaskedAggregator`.
+    trained slices back with :class:`~fl_subnet.core.aggregate.MaskedAggregator`.
     Federated evaluation sends the full model, as in Flower's FedAvg.
 
     Parameters

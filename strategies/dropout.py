@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fl_subnet.samplers import BernoulliSampler, check_num_subnets
+from fl_subnet.core.samplers import BernoulliSampler, check_num_subnets
 
 from .base import SubnetStrategy
 

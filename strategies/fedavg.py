@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fl_subnet.samplers import FullSampler
+from fl_subnet.core.samplers import FullSampler
 
 from .base import SubnetStrategy
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fl_subnet.samplers import BernoulliSampler
+from fl_subnet.core.samplers import BernoulliSampler
 
 from .base import SubnetStrategy
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fl_subnet.samplers import PartitionSampler
+from fl_subnet.core.samplers import PartitionSampler
 
 from .base import SubnetStrategy
 

@@ -1,4 +1,4 @@
-"""Build a named strategy from a validated :class:`~fl_subnet.config.RunConfig`."""
+"""Build a named strategy from a validated :class:`~fl_subnet.experiments.config.RunConfig`."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 from torch import nn
 
-from fl_subnet.config import STRATEGIES, RunConfig
+from fl_subnet.experiments.config import STRATEGIES, RunConfig
 
 from .base import SubnetStrategy
 from .dropout import Dropout, MultiSampleDropout

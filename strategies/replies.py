@@ -7,7 +7,7 @@ import math
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
-from fl_subnet.records import arrays_to_state
+from fl_subnet.wire import arrays_to_state
 
 
 class ReplyError(ValueError):

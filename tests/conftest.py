@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from fl_subnet.groups import find_unit_groups
+from fl_subnet.core.groups import find_unit_groups
 from fl_subnet.models import MLP, ShallowReLU
-from fl_subnet.slicing import Slicer
+from fl_subnet.core.slicing import Slicer
 
 
 def mlp3() -> MLP:

@@ -263,9 +263,9 @@ def flwr_run(procs: Processes, connection: str, overrides: Mapping[str, object] 
 def inprocess_rows(overrides: Mapping[str, object], num_nodes: int) -> list[dict]:
     """The metrics rows of the same run on :class:`InProcessGrid` (no Flower processes)."""
     import fl_subnet.client_app
-    from fl_subnet.config import RunConfig
-    from fl_subnet.experiment import run_server
-    from fl_subnet.inprocess_grid import InProcessGrid
+    from fl_subnet.experiments.config import RunConfig
+    from fl_subnet.experiments.experiment import run_server
+    from fl_subnet.experiments.inprocess_grid import InProcessGrid
 
     config = app_config(overrides)
     rows: list[dict] = []

@@ -7,7 +7,7 @@ from flwr.app import ArrayRecord, ConfigRecord
 from torch.utils.data import TensorDataset
 
 from fl_subnet.clients import make_client_app
-from fl_subnet.inprocess_grid import InProcessGrid
+from fl_subnet.experiments.inprocess_grid import InProcessGrid
 from fl_subnet.models import MLP
 
 D_IN, HIDDEN, D_OUT = 8, [16], 3

@@ -5,12 +5,12 @@ import pytest
 import torch
 from torch import nn
 
-from fl_subnet.aggregate import MaskedAggregator
-from fl_subnet.groups import Coupling, UnitGroup, find_unit_groups
-from fl_subnet.masks import Mask
+from fl_subnet.core.aggregate import MaskedAggregator
+from fl_subnet.core.groups import Coupling, UnitGroup, find_unit_groups
+from fl_subnet.core.masks import Mask
 from fl_subnet.models import MLP
-from fl_subnet.samplers import BernoulliSampler, PartitionSampler
-from fl_subnet.slicing import Slicer
+from fl_subnet.core.samplers import BernoulliSampler, PartitionSampler
+from fl_subnet.core.slicing import Slicer
 
 
 def test_two_clients_hand_computed():

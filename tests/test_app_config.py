@@ -4,7 +4,7 @@ import dataclasses
 import tomllib
 from pathlib import Path
 
-from fl_subnet.config import RunConfig
+from fl_subnet.experiments.config import RunConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -17,7 +17,7 @@ def test_app_config_lists_every_key_with_its_default():
 
 
 def test_every_scenario_file_validates():
-    from fl_subnet.cli import load_scenario
+    from fl_subnet.experiments.cli import load_scenario
 
     files = sorted((ROOT / "scenarios").glob("*.toml"))
     assert len(files) >= 8

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from fl_subnet.aggregate import MaskedAggregator
-from fl_subnet.masks import Mask
-from fl_subnet.records import mask_from_config, mask_to_config
-from fl_subnet.samplers import BernoulliSampler, PartitionSampler
+from fl_subnet.core.aggregate import MaskedAggregator
+from fl_subnet.core.masks import Mask
+from fl_subnet.wire import mask_from_config, mask_to_config
+from fl_subnet.core.samplers import BernoulliSampler, PartitionSampler
 
 
 def test_mask_index_out_of_range(model_and_factory):
@@ -67,9 +67,9 @@ def test_num_subnets_below_one(p):
 
 
 def test_bad_weight():
-    from fl_subnet.groups import find_unit_groups
+    from fl_subnet.core.groups import find_unit_groups
     from fl_subnet.models import MLP
-    from fl_subnet.slicing import Slicer
+    from fl_subnet.core.slicing import Slicer
     model = MLP(2, [3], 1)
     groups = find_unit_groups(model)
     slicer = Slicer(groups)
@@ -80,7 +80,7 @@ def test_bad_weight():
 
 def test_unsupported_layer_names_module():
     from torch import nn
-    from fl_subnet.groups import find_unit_groups
+    from fl_subnet.core.groups import find_unit_groups
     model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
     with pytest.raises(NotImplementedError, match="'1'.*BatchNorm1d"):
         find_unit_groups(model)
@@ -103,7 +103,7 @@ def test_mask_wire_round_trip_and_errors(model_and_factory):
 
 def test_mask_encoding_stays_small_for_a_million_units():
     from flwr.app import ConfigRecord
-    from fl_subnet.groups import UnitGroup
+    from fl_subnet.core.groups import UnitGroup
     groups = [UnitGroup("big", 1_000_000, (), ())]
     mask = BernoulliSampler(0.5, seed=1).sample(groups, 1, 1)[0]
     cfg = mask_to_config(mask, groups)

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from fl_subnet import cli
-from fl_subnet.results import RunRecorder
+from fl_subnet.experiments import cli
+from fl_subnet.experiments.results import RunRecorder
 
 SMALL = """
 strategy = "{strategy}"

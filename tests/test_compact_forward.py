@@ -5,12 +5,12 @@ import math
 import torch
 import torch.nn.functional as F
 
-from fl_subnet.compact import build_compact_module
-from fl_subnet.samplers import BernoulliSampler, PartitionSampler
+from fl_subnet.core.compact import build_compact_module
+from fl_subnet.core.samplers import BernoulliSampler, PartitionSampler
 
 from conftest import mlp3, shallow
-from fl_subnet.groups import find_unit_groups
-from fl_subnet.slicing import Slicer
+from fl_subnet.core.groups import find_unit_groups
+from fl_subnet.core.slicing import Slicer
 
 
 def _dense(mask, group, xi):
@@ -63,7 +63,7 @@ def test_shallow_relu_compact_forward_matches_paper_formula():
 def test_compact_module_never_allocates_full_tensors():
     """Built on the meta device: the full-size weight of a huge model is never made."""
     from fl_subnet.models import MLP
-    from fl_subnet.masks import Mask
+    from fl_subnet.core.masks import Mask
 
     def huge():
         return MLP(1000, [200_000], 10)  # 200M-parameter first layer if it were allocated

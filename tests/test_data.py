@@ -1,4 +1,4 @@
-"""Datasets and federated partitions (fl_subnet.data, fl_subnet.partition); offline, fast."""
+"""Datasets and federated partitions (fl_subnet.experiments.data, fl_subnet.experiments.partition); offline, fast."""
 
 from collections import Counter
 
@@ -8,14 +8,14 @@ import pytest
 import torch
 from PIL import Image
 
-from fl_subnet.data import (
+from fl_subnet.experiments.data import (
     load_centralized_test,
     load_dataset_by_name,
     load_partition,
     make_loader,
     to_tensors,
 )
-from fl_subnet.partition import partition
+from fl_subnet.experiments.partition import partition
 
 datasets.disable_progress_bars()
 

@@ -4,9 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fl_subnet.aggregate import MaskedAggregator
-from fl_subnet.compact import build_compact_module
-from fl_subnet.samplers import BernoulliSampler
+from fl_subnet.core.aggregate import MaskedAggregator
+from fl_subnet.core.compact import build_compact_module
+from fl_subnet.core.samplers import BernoulliSampler
 
 
 def _sgd_step(model, x, y, lr, regression):

@@ -9,7 +9,7 @@ from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 from flwr.serverapp.strategy import FedAvg
 
-from fl_subnet.inprocess_grid import InProcessGrid
+from fl_subnet.experiments.inprocess_grid import InProcessGrid
 
 NUM_NODES = 3
 INITIAL = [np.arange(6, dtype=np.float64).reshape(2, 3), np.array([-1.0, 0.5])]

@@ -10,8 +10,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import array_shapes, arrays
 
-from fl_subnet.aggregate import MaskedAggregator
-from fl_subnet.records import arrays_to_state
+from fl_subnet.core.aggregate import MaskedAggregator
+from fl_subnet.wire import arrays_to_state
 from fl_subnet.strategies import FederatedDropout
 
 from strategy_helpers import factory, grid, initial_arrays, train_config

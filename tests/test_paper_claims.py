@@ -10,10 +10,10 @@ asserted here: within a fast test's budget plain GD has not converged far enough
 import pytest
 
 from fl_subnet.client_app import app
-from fl_subnet.config import RunConfig
-from fl_subnet.experiment import run_server
-from fl_subnet.inprocess_grid import InProcessGrid
-from fl_subnet.sweep import loss_floor
+from fl_subnet.experiments.config import RunConfig
+from fl_subnet.experiments.experiment import run_server
+from fl_subnet.experiments.inprocess_grid import InProcessGrid
+from fl_subnet.experiments.sweep import loss_floor
 
 BASE = {"strategy": "multisample-dropout", "dataset": "synthetic-regression", "num-samples": 200,
         "input-dim": 10, "model": "shallow-relu", "hidden": "100", "batch-size": 0,

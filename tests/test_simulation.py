@@ -14,7 +14,7 @@ import tomllib
 import pytest
 import tomli_w
 
-from fl_subnet import cli
+from fl_subnet.experiments import cli
 
 from flower_processes import (
     Processes,

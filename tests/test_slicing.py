@@ -5,10 +5,10 @@ import math
 import pytest
 import torch
 
-from fl_subnet.aggregate import MaskedAggregator
-from fl_subnet.groups import UnitGroup
-from fl_subnet.masks import full_mask
-from fl_subnet.samplers import BernoulliSampler, FullSampler, PartitionSampler
+from fl_subnet.core.aggregate import MaskedAggregator
+from fl_subnet.core.groups import UnitGroup
+from fl_subnet.core.masks import full_mask
+from fl_subnet.core.samplers import BernoulliSampler, FullSampler, PartitionSampler
 
 
 def test_gather_shapes_follow_mask(model_and_factory):
@@ -106,7 +106,7 @@ def test_full_sampler_keeps_everything(model_and_factory):
 
 
 def test_union_coverage_counts_units_held_by_any_mask():
-    from fl_subnet.masks import Mask, coverage
+    from fl_subnet.core.masks import Mask, coverage
     groups = [UnitGroup("a", 6, (), ()), UnitGroup("b", 4, (), ())]
     m1 = Mask({"a": torch.tensor([0, 1]), "b": torch.tensor([0])})
     m2 = Mask({"a": torch.tensor([1, 2]), "b": torch.tensor([], dtype=torch.int64)})

@@ -6,7 +6,7 @@ import pytest
 import torch
 from flwr.serverapp.strategy import FedAvg
 
-from fl_subnet.records import arrays_to_state, mask_from_config
+from fl_subnet.wire import arrays_to_state, mask_from_config
 from fl_subnet.strategies import IST, Dropout, FederatedDropout, MultiSampleDropout, SubnetFedAvg
 from fl_subnet.models import MLP
 

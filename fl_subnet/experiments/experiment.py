@@ -16,7 +16,7 @@ from flwr.serverapp import Grid
 from torch.utils.data import TensorDataset
 
 from .config import RunConfig
-from .records import arrays_to_state
+from fl_subnet.wire import arrays_to_state
 from .zoo import model_factory
 
 log = logging.getLogger(__name__)

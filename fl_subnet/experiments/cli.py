@@ -5,7 +5,7 @@
     fl-subnet sweep scenarios/paper-msd.toml --vary num-subnets=1,2,4,8 [--out DIR]
 
 A scenario is a TOML file of run-config keys (the same keys ``flwr run . --run-config``
-takes). Runs use :class:`~fl_subnet.inprocess_grid.InProcessGrid`: the real ServerApp
+takes). Runs use :class:`~fl_subnet.experiments.inprocess_grid.InProcessGrid`: the real ServerApp
 and ClientApp code, one node after the other in this process, without Ray — the same
 metrics as ``flwr run`` for the same scenario and seed (a test checks it).
 """
@@ -56,7 +56,7 @@ def load_scenario(path: str | Path, overrides: dict | None = None) -> dict:
 
 def run_one(values: dict, out_dir: Path, progress: Progress | None = None, label: str = "") -> dict:
     """Run one validated scenario into ``out_dir``; return its summary."""
-    from .client_app import app as client_app
+    from fl_subnet.client_app import app as client_app
     from .experiment import run_server
     from .inprocess_grid import InProcessGrid
 

@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord
 
-from .groups import UnitGroup
-from .masks import Mask
+from .core.groups import UnitGroup
+from .core.masks import Mask
 
 MASK_PREFIX = "mask."
 SCALE_PREFIX = "scale."

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from torch import nn
 
 from .config import RunConfig
-from .models import MLP, ShallowReLU
+from fl_subnet.models import MLP, ShallowReLU
 
 
 def model_factory(cfg: RunConfig, d_in: int, d_out: int) -> Callable[[], nn.Module]:

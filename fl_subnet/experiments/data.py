@@ -13,7 +13,7 @@ column ``"x"`` is a fixed-length list of float32 features and whose target colum
   of Liao & Kyrillidis, "On the convergence of shallow neural network training with
   randomly masked neurons", TMLR 2022.
 
-Partitioning is in :mod:`fl_subnet.partition`; :func:`load_partition` and
+Partitioning is in :mod:`fl_subnet.experiments.partition`; :func:`load_partition` and
 :func:`load_centralized_test` are the cached entry points for ClientApp / ServerApp.
 """
 
@@ -226,7 +226,7 @@ def load_partition(
 
     The global train split of ``name`` (loaded with ``seed=data_seed`` and ``data_kw``,
     e.g. ``path=``, ``n=``, ``d=``; values must be hashable, so no ``source=``) is split
-    by :func:`fl_subnet.partition.partition` (``scheme``, ``alpha``,
+    by :func:`fl_subnet.experiments.partition.partition` (``scheme``, ``alpha``,
     ``classes_per_partition``, ``seed``). The test tensors are the partition's OWN local
     hold-out: ``round(test_fraction * size)`` rows (at least 1 if the partition has >= 2
     rows and ``test_fraction > 0``) drawn with ``default_rng([seed, partition_id])``; they
@@ -238,7 +238,7 @@ def load_partition(
     ------
     ValueError
         Naming ``partition-id`` (not in [0, num_partitions)), ``test-fraction`` (not in
-        [0, 1)), or anything :func:`~fl_subnet.partition.partition` raises.
+        [0, 1)), or anything :func:`~fl_subnet.experiments.partition.partition` raises.
     """
     check_num_partitions(num_partitions)
     if isinstance(partition_id, bool) or not isinstance(partition_id, int) or not 0 <= partition_id < num_partitions:
