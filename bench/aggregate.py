@@ -33,7 +33,7 @@ from flwr.app import ArrayRecord, MetricRecord, RecordDict
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from fl_subnet.core.aggregate import MaskedAggregator
-from fl_subnet.core.groups import find_unit_groups
+from fl_subnet.core.analysis import find_unit_groups
 from fl_subnet.models import MLP
 from fl_subnet.wire import arrays_to_state, state_to_arrays
 from fl_subnet.core.samplers import BernoulliSampler

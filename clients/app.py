@@ -11,10 +11,10 @@ from flwr.clientapp import ClientApp
 from torch import nn
 from torch.utils.data import Dataset
 
-from fl_subnet.core.compact import build_compact_module
-from fl_subnet.core.groups import find_unit_groups
 from fl_subnet.core.masks import full_mask
-from fl_subnet.wire import MASK_PREFIX, arrays_to_state, mask_from_config, state_to_arrays
+from fl_subnet.core.spec import cached_spec
+from fl_subnet.wire import (METRICS_KEY, MASK_PREFIX, arrays_to_state, example_from_config, mask_from_config,
+                            read_train, state_to_arrays)
 
 from .train import TrainConfig, evaluate_model, train_local
 
@@ -71,16 +71,15 @@ def make_client_app(model_factory: Callable[[], nn.Module] | None, load_data: Da
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        config = msg.content.config_records.get("config", ConfigRecord())
+        arrays_key, arrays, config = read_train(msg.content)
         cfg = TrainConfig.from_config(config)
         factory = factory_of(context)
-        with torch.device("meta"):
-            groups = find_unit_groups(factory())
+        shape, dtype = example_from_config(config)
+        spec = cached_spec(factory, shape, dtype)  # analysed once per process
         # No mask keys: a plain FedAvg message (e.g. Flower's own FedAvg) → full model.
         has_mask = any(str(k).startswith(MASK_PREFIX) for k in config)
-        mask = mask_from_config(config, groups) if has_mask else full_mask(groups)
-        compact_state = arrays_to_state(next(iter(msg.content.array_records.values())))
-        model = build_compact_module(factory, compact_state, groups, mask)
+        mask = mask_from_config(config, spec.all_groups) if has_mask else full_mask(spec.all_groups)
+        model = spec.build(arrays_to_state(arrays), mask)
         train_set, _ = load_data(context)
         round_ = int(config.get("server-round", 0))
         seed = hash((cfg.seed, round_, int(context.node_config.get("partition-id", 0)))) & 0x7FFFFFFF
@@ -88,30 +87,30 @@ def make_client_app(model_factory: Callable[[], nn.Module] | None, load_data: Da
         calls = _count_call(context, "train-calls")
         log.info("node %d round %d: %d examples, train-loss %.4f", context.node_id, round_, n, loss)
         content = RecordDict({
-            "arrays": state_to_arrays(model.state_dict()),
-            "metrics": MetricRecord({"num-examples": int(n), "train-loss": float(loss),
+            arrays_key: state_to_arrays(model.state_dict()),
+            METRICS_KEY: MetricRecord({"num-examples": int(n), "train-loss": float(loss),
                                      "train-calls": calls}),
         })
         return Message(content=content, reply_to=msg)
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
-        config = msg.content.config_records.get("config", ConfigRecord())
+        _, arrays, config = read_train(msg.content)
         cfg = TrainConfig.from_config(config)
         model = factory_of(context)()
-        model.load_state_dict(arrays_to_state(next(iter(msg.content.array_records.values()))))
+        model.load_state_dict(arrays_to_state(arrays))
         _, test_set = load_data(context)
         metrics: dict[str, float | int] = {"num-examples": 0}
         if test_set is not None and len(test_set):
             metrics = {"num-examples": len(test_set), **evaluate_model(model, test_set, cfg.loss)}
-        return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+        return Message(content=RecordDict({METRICS_KEY: MetricRecord(metrics)}), reply_to=msg)
 
     @app.query()
     def query(msg: Message, context: Context) -> Message:
         """Report this node's ``partition-id`` so the server can order nodes stably."""
         pid = context.node_config.get("partition-id")
         metrics = MetricRecord({"partition-id": int(pid)} if isinstance(pid, int) else {})
-        return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)
+        return Message(content=RecordDict({METRICS_KEY: metrics}), reply_to=msg)
 
     return app
 

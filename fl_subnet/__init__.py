@@ -17,3 +17,9 @@ if _os.path.isfile(_os.path.join(_root, "strategies", "__init__.py")):
     __path__.append(_root)  # type: ignore[name-defined]  # noqa: F821
 
 __version__ = "0.1.0"
+
+from .core.analysis.resolve import AnalysisError  # noqa: E402
+from .core.masks import Mask  # noqa: E402
+from .core.spec import SubnetSpec, analyze  # noqa: E402
+
+__all__ = ["analyze", "SubnetSpec", "Mask", "AnalysisError"]

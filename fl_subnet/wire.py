@@ -1,6 +1,10 @@
-"""Wire formats: masks ⇄ ConfigRecord values, states ⇄ ArrayRecord.
+"""The wire contract of both sides: record keys, masks ⇄ ConfigRecord values, states ⇄
+ArrayRecord, the example input's shape.
 
-A mask travels as one packed bitmask per group (``size/8`` bytes: 1M units ≈ 125 kB)
+The strategy may name its records as it likes (Flower's ``arrayrecord_key`` and
+``configrecord_key``); a node reads the one ArrayRecord and the one ConfigRecord of a
+train message whatever their names (:func:`read_train`) and replies under the same
+ArrayRecord key. A mask travels as one packed bitmask per group (``size/8`` bytes: 1M units ≈ 125 kB)
 plus its scale, all plain Python types as Flower's ConfigRecord requires (DESIGN.md §6).
 """
 
@@ -21,6 +25,57 @@ from .core.masks import Mask
 
 MASK_PREFIX = "mask."
 SCALE_PREFIX = "scale."
+EXAMPLE_SHAPE = "example-shape"
+EXAMPLE_DTYPE = "example-dtype"
+METRICS_KEY = "metrics"
+
+
+def example_to_config(example) -> dict[str, str]:
+    """``{"example-shape": "1,1,8,8", "example-dtype": "float32"}`` of the first input
+    tensor (empty for ``None``): a node analyses its model on a meta tensor of that shape."""
+    if example is None:
+        return {}
+    t = example[0] if isinstance(example, tuple) else example
+    return {EXAMPLE_SHAPE: ",".join(str(int(s)) for s in t.shape), EXAMPLE_DTYPE: str(t.dtype).removeprefix("torch.")}
+
+
+def example_from_config(config: Mapping[str, object]) -> tuple[tuple[int, ...] | None, str | None]:
+    """``(shape, dtype)`` sent by :func:`example_to_config`, or ``(None, None)``.
+
+    Raises
+    ------
+    ValueError
+        Naming the key, if the shape is not comma-separated ints or the dtype unknown.
+    """
+    raw = config.get(EXAMPLE_SHAPE)
+    if raw is None:
+        return None, None
+    try:
+        shape = tuple(int(s) for s in str(raw).split(","))
+    except ValueError:
+        raise ValueError(f"config key '{EXAMPLE_SHAPE}' must be comma-separated ints, got {raw!r}") from None
+    dtype = str(config.get(EXAMPLE_DTYPE, "float32"))
+    if not isinstance(getattr(torch, dtype, None), torch.dtype):
+        raise ValueError(f"config key '{EXAMPLE_DTYPE}' names no torch dtype: {dtype!r}")
+    return shape, dtype
+
+
+def read_train(content) -> tuple[str, ArrayRecord, Mapping[str, object]]:
+    """``(arrays key, ArrayRecord, config)`` of a train/evaluate message, whatever the
+    records are called.
+
+    Raises
+    ------
+    ValueError
+        If the message does not hold exactly one ArrayRecord, or more than one ConfigRecord.
+    """
+    arrays = list(content.array_records.items())
+    configs = list(content.config_records.values())
+    if len(arrays) != 1:
+        raise ValueError(f"expected one ArrayRecord in the message, got {len(arrays)}")
+    if len(configs) > 1:
+        raise ValueError(f"expected at most one ConfigRecord in the message, got {len(configs)}")
+    return arrays[0][0], arrays[0][1], (configs[0] if configs else {})
 
 
 def mask_to_config(mask: Mask, groups: Sequence[UnitGroup]) -> dict[str, bytes | float]:
@@ -35,7 +90,7 @@ def mask_to_config(mask: Mask, groups: Sequence[UnitGroup]) -> dict[str, bytes |
 
 
 def mask_from_config(config: Mapping[str, object], groups: Sequence[UnitGroup]) -> Mask:
-    """Decode what :func:`mask_to_config` wrote.
+    """Decode what :func:`mask_to_config` wrote; a group without a key is kept whole.
 
     Raises
     ------
@@ -47,6 +102,8 @@ def mask_from_config(config: Mapping[str, object], groups: Sequence[UnitGroup]) 
     for g in groups:
         key = MASK_PREFIX + g.name
         raw = config.get(key)
+        if raw is None:
+            continue
         if not isinstance(raw, bytes):
             raise ValueError(f"config key '{key}' must hold the group's bitmask bytes")
         if len(raw) != (g.size + 7) // 8:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
@@ -14,11 +14,10 @@ from flwr.serverapp.strategy import FedAvg
 from torch import nn
 
 from fl_subnet.core.aggregate import MaskedAggregator
-from fl_subnet.core.groups import find_unit_groups
+from fl_subnet.core.spec import analyze
 from fl_subnet.core.masks import Mask, coverage
-from fl_subnet.wire import arrays_to_state, mask_to_config, state_to_arrays
+from fl_subnet.wire import arrays_to_state, example_to_config, mask_to_config, state_to_arrays
 from fl_subnet.core.samplers import MaskSampler, generator_for
-from fl_subnet.core.slicing import Slicer
 
 from .replies import ReplyError, parse_reply, payload_bytes
 
@@ -37,7 +36,9 @@ class SubnetStrategy(FedAvg):
     Parameters
     ----------
     model_factory : Callable[[], nn.Module]
-        Builds the full architecture; used on the ``meta`` device to find unit groups.
+        Builds the full architecture (a model instance is accepted too and deep-copied);
+        analysed once here (:func:`fl_subnet.analyze`, on the ``meta`` device) and
+        verified on one real instance before any round.
     sampler : MaskSampler
         Draws the masks; seeded by (seed, server round, slot).
     num_train_nodes : int, optional
@@ -56,6 +57,11 @@ class SubnetStrategy(FedAvg):
         (node ids are random per run), so that the same seed pairs the same data with
         the same mask in a simulation, a deployment and the in-process grid. Nodes that
         do not answer are ordered after, by node id.
+    example_input : torch.Tensor or tuple, optional
+        One input batch; needed unless the model's first layer is an ``nn.Linear``.
+        Its shape and dtype travel to the nodes (``example-shape``, ``example-dtype``).
+    include, exclude : Sequence[str]
+        Unit groups to mask besides / instead of the defaults (see :func:`fl_subnet.analyze`).
     **fedavg_kwargs
         Flower FedAvg options: ``fraction_train``, ``fraction_evaluate``,
         ``min_train_nodes``, ``min_evaluate_nodes``, ``min_available_nodes``,
@@ -82,6 +88,9 @@ class SubnetStrategy(FedAvg):
         weighted: bool = True,
         seed: int = 0,
         order_by_partition: bool = True,
+        example_input: torch.Tensor | tuple | None = None,
+        include: Sequence[str] = (),
+        exclude: Sequence[str] = (),
         **fedavg_kwargs,
     ) -> None:
         if num_train_nodes is not None:
@@ -90,9 +99,10 @@ class SubnetStrategy(FedAvg):
             fedavg_kwargs.setdefault("min_train_nodes", num_train_nodes)
             fedavg_kwargs.setdefault("min_available_nodes", num_train_nodes)
         super().__init__(**fedavg_kwargs)
-        with torch.device("meta"):
-            self.groups = find_unit_groups(model_factory())
-        self.slicer = Slicer(self.groups)
+        self.spec = analyze(model_factory, example_input, include=include, exclude=exclude, seed=seed)
+        self.groups = self.spec.groups
+        self.slicer = self.spec.slicer
+        self._example_config = example_to_config(example_input)
         self.sampler = sampler
         self.num_train_nodes = num_train_nodes
         self.local_steps = local_steps
@@ -165,7 +175,7 @@ class SubnetStrategy(FedAvg):
             node_config["server-round"] = server_round
             if self.local_steps is not None:
                 node_config["local-steps"] = int(self.local_steps)
-            for key, value in mask_to_config(mask, self.groups).items():
+            for key, value in {**self._example_config, **mask_to_config(mask, self.groups)}.items():
                 node_config[key] = value
             self._bytes_down += payload_bytes(slice_arrays, node_config)
             content = RecordDict({self.arrayrecord_key: slice_arrays,

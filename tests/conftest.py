@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from fl_subnet.core.groups import find_unit_groups
+from fl_subnet.core.analysis import find_unit_groups
 from fl_subnet.models import MLP, ShallowReLU
 from fl_subnet.core.slicing import Slicer
 

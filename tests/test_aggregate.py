@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 from fl_subnet.core.aggregate import MaskedAggregator
-from fl_subnet.core.groups import Coupling, UnitGroup, find_unit_groups
+from fl_subnet.core.analysis import find_unit_groups
+from fl_subnet.core.groups import Coupling, UnitGroup
 from fl_subnet.core.masks import Mask
 from fl_subnet.models import MLP
 from fl_subnet.core.samplers import BernoulliSampler, PartitionSampler
@@ -56,7 +57,7 @@ def _numpy_reference(old, slicer, replies):
         den = np.zeros(full.shape)
         for compact, mask, w in replies:
             idx = [np.arange(s) for s in full.shape]
-            for dim, g in slicer.coupled.get(key, []):
+            for dim, g in [(c.dim, g.name) for g in slicer.groups for c in g.couplings if c.key == key]:
                 idx[dim] = mask.indices[g].numpy()
             sel = np.ix_(*idx)
             num[sel] += w * compact[key].numpy().astype(np.float64)

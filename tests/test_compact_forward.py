@@ -5,11 +5,11 @@ import math
 import torch
 import torch.nn.functional as F
 
-from fl_subnet.core.compact import build_compact_module
+from fl_subnet.core.spec import analyze
 from fl_subnet.core.samplers import BernoulliSampler, PartitionSampler
 
 from conftest import mlp3, shallow
-from fl_subnet.core.groups import find_unit_groups
+from fl_subnet.core.analysis import find_unit_groups
 from fl_subnet.core.slicing import Slicer
 
 
@@ -27,7 +27,7 @@ def test_mlp_compact_forward_matches_masked_full_forward():
     x = torch.randn(9, 6)
     for xi in (0.3, 0.7, 1.0):
         mask = BernoulliSampler(xi, seed=4).sample(groups, 1, 1)[0]
-        compact = build_compact_module(mlp3, slicer.gather(s, mask), groups, mask)
+        compact = analyze(mlp3, verify=False).build(slicer.gather(s, mask), mask)
         # independent full computation with plain tensor algebra
         d1, d2 = _dense(mask, groups[0], xi), _dense(mask, groups[1], xi)
         h1 = F.relu(x @ s["1.weight"].T + s["1.bias"]) * d1
@@ -38,7 +38,7 @@ def test_mlp_compact_forward_matches_masked_full_forward():
         n_compact = sum(p.numel() for p in compact.parameters())
         n_full = sum(p.numel() for p in model.parameters())
         assert xi == 1.0 or n_compact < n_full
-        assert compact[1].out_features == mask.indices["1"].numel()
+        assert compact.get_submodule("1").out_features == mask.indices["1"].numel()
 
 
 def test_shallow_relu_compact_forward_matches_paper_formula():
@@ -52,7 +52,7 @@ def test_shallow_relu_compact_forward_matches_paper_formula():
     for sampler, xi in ((BernoulliSampler(0.5, seed=9), 0.5),
                         (PartitionSampler(4, scale=4.0, seed=9), 0.25)):
         mask = sampler.sample(groups, 2, 1)[0]
-        compact = build_compact_module(shallow, slicer.gather(s, mask), groups, mask)
+        compact = analyze(shallow, verify=False).build(slicer.gather(s, mask), mask)
         # f(W, x) = 1/sqrt(m) * sum_r a_r relu(<w_r, x>) * mask_r / xi
         want = (F.relu(x @ W.T) * a * _dense(mask, groups[0], xi)).sum(1, keepdim=True) / math.sqrt(m)
         assert torch.allclose(compact(x), want, atol=1e-6)
@@ -76,6 +76,6 @@ def test_compact_module_never_allocates_full_tensors():
         "1.weight": torch.randn(200, 1000), "1.bias": torch.randn(200),
         "3.weight": torch.randn(10, 200), "3.bias": torch.randn(10),
     }
-    model = build_compact_module(huge, compact_state, groups, mask)
+    model = analyze(huge, verify=False).build(compact_state, mask)
     assert model(torch.randn(2, 1000)).shape == (2, 10)
     assert all(p.device.type == "cpu" for p in model.parameters())

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from fl_subnet.core.aggregate import MaskedAggregator
-from fl_subnet.core.compact import build_compact_module
+from fl_subnet.core.spec import analyze
 from fl_subnet.core.samplers import BernoulliSampler
 
 
@@ -29,7 +29,7 @@ def test_one_masked_step_equals_dropout_sgd_step(model_and_factory, xi):
     mask = BernoulliSampler(xi, seed=21).sample(groups, 1, 1)[0]
 
     # (a) the protocol: compact slice, one local step, folded back
-    compact = build_compact_module(factory, slicer.gather(state, mask), groups, mask)
+    compact = analyze(factory, verify=False).build(slicer.gather(state, mask), mask)
     _sgd_step(compact, x, y, lr=0.2, regression=regression)
     agg = MaskedAggregator(state, slicer)
     agg.add({k: v.detach() for k, v in compact.state_dict().items()}, mask, weight=16)

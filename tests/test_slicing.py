@@ -17,12 +17,12 @@ def test_gather_shapes_follow_mask(model_and_factory):
     compact = slicer.gather(model.state_dict(), mask)
     for key, full in model.state_dict().items():
         want = list(full.shape)
-        for dim, g in slicer.coupled.get(key, []):
+        for dim, g in [(c.dim, g.name) for g in slicer.groups for c in g.couplings if c.key == key]:
             want[dim] = int(mask.indices[g].numel())
         assert list(compact[key].shape) == want
         # values are the full tensor's entries at the kept positions
         expect = full
-        for dim, g in slicer.coupled.get(key, []):
+        for dim, g in [(c.dim, g.name) for g in slicer.groups for c in g.couplings if c.key == key]:
             expect = expect.index_select(dim, mask.indices[g])
         assert torch.equal(compact[key], expect)
 

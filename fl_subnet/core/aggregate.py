@@ -21,7 +21,7 @@ from collections.abc import Mapping
 import torch
 
 from .masks import Mask
-from .slicing import Slicer
+from .slicing import Slicer, flat_positions
 
 UNTOUCHED_MODES = ("keep", "zero")
 DENOMINATORS = ("holders", "all")
@@ -78,6 +78,7 @@ class MaskedAggregator:
         self._num: dict[str, torch.Tensor] = {}  # integer tensors: running max
         self._pending: list[dict[str, torch.Tensor]] = []  # float slices, scattered in finalize
         self._masks: list[Mask] = []
+        self._kept: list[dict[str, list[tuple[int, torch.Tensor]]]] = []  # per reply: key -> (dim, positions)
         self._weights: list[float] = []
 
     @property
@@ -135,26 +136,30 @@ class MaskedAggregator:
             t = compact[key]
             if full.is_floating_point() and not math.isfinite(float(t.sum(dtype=torch.float64))):
                 raise ValueError(f"'{key}' contains NaN or Inf")
+        keep_units = self.slicer.keep_units(mask)
+        kept = {k: self.slicer.kept(mask, k, self.state[k].shape, keep_units)
+                for k in self.slicer.coupled if k in self.state}
         for key, full in self.state.items():
             if not full.is_floating_point():
-                self._add_int(key, full, compact[key], mask, self.slicer.kept(mask, key))
+                self._add_int(key, full, compact[key], mask, kept.get(key, []))
         self._pending.append({k: compact[k] for k in self.state if self.state[k].is_floating_point()})
         self._masks.append(mask)
+        self._kept.append(kept)
         self._weights.append(w)
 
     def _sum_key(self, key: str) -> torch.Tensor:
         """Σ_c n_c · W_c[key] scattered into full size, over every added reply."""
         full = self.state[key]
         acc = torch.zeros_like(full, dtype=self._acc_dtype(full))
-        for compact, mask, w in zip(self._pending, self._masks, self._weights):
+        for compact, mask, kept_of, w in zip(self._pending, self._masks, self._kept, self._weights):
             t = compact[key].to(acc.dtype)
-            kept = self.slicer.kept(mask, key)
+            kept = kept_of.get(key, [])
             if not kept:
                 acc.add_(t, alpha=w)
             elif len(kept) == 1:
                 acc.index_add_(kept[0][0], kept[0][1], t, alpha=w)
             else:
-                acc.view(-1).index_add_(0, self.slicer.flat_index(key, full.shape, mask),
+                acc.view(-1).index_add_(0, flat_positions(kept, full.shape),
                                         t.reshape(-1), alpha=w)
         return acc
 
@@ -171,19 +176,25 @@ class MaskedAggregator:
         if not kept:
             acc.copy_(t if first else torch.maximum(acc, t))
         else:
-            flat = self.slicer.flat_index(key, full.shape, mask)
+            flat = flat_positions(kept, full.shape).long()
             acc.view(-1).scatter_reduce_(0, flat, t.reshape(-1), "amax", include_self=not first)
 
-    def _denominator(self, key: str, full: torch.Tensor, weights: torch.Tensor,
-                     indicators: dict[str, torch.Tensor]) -> torch.Tensor:
-        coupled = sorted(self.slicer.coupled.get(key, []))
-        if not coupled:
+    def _denominator(self, key: str, full: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Σ_c n_c · 1[c holds e] for every entry, as a product of per-dim indicators."""
+        dims = sorted(self.slicer.coupled.get(key, {}))
+        if not dims:
             return weights.sum()
-        letters = string.ascii_letters[1:1 + len(coupled)]
+        inds = []
+        for d in dims:
+            ind = torch.zeros(len(self._kept), full.shape[d], dtype=self.precision)
+            for i, kept_of in enumerate(self._kept):
+                ind[i, dict(kept_of[key])[d]] = 1.0
+            inds.append(ind)
+        letters = string.ascii_letters[1:1 + len(dims)]
         spec = "a," + ",".join("a" + c for c in letters) + "->" + letters
-        den = torch.einsum(spec, weights, *[indicators[g] for _, g in coupled])
+        den = torch.einsum(spec, weights, *inds)
         view = [1] * full.dim()
-        for (d, _), size in zip(coupled, den.shape):
+        for d, size in zip(dims, den.shape):
             view[d] = size
         return den.reshape(view)
 
@@ -192,12 +203,6 @@ class MaskedAggregator:
         if not self._weights:
             return {k: v.clone() for k, v in self.state.items()}
         weights = torch.tensor(self._weights, dtype=self.precision)
-        indicators = {}
-        for g in self.slicer.groups:
-            ind = torch.zeros(len(self._masks), g.size, dtype=self.precision)
-            for i, m in enumerate(self._masks):
-                ind[i, m.kept(g)] = 1.0
-            indicators[g.name] = ind
         float_keys = sorted((k for k, v in self.state.items() if v.is_floating_point()),
                             key=lambda k: -self.state[k].numel())
         # Keys are independent: scatter them on a few threads (torch releases the GIL).
@@ -208,7 +213,7 @@ class MaskedAggregator:
             if not full.is_floating_point():
                 out[key] = self._num[key].clone()
                 continue
-            den = self._denominator(key, full, weights, indicators)
+            den = self._denominator(key, full, weights)
             held = den > 0
             if self.denominator == "all":
                 total = weights.sum()
@@ -223,3 +228,4 @@ class MaskedAggregator:
             mean = num.div_(torch.where(held, den, torch.ones_like(den)).to(num.dtype)).to(full.dtype)
             out[key] = torch.where(held, mean, fallback)
         return out
+

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
@@ -96,3 +97,116 @@ def build_compact_module(
             setattr(module, attr, getattr(module, tensor_name).shape[dim])
     apply_output_scale(model, groups, mask)
     return model.train()
+
+
+def build_compact_graph(gm: "fx.GraphModule", resolved, compact_state: Mapping[str, torch.Tensor],
+                        slicer, mask: Mask, *, full: bool = False) -> nn.Module:
+    """The compact sub-model as a copy of the traced graph (``fx.GraphModule``).
+
+    Every parameter and buffer is replaced by its compact tensor, the size attributes of
+    ruled layers follow the tensors, an ``nn.MultiheadAttention`` with masked heads
+    becomes a :class:`~fl_subnet.core.attention.SubnetMultiheadAttention`, the size
+    constants of ``view``/``reshape`` calls on dims that carry units are set to the
+    compact sizes (a hard-coded ``x.view(-1, 16 * 5 * 5)`` keeps working), and each
+    group's output scale multiplies the input of the layers that mix its units.
+
+    With ``full=True`` it builds the *reference*: the full-size model in which every
+    dropped unit's contribution is removed (its positions scaled by 0 where it is mixed)
+    — the function the compact model must compute.
+
+    Parameters
+    ----------
+    gm : fx.GraphModule
+        The traced full model (on the ``meta`` device; it is copied, not changed).
+    resolved : Resolved
+        The analysis (consumers, view sizes, head groups).
+    compact_state : Mapping[str, torch.Tensor]
+        :meth:`Slicer.gather` output (or, with ``full=True``, the full state).
+    slicer : Slicer
+        Over every group a mask may name.
+    mask : Mask
+        Kept units and output scales.
+
+    Returns
+    -------
+    nn.Module
+        On the CPU, in training mode, with ``state_dict`` keys equal to the full model's.
+
+    Raises
+    ------
+    ValueError
+        If ``compact_state`` lacks a parameter or buffer of the model, or has extra keys.
+    """
+    import copy
+
+    from .analysis.rules import RESIZE
+    from .attention import SubnetMultiheadAttention
+    from .groups import dim_keep, dim_scale
+
+    model = copy.deepcopy(gm)
+    keep_units = slicer.keep_units(mask)
+    unit_scale = {g.name: _unit_scale(mask, g) for g in slicer.groups}
+    for path, gname in resolved.heads.items():
+        old = model.get_submodule(path)
+        g = slicer.by_name[gname]
+        keep = keep_units[gname]
+        scale = unit_scale[gname] * keep if full else unit_scale[gname][keep]
+        new = SubnetMultiheadAttention.like(old, g.size if full else int(keep.sum()), scale)
+        parent, _, leaf = path.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, leaf, new)
+    expected = set(model.state_dict(keep_vars=True))
+    missing, extra = sorted(expected - set(compact_state)), sorted(set(compact_state) - expected)
+    if missing or extra:
+        raise ValueError(f"compact state does not match the model: missing {missing}, extra {extra}")
+    for key, value in compact_state.items():
+        _set_tensor(model, key, value)
+    for module in model.modules():
+        for cls in type(module).__mro__:
+            if cls in RESIZE:
+                RESIZE[cls](module)
+                break
+    nodes = {n.name: n for n in model.graph.nodes}
+    if not full:
+        for name, dims in resolved.views.items():
+            node = nodes[name]
+            sizes = [int(dim_keep(length, ent, keep_units).sum()) if ent else None for length, ent in dims]
+            if not any(s is not None for s in sizes):
+                continue
+            old = list(node.args[1]) if len(node.args) == 2 and isinstance(node.args[1], (tuple, list)) \
+                else list(node.args[1:])
+            if len(old) != len(sizes):
+                continue
+            node.args = (node.args[0], *[s if s is not None else o for s, o in zip(sizes, old)])
+    for i, (name, arg, dim, length, ent) in enumerate(resolved.consumers):
+        vec = dim_scale(length, ent, keep_units, unit_scale)
+        if not full:
+            vec = vec[dim_keep(length, ent, keep_units)]
+        if bool((vec == 1).all()):
+            continue
+        node = nodes[name]
+        src = node.args[arg]
+        ndim = len(src.meta["tensor_meta"].shape)
+        shape = [1] * ndim
+        shape[dim] = -1
+        buf = f"_fl_subnet_scale_{i}"
+        model.register_buffer(buf, vec.view(shape), persistent=False)
+        with model.graph.inserting_before(node):
+            attr = model.graph.get_attr(buf)
+            scaled = model.graph.call_function(operator.mul, (src, attr))
+        args = list(node.args)
+        args[arg] = scaled
+        node.args = tuple(args)
+    model.graph.lint()
+    model.recompile()
+    return model.train()
+
+
+def _unit_scale(mask: Mask, group: UnitGroup) -> torch.Tensor:
+    """Per-unit output scale ``(size,)`` of ``group`` (kept units' scale; 1 elsewhere)."""
+    s = mask.scale.get(group.name, 1.0)
+    out = torch.ones(group.size)
+    if isinstance(s, torch.Tensor) and s.dim() == 1:
+        out[mask.kept(group)] = s.to(out.dtype)
+    else:
+        out.fill_(float(s))
+    return out

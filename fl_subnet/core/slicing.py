@@ -1,4 +1,4 @@
-"""Gather: cut the compact slice of a state for a mask, and index helpers for scatter."""
+"""Gather and scatter: cut the compact slice of a state for a mask, and put it back."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from .groups import UnitGroup, couplings_by_key
+from .groups import UnitGroup, couplings_by_key, dim_keep
 from .masks import Mask
 
 
@@ -17,7 +17,7 @@ class Slicer:
     Parameters
     ----------
     groups : Sequence[UnitGroup]
-        The model's unit groups.
+        The model's unit groups (every group a mask may name).
     """
 
     def __init__(self, groups: Sequence[UnitGroup]) -> None:
@@ -25,14 +25,38 @@ class Slicer:
         self.by_name = {g.name: g for g in self.groups}
         self.coupled = couplings_by_key(self.groups)
 
-    def kept(self, mask: Mask, key: str) -> list[tuple[int, torch.Tensor]]:
-        """``(dim, kept positions)`` for every coupled dim of ``key`` (empty if shared)."""
-        return [(d, mask.kept(self.by_name[g])) for d, g in self.coupled.get(key, [])]
+    def keep_units(self, mask: Mask) -> dict[str, torch.Tensor]:
+        """Group name → boolean keep vector ``(size,)``."""
+        out = {}
+        for g in self.groups:
+            v = torch.zeros(g.size, dtype=torch.bool)
+            v[mask.kept(g)] = True
+            out[g.name] = v
+        return out
+
+    def kept(self, mask: Mask, key: str, shape: Sequence[int],
+             keep_units: dict[str, torch.Tensor] | None = None) -> list[tuple[int, torch.Tensor]]:
+        """``(dim, kept positions)`` for every coupled dim of ``key`` (empty if shared).
+
+        Positions are sorted int64; an identity coupling returns the mask's indices.
+        """
+        dims = self.coupled.get(key)
+        if not dims:
+            return []
+        out = []
+        for d, entries in sorted(dims.items()):
+            if len(entries) == 1 and entries[0][1] is None and self.by_name[entries[0][0]].size == shape[d]:
+                out.append((d, mask.kept(self.by_name[entries[0][0]])))
+                continue
+            if keep_units is None:
+                keep_units = self.keep_units(mask)
+            out.append((d, torch.nonzero(dim_keep(int(shape[d]), entries, keep_units)).flatten()))
+        return out
 
     def compact_shape(self, key: str, shape: Sequence[int], mask: Mask) -> tuple[int, ...]:
         """Shape of ``key``'s compact slice under ``mask``."""
         out = list(shape)
-        for d, idx in self.kept(mask, key):
+        for d, idx in self.kept(mask, key, shape):
             out[d] = int(idx.numel())
         return tuple(out)
 
@@ -62,9 +86,11 @@ class Slicer:
         missing = [k for k in self.coupled if k not in state]
         if missing:
             raise ValueError(f"state is missing coupled tensor(s) {missing}")
+        keep_units = self.keep_units(mask) if any(
+            e[1] is not None for dims in self.coupled.values() for es in dims.values() for e in es) else None
         out = {}
         for key, t in state.items():
-            kept = self.kept(mask, key)
+            kept = self.kept(mask, key, t.shape, keep_units)
             if not kept:
                 out[key] = t.detach().clone()
                 continue
@@ -73,7 +99,26 @@ class Slicer:
             out[key] = t.detach()
         return out
 
-    def flat_index(self, key: str, shape: Sequence[int], mask: Mask) -> torch.Tensor:
+    def scatter(self, compact: Mapping[str, torch.Tensor], mask: Mask,
+                into: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Write a compact slice back into (a copy of) the full state ``into``.
+
+        Returns
+        -------
+        dict[str, torch.Tensor]
+            ``into`` with every entry the mask kept replaced by its compact value; the
+            inverse of :meth:`gather` on those entries.
+        """
+        out = {}
+        for key, full in into.items():
+            new = full.detach().clone()
+            flat = self.flat_index(key, full.shape, mask)
+            new.view(-1)[flat.long()] = compact[key].reshape(-1).to(full.dtype)
+            out[key] = new
+        return out
+
+    def flat_index(self, key: str, shape: Sequence[int], mask: Mask,
+                   keep_units: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """Positions in the flattened full tensor of each compact entry (row-major).
 
         Returns
@@ -82,15 +127,21 @@ class Slicer:
             int32 (int64 for tensors of 2**31 entries or more), shape
             ``(prod(compact_shape),)``: ``full.view(-1)[flat] == compact.view(-1)``.
         """
-        dtype = torch.int32 if math.prod(shape) < 2**31 else torch.int64
-        kept = dict(self.kept(mask, key))
-        flat = torch.zeros((), dtype=dtype)
-        stride = 1
-        for d in range(len(shape) - 1, -1, -1):
-            pos = kept.get(d)
-            pos = torch.arange(int(shape[d]), dtype=dtype) if pos is None else pos.to(dtype)
-            view = [1] * (len(shape) - d)
-            view[0] = -1
-            flat = (pos * stride).view(view) + flat
-            stride *= int(shape[d])
-        return flat.reshape(-1)
+        return flat_positions(self.kept(mask, key, shape, keep_units), shape)
+
+
+def flat_positions(kept: list[tuple[int, torch.Tensor]], shape: Sequence[int]) -> torch.Tensor:
+    """Row-major positions in the flattened full tensor of each compact entry, given the
+    kept positions of each sliced dim (see :meth:`Slicer.kept`)."""
+    dtype = torch.int32 if math.prod(shape) < 2**31 else torch.int64
+    by_dim = dict(kept)
+    flat = torch.zeros((), dtype=dtype)
+    stride = 1
+    for d in range(len(shape) - 1, -1, -1):
+        pos = by_dim.get(d)
+        pos = torch.arange(int(shape[d]), dtype=dtype) if pos is None else pos.to(dtype)
+        view = [1] * (len(shape) - d)
+        view[0] = -1
+        flat = (pos * stride).view(view) + flat
+        stride *= int(shape[d])
+    return flat.reshape(-1)

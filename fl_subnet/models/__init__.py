@@ -1,5 +1,20 @@
 """Reference models for tests, scenarios and the paper's setting."""
 
+from .cnn import CNNBN, FlowerCNN
 from .mlp import MLP, FixedReadout, ShallowReLU
+from .resnet import PreActBlock, PreActResNet, resnet18_shaped
+from .transformer import HandAttentionTransformer, MHATransformer, SelfAttention
 
-__all__ = ["MLP", "FixedReadout", "ShallowReLU"]
+__all__ = [
+    "MLP",
+    "FixedReadout",
+    "ShallowReLU",
+    "FlowerCNN",
+    "CNNBN",
+    "PreActBlock",
+    "PreActResNet",
+    "resnet18_shaped",
+    "SelfAttention",
+    "HandAttentionTransformer",
+    "MHATransformer",
+]

@@ -1,0 +1,261 @@
+"""The analysis result: a model's unit groups and how to cut, build and check sub-models.
+
+Built once per process (server and client) by :func:`analyze` and reused for every
+message (:func:`cached_spec`).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from .analysis.resolve import AnalysisError, Resolved, resolve
+from .analysis.trace import trace
+from .compact import build_compact_graph, build_compact_module
+from .groups import UnitGroup
+from .masks import Mask
+from .slicing import Slicer
+
+log = logging.getLogger(__name__)
+Example = torch.Tensor | tuple[torch.Tensor, ...]
+
+
+def as_factory(model_or_factory: nn.Module | Callable[[], nn.Module]) -> Callable[[], nn.Module]:
+    """A no-argument factory: a factory as is, a model instance as a deep-copying factory.
+
+    Raises
+    ------
+    TypeError
+        If the argument is neither an ``nn.Module`` nor a callable returning one.
+    """
+    if isinstance(model_or_factory, nn.Module):
+        instance = model_or_factory
+        return lambda: copy.deepcopy(instance)
+    if callable(model_or_factory):
+        return model_or_factory
+    raise TypeError(f"expected an nn.Module or a factory returning one, got {type(model_or_factory).__name__}")
+
+
+class SubnetSpec:
+    """Unit groups of one architecture plus gather / scatter / build / verify.
+
+    Attributes
+    ----------
+    groups : list[UnitGroup]
+        The groups masked by this spec (the defaults, adjusted by ``include`` /
+        ``exclude``); samplers draw masks over these.
+    all_groups : list[UnitGroup]
+        Every group a mask may name (also those left full by default).
+    excluded, pinned : dict[str, str]
+        Groups left full by default, and unit spaces that can never be masked, with why.
+    slicer : Slicer
+        Over ``all_groups``.
+    """
+
+    def __init__(self, factory: Callable[[], nn.Module], all_groups: Sequence[UnitGroup],
+                 groups: Sequence[UnitGroup], resolved: Resolved | None = None, graph=None) -> None:
+        self.factory = factory
+        self.all_groups = list(all_groups)
+        self.groups = list(groups)
+        self.slicer = Slicer(self.all_groups)
+        self.resolved = resolved
+        self.graph = graph
+        self.excluded = dict(resolved.excluded) if resolved else {}
+        self.pinned = dict(resolved.pinned) if resolved else {}
+
+    def gather(self, full_state: Mapping[str, torch.Tensor], mask: Mask) -> dict[str, torch.Tensor]:
+        """The compact slice of ``full_state`` under ``mask`` (see :meth:`Slicer.gather`)."""
+        return self.slicer.gather(full_state, mask)
+
+    def scatter(self, compact: Mapping[str, torch.Tensor], mask: Mask,
+                into: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``into`` with the entries ``mask`` keeps overwritten by ``compact``."""
+        return self.slicer.scatter(compact, mask, into)
+
+    def build(self, compact_state: Mapping[str, torch.Tensor], mask: Mask) -> nn.Module:
+        """The compact ``nn.Module`` holding exactly ``compact_state`` (never allocates the
+        full model); in training mode. Its ``state_dict`` keys equal the full model's.
+
+        Raises
+        ------
+        ValueError
+            If the state's keys differ from the model's.
+        """
+        if self.graph is None:
+            return build_compact_module(self.factory, compact_state, self.all_groups, mask)
+        return build_compact_graph(self.graph, self.resolved, compact_state, self.slicer, mask)
+
+    def reference(self, full_state: Mapping[str, torch.Tensor], mask: Mask) -> nn.Module:
+        """The full-size model with the dropped units' contributions removed (their
+        positions multiplied by 0, kept ones by the mask's scale, where they are mixed)."""
+        if self.graph is None:
+            raise NotImplementedError("reference() needs a traced model")
+        return build_compact_graph(self.graph, self.resolved, full_state, self.slicer, mask, full=True)
+
+    def verify(self, model: nn.Module, example: Example, *, seed: int = 0, keep_prob: float = 0.5,
+               atol: float = 1e-5, rtol: float = 1e-4) -> float:
+        """Check, in eval mode, that the compact forward under a random mask equals the full
+        forward with the dropped units removed; returns the largest difference.
+
+        Raises
+        ------
+        AnalysisError
+            Naming the groups whose compact forward differs (or fails).
+        """
+        if self.graph is None or not self.groups:
+            return 0.0
+        state = {k: v.detach() for k, v in model.state_dict().items()}
+        gen = torch.Generator().manual_seed(seed)
+
+        def draw(names):
+            idx = {}
+            for g in self.groups:
+                if g.name in names:
+                    keep = torch.nonzero(torch.rand(g.size, generator=gen) < keep_prob).flatten()
+                    idx[g.name] = keep if keep.numel() else torch.tensor([0])
+            return Mask(idx, {n: 1.0 / keep_prob for n in idx})
+
+        def diff(mask):
+            with torch.no_grad():
+                ref = _first(self.reference(state, mask).eval()(*_args(example)))
+                out = _first(self.build(self.gather(state, mask), mask).eval()(*_args(example)))
+            if ref.shape != out.shape:
+                raise ValueError(f"output shape {tuple(out.shape)} != {tuple(ref.shape)}")
+            if not torch.allclose(out, ref, atol=atol, rtol=rtol):
+                raise ValueError(f"max |compact - reference| = {float((out - ref).abs().max()):.3g}")
+            return float((out - ref).abs().max())
+
+        try:
+            return diff(draw({g.name for g in self.groups}))
+        except Exception:  # noqa: BLE001 — find the culprit groups, then raise
+            bad = []
+            for g in self.groups:
+                try:
+                    diff(draw({g.name}))
+                except Exception as err:  # noqa: BLE001
+                    bad.append(f"'{g.name}' ({g.kind}): {err}")
+            raise AnalysisError(
+                "the compact forward differs from the full forward with the dropped units removed "
+                f"for group(s) {'; '.join(bad) or '(only in combination)'}; leave them full with "
+                f"exclude=[...] or declare groups with model.unit_groups()") from None
+
+
+def _args(example: Example) -> tuple:
+    return example if isinstance(example, tuple) else (example,)
+
+
+def _first(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def analyze(model_or_factory: nn.Module | Callable[[], nn.Module], example_input: Example | None = None,
+            *, include: Sequence[str] = (), exclude: Sequence[str] = (), verify: bool = True,
+            seed: int = 0) -> SubnetSpec:
+    """Find a model's unit groups by tracing it, and (by default) prove them right.
+
+    Parameters
+    ----------
+    model_or_factory : nn.Module or Callable[[], nn.Module]
+        The full model, or a factory building it.
+    example_input : torch.Tensor or tuple of tensors, optional
+        One input batch (any device; only its shape and dtype are used for the analysis,
+        its values for the verification). Optional only for models whose first layer is
+        an ``nn.Linear`` (a ``(1, in_features)`` input is assumed).
+    include, exclude : Sequence[str]
+        Group names to mask in addition to / instead of the defaults (hidden neurons,
+        conv channels inside blocks, FFN neurons, attention heads; residual streams,
+        normalized dims, input features and output classes stay full).
+    verify : bool
+        Run :meth:`SubnetSpec.verify` on a real model (built by the factory).
+    seed : int
+        Seeds the verification's mask.
+
+    Returns
+    -------
+    SubnetSpec
+
+    Raises
+    ------
+    AnalysisError
+        (a ``NotImplementedError``) If a group to be masked passes through a layer with
+        no rule, or the verification fails; the message names the module and the group.
+    ValueError
+        If ``include``/``exclude`` names an unknown group or one that cannot be masked.
+    """
+    factory = as_factory(model_or_factory)
+    with torch.device("meta"):
+        skeleton = factory()
+    with torch.device("cpu"):  # index tables on the CPU even inside a caller's meta context
+        return _analyze(model_or_factory, factory, skeleton, example_input, include, exclude, verify, seed)
+
+
+def _analyze(model_or_factory, factory, skeleton, example_input, include, exclude, verify, seed) -> SubnetSpec:
+    custom = getattr(skeleton, "unit_groups", None)
+    if callable(custom):
+        groups = list(custom())
+        return SubnetSpec(factory, groups, [g for g in groups if g.name not in set(exclude)])
+    example = example_input if example_input is not None else default_example(skeleton)
+    prop = trace(skeleton, example)
+    resolved = resolve(prop, frozenset(exclude))
+    by_name = {g.name: g for g in resolved.groups}
+    for name in [*include, *exclude]:
+        if name not in by_name and not (name in exclude and name in resolved.pinned):
+            why = resolved.pinned.get(name)
+            raise ValueError(f"unit group '{name}' " + (f"cannot be masked ({why})" if why else
+                             f"is unknown; groups: {sorted(by_name)}"))
+    chosen = [g for g in resolved.groups
+              if (g.name in resolved.default or g.name in include) and g.name not in exclude]
+    spec = SubnetSpec(factory, resolved.groups, chosen, resolved, prop.gm)
+    if verify:
+        real = model_or_factory if isinstance(model_or_factory, nn.Module) else factory()
+        spec.verify(real, _real_example(example, seed), seed=seed)
+    log.info("analyze: %s: %d groups masked (%s), %d left full", type(skeleton).__name__, len(chosen),
+             ", ".join(g.name for g in chosen), len(resolved.groups) - len(chosen))
+    return spec
+
+
+def _real_example(example: Example, seed: int) -> Example:
+    """``example`` itself, or (for meta tensors) random floats / zero ids of its shape."""
+    if isinstance(example, tuple):
+        return tuple(_real_example(t, seed) for t in example)
+    if example.device.type != "meta":
+        return example
+    if example.is_floating_point():
+        return torch.randn(example.shape, generator=torch.Generator().manual_seed(seed), dtype=example.dtype)
+    return torch.zeros(example.shape, dtype=example.dtype)
+
+
+def default_example(model: nn.Module) -> torch.Tensor:
+    """``(1, in_features)`` for a model whose first ruled layer is an ``nn.Linear``.
+
+    Raises
+    ------
+    ValueError
+        For any other model: pass ``example_input``.
+    """
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            return torch.zeros(1, m.in_features, device="meta")
+        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding, nn.MultiheadAttention)):
+            break
+    raise ValueError(f"pass example_input= (one input batch) to analyze {type(model).__name__}")
+
+
+_CACHE: dict[tuple, SubnetSpec] = {}
+
+
+def cached_spec(factory: Callable[[], nn.Module], example_shape: tuple[int, ...] | None,
+                example_dtype: str | None, **options) -> SubnetSpec:
+    """The spec of ``factory`` for inputs of this shape/dtype, analysed once per process
+    (without verification: the server verified it)."""
+    key = (factory, example_shape, example_dtype, tuple(sorted((k, tuple(v)) for k, v in options.items())))
+    spec = _CACHE.get(key)
+    if spec is None:
+        example = None if example_shape is None else torch.zeros(
+            example_shape, dtype=getattr(torch, example_dtype or "float32"), device="meta")
+        spec = _CACHE[key] = analyze(factory, example, verify=False, **options)
+    return spec

@@ -1,0 +1,60 @@
+"""Extra small models for tests: a residual MLP and a model with an op that has no rule."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class ResidualMLP(nn.Module):
+    """``fc_in → (x + fc2(relu(fc1(x)))) → head``.
+
+    Parameters
+    ----------
+    d : int
+        Input features.
+    hidden : int
+        Width of the residual stream (``fc_in`` out, ``fc2`` out).
+    out : int
+        Output features.
+
+    Notes
+    -----
+    Input ``(N, d)``; output ``(N, out)``. ``fc1`` has ``2 * hidden`` units.
+    """
+
+    def __init__(self, d: int = 16, hidden: int = 32, out: int = 4) -> None:
+        super().__init__()
+        self.fc_in = nn.Linear(d, hidden)
+        self.fc1 = nn.Linear(hidden, hidden * 2)
+        self.fc2 = nn.Linear(hidden * 2, hidden)
+        self.head = nn.Linear(hidden, out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Map ``(N, d)`` to ``(N, out)``."""
+        x = self.fc_in(x)
+        x = x + self.fc2(F.relu(self.fc1(x)))
+        return self.head(x)
+
+
+class UnsupportedOnPath(nn.Module):
+    """``Linear(8, 16) → cumsum over features → Linear(16, 4)``.
+
+    ``cumsum`` mixes the hidden units, so no per-unit rule applies to it.
+
+    Notes
+    -----
+    Input ``(N, 8)``; output ``(N, 4)``.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(8, 16)
+        self.fc2 = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Map ``(N, 8)`` to ``(N, 4)``."""
+        h = self.fc1(x)
+        h = torch.cumsum(h, dim=-1)
+        return self.fc2(h)
