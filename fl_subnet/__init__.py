@@ -11,7 +11,7 @@ import os as _os
 
 # In the source tree (tests, a Flower FAB that puts the project folder on sys.path)
 # ``strategies/`` and ``clients/`` sit beside this package instead of inside it: let
-# ``fl_subnet.strategies`` and ``fl_subnet.clients`` resolve there (DESIGN.md §5).
+# ``fl_subnet.strategies`` and ``fl_subnet.clients`` resolve there (docs/design.md, "Layout").
 _root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
 if _os.path.isfile(_os.path.join(_root, "strategies", "__init__.py")):
     __path__.append(_root)  # type: ignore[name-defined]  # noqa: F821

@@ -5,7 +5,7 @@ The strategy may name its records as it likes (Flower's ``arrayrecord_key`` and
 ``configrecord_key``); a node reads the one ArrayRecord and the one ConfigRecord of a
 train message whatever their names (:func:`read_train`) and replies under the same
 ArrayRecord key. A mask travels as one packed bitmask per group (``size/8`` bytes: 1M units ≈ 125 kB)
-plus its scale, all plain Python types as Flower's ConfigRecord requires (DESIGN.md §6).
+plus its scale, all plain Python types as Flower's ConfigRecord requires (docs/design.md, "Wire contract").
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """The subnetwork strategy: one mask per node per round, compact slices down, masked
-aggregation up (DESIGN.md §1, §3; Liao & Kyrillidis, TMLR 2022, Alg. 1 and Fig. 1)."""
+aggregation up (docs/design.md; Liao & Kyrillidis, TMLR 2022, Alg. 1 and Fig. 1)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """The public names ``fl_subnet``, ``fl_subnet.strategies`` and ``fl_subnet.clients``
-import in all three ways the project is used (DESIGN.md §5):
+import in all three ways the project is used (docs/design.md, "Layout"):
 
 1. source tree: the project folder on ``sys.path`` (tests, a Flower FAB), with no
    install at all;

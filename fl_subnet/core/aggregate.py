@@ -1,6 +1,6 @@
 """Masked aggregation: fold trained compact slices back into the full model.
 
-For every entry ``e`` of every tensor (DESIGN.md §3; Liao & Kyrillidis 2022, Alg. 1,
+For every entry ``e`` of every tensor (docs/design.md, "Exact semantics"; Liao & Kyrillidis 2022, Alg. 1,
 the per-neuron weights η of Figure 1)::
 
     W_{k+1}[e] = Σ_{c holds e} n_c · W_c[e] / Σ_{c holds e} n_c

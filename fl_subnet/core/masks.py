@@ -21,7 +21,7 @@ class Mask:
         that is absent is kept whole.
     scale : dict[str, float]
         Group name → factor applied to the kept units' output (``1/ξ`` for inverted
-        dropout, DESIGN.md §3); absent means 1.
+        dropout, docs/design.md, "Exact semantics"); absent means 1.
     """
 
     indices: dict[str, torch.Tensor]

@@ -1,7 +1,7 @@
 """Mask samplers: full (FedAvg), Bernoulli (dropout family) and partition (IST).
 
 Every mask comes from a ``torch.Generator`` seeded by (run seed, server round, client
-slot) only (DESIGN.md §3): never the global ``random``/``numpy`` state, never node ids.
+slot) only (docs/design.md, "Exact semantics"): never the global ``random``/``numpy`` state, never node ids.
 """
 
 from __future__ import annotations
