@@ -11,12 +11,6 @@ from torch import nn
 from .groups import UnitGroup
 from .masks import Mask
 
-# Size attributes to keep in step with the tensors (repr and user code read them).
-_SIZE_ATTRS: dict[type[nn.Module], tuple[tuple[str, str, int], ...]] = {
-    nn.Linear: (("out_features", "weight", 0), ("in_features", "weight", 1)),
-}
-
-
 def _set_tensor(model: nn.Module, key: str, value: torch.Tensor) -> None:
     path, _, leaf = key.rpartition(".")
     module = model.get_submodule(path) if path else model
@@ -92,9 +86,7 @@ def build_compact_module(
         raise ValueError(f"compact state lacks {missing}")
     for key, value in compact_state.items():
         _set_tensor(model, key, value)
-    for module in model.modules():
-        for attr, tensor_name, dim in _SIZE_ATTRS.get(type(module), ()):
-            setattr(module, attr, getattr(module, tensor_name).shape[dim])
+    _resize(model)
     apply_output_scale(model, groups, mask)
     return model.train()
 
@@ -139,7 +131,6 @@ def build_compact_graph(gm: "fx.GraphModule", resolved, compact_state: Mapping[s
     """
     import copy
 
-    from .analysis.rules import RESIZE
     from .attention import SubnetMultiheadAttention
     from .groups import dim_keep, dim_scale
 
@@ -160,11 +151,7 @@ def build_compact_graph(gm: "fx.GraphModule", resolved, compact_state: Mapping[s
         raise ValueError(f"compact state does not match the model: missing {missing}, extra {extra}")
     for key, value in compact_state.items():
         _set_tensor(model, key, value)
-    for module in model.modules():
-        for cls in type(module).__mro__:
-            if cls in RESIZE:
-                RESIZE[cls](module)
-                break
+    _resize(model)
     nodes = {n.name: n for n in model.graph.nodes}
     if not full:
         for name, dims in resolved.views.items():
@@ -210,3 +197,14 @@ def _unit_scale(mask: Mask, group: UnitGroup) -> torch.Tensor:
     else:
         out.fill_(float(s))
     return out
+
+
+def _resize(model: nn.Module) -> None:
+    """Set the size attributes of every ruled layer from its (compact) tensors."""
+    from .analysis.rules import RESIZE
+
+    for module in model.modules():
+        for cls in type(module).__mro__:
+            if cls in RESIZE:
+                RESIZE[cls](module)
+                break
