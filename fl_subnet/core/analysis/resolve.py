@@ -52,6 +52,7 @@ def resolve(prop: Propagation, exclude: frozenset[str] = frozenset()) -> Resolve
     """Groups from the merged spaces; raises :class:`AnalysisError` for a group that would
     be masked by default (and is not in ``exclude``) but meets an op without a rule."""
     spaces = prop.spaces
+    nodes = {n.name: n for n in prop.gm.graph.nodes}
     roots = sorted({spaces.find(s.id) for s in spaces.items})
     names: dict[int, str] = {}
     pinned, excluded, default = {}, {}, []
@@ -93,7 +94,7 @@ def resolve(prop: Propagation, exclude: frozenset[str] = frozenset()) -> Resolve
     for node_name, _, _, label in prop.consumptions:
         for seg in label:
             r = spaces.find(seg.space)
-            path = _module_path(_node(prop, node_name))
+            path = _module_path(nodes[node_name])
             if r in mixers and path is not None and path not in mixers[r]:
                 mixers[r].append(path)
     groups = [UnitGroup(names[r], spaces.items[r].n // spaces.items[r].block, tuple(couplings[r]),
@@ -104,8 +105,8 @@ def resolve(prop: Propagation, exclude: frozenset[str] = frozenset()) -> Resolve
     for node, arg, dim, label in prop.consumptions:
         ent = [e for e in entries(label) if e[0] in kept_names]
         if ent and all(_unique(e[2]) for e in ent):
-            length = prop.shape(_node(prop, node).args[arg])[dim]
-            consumers.append((node, arg, dim % len(prop.shape(_node(prop, node).args[arg])), length, ent))
+            shape = prop.shape(nodes[node].args[arg])
+            consumers.append((node, arg, dim % len(shape), shape[dim], ent))
     views = {}
     for node in prop.gm.graph.nodes:
         if node.op == "call_method" and node.target in ("view", "reshape") or node.target is torch.reshape:
@@ -123,13 +124,6 @@ def resolve(prop: Propagation, exclude: frozenset[str] = frozenset()) -> Resolve
 
 def _unique(pos: torch.Tensor) -> bool:
     return pos.unique().numel() == pos.numel()
-
-
-def _node(prop: Propagation, name: str):
-    for n in prop.gm.graph.nodes:
-        if n.name == name:
-            return n
-    raise KeyError(name)
 
 
 def _module_path(node) -> str | None:

@@ -56,11 +56,6 @@ REDUCE_METHODS = {"mean", "sum", "amax", "amin"}
 REDUCE_FUNCS = {torch.mean, torch.sum, torch.amax, torch.amin}
 
 
-def _dims(dim, ndim: int) -> list[int]:
-    dims = list(dim) if isinstance(dim, (tuple, list)) else [dim]
-    return [d % ndim for d in dims]
-
-
 # ---------------------------------------------------------------- module rules
 def linear_like(p, node, x, weight: str, bias: str | None, out_features: int, name: str):
     """``y = x Wᵀ + b``: W's dim 1 consumes x's last dim; a new space of ``out_features``."""
