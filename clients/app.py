@@ -11,10 +11,9 @@ from flwr.clientapp import ClientApp
 from torch import nn
 from torch.utils.data import Dataset
 
-from fl_subnet.core.masks import full_mask
-from fl_subnet.core.spec import cached_spec
-from fl_subnet.wire import (METRICS_KEY, MASK_PREFIX, arrays_to_state, example_from_config, mask_from_config,
-                            read_train, state_to_arrays)
+from fl_subnet.wire import METRICS_KEY, arrays_to_state, read_train
+
+from .compact import receive, reply_arrays
 
 from .train import TrainConfig, evaluate_model, train_local
 
@@ -71,15 +70,9 @@ def make_client_app(model_factory: Callable[[], nn.Module] | None, load_data: Da
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        arrays_key, arrays, config = read_train(msg.content)
+        got = receive(msg, factory_of(context))
+        config, model = got.config, got.model
         cfg = TrainConfig.from_config(config)
-        factory = factory_of(context)
-        shape, dtype = example_from_config(config)
-        spec = cached_spec(factory, shape, dtype)  # analysed once per process
-        # No mask keys: a plain FedAvg message (e.g. Flower's own FedAvg) → full model.
-        has_mask = any(str(k).startswith(MASK_PREFIX) for k in config)
-        mask = mask_from_config(config, spec.all_groups) if has_mask else full_mask(spec.all_groups)
-        model = spec.build(arrays_to_state(arrays), mask)
         train_set, _ = load_data(context)
         round_ = int(config.get("server-round", 0))
         seed = hash((cfg.seed, round_, int(context.node_config.get("partition-id", 0)))) & 0x7FFFFFFF
@@ -87,7 +80,7 @@ def make_client_app(model_factory: Callable[[], nn.Module] | None, load_data: Da
         calls = _count_call(context, "train-calls")
         log.info("node %d round %d: %d examples, train-loss %.4f", context.node_id, round_, n, loss)
         content = RecordDict({
-            arrays_key: state_to_arrays(model.state_dict()),
+            **reply_arrays(got, model),
             METRICS_KEY: MetricRecord({"num-examples": int(n), "train-loss": float(loss),
                                      "train-calls": calls}),
         })

@@ -28,6 +28,7 @@ SCALE_PREFIX = "scale."
 EXAMPLE_SHAPE = "example-shape"
 EXAMPLE_DTYPE = "example-dtype"
 METRICS_KEY = "metrics"
+BATCHNORM_KEY = "batchnorm"  # BatchNorm policy (fl_subnet.core.batchnorm), absent = "averaged"
 
 
 def example_to_config(example) -> dict[str, str]:

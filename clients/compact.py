@@ -1,0 +1,112 @@
+"""Turn an incoming train message into the compact ``nn.Module`` — for any ClientApp.
+
+A Flower user's own ``@app.train()`` handler keeps its shape: where Flower's template
+builds ``Net()`` and loads the message's arrays, it calls :func:`compact_model` instead;
+the user's training loop runs on the returned module, and ``model.state_dict()`` is
+already the compact reply the strategy expects (same keys, compact shapes)::
+
+    model = compact_model(msg, Net)          # instead of Net() + load_state_dict(...)
+    train_loss = train(model, trainloader, epochs, lr, device)
+    reply = RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": ...})
+
+A message without mask keys (a plain FedAvg message) gives the full model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from flwr.app import ArrayRecord, Message, RecordDict
+from torch import nn
+
+from fl_subnet.core.batchnorm import check_policy, use_batch_statistics
+from fl_subnet.core.masks import Mask, full_mask
+from fl_subnet.core.spec import SubnetSpec, cached_spec
+from fl_subnet.wire import (BATCHNORM_KEY, MASK_PREFIX, arrays_to_state, example_from_config, mask_from_config,
+                            read_train)
+
+
+@dataclass
+class Received:
+    """What a train message carries, decoded.
+
+    Attributes
+    ----------
+    model : nn.Module
+        The compact sub-model in training mode (its parameters are the slice sent).
+    mask : Mask
+        The node's mask (kept units per group, output scales).
+    spec : SubnetSpec
+        The analysis of the architecture (cached per process).
+    arrays_key : str
+        Name of the message's ArrayRecord: reply under the same key.
+    config : Mapping[str, object]
+        The message's ConfigRecord (``lr``, ``local-steps``, ``server-round``, mask bits…).
+    """
+
+    model: nn.Module
+    mask: Mask
+    spec: SubnetSpec
+    arrays_key: str
+    config: Mapping[str, object]
+
+
+def receive(msg: Message | RecordDict, model_factory: Callable[[], nn.Module]) -> Received:
+    """Decode a train message into its compact sub-model and the rest of its content.
+
+    Parameters
+    ----------
+    msg : Message or RecordDict
+        The train message (or its ``content``): one ArrayRecord (the compact slice,
+        whatever its key) and one ConfigRecord (mask bits, example shape, training
+        config).
+    model_factory : Callable[[], nn.Module]
+        Builds the FULL architecture, e.g. the user's ``Net`` class. It is analysed
+        once per process on the ``meta`` device (never allocated at full size).
+
+    Returns
+    -------
+    Received
+
+    Raises
+    ------
+    TypeError
+        If ``model_factory`` is a model instance rather than a callable returning one.
+    ValueError
+        Naming the key, for a malformed message (no ArrayRecord, a bad mask or example
+        shape), or if the arrays do not match the mask.
+    """
+    if isinstance(model_factory, nn.Module):
+        raise TypeError("receive() needs a model factory (e.g. the class Net), not a model instance "
+                        f"({type(model_factory).__name__}): pass Net, not Net()")
+    content = msg.content if isinstance(msg, Message) else msg
+    arrays_key, arrays, config = read_train(content)
+    shape, dtype = example_from_config(config)
+    spec = cached_spec(model_factory, shape, dtype)  # analysed once per process
+    has_mask = any(str(k).startswith(MASK_PREFIX) for k in config)
+    mask = mask_from_config(config, spec.all_groups) if has_mask else full_mask(spec.all_groups)
+    model = spec.build(arrays_to_state(arrays), mask)
+    if check_policy(str(config.get(BATCHNORM_KEY, "averaged"))) == "static":
+        use_batch_statistics(model)
+    return Received(model, mask, spec, arrays_key, config)
+
+
+def compact_model(msg: Message | RecordDict, model_factory: Callable[[], nn.Module]) -> nn.Module:
+    """The compact sub-model of a train message (see :func:`receive`), in training mode.
+
+    Its ``state_dict()`` has the full model's keys with compact shapes: reply with
+    ``ArrayRecord(model.state_dict())`` under the message's ArrayRecord key (Flower's
+    template uses ``"arrays"``, the strategies' default).
+    """
+    return receive(msg, model_factory).model
+
+
+def reply_arrays(received: Received, model: nn.Module | None = None) -> dict[str, ArrayRecord]:
+    """``{arrays_key: ArrayRecord(compact state)}`` for the reply's RecordDict."""
+    from fl_subnet.wire import state_to_arrays
+
+    return {received.arrays_key: state_to_arrays((received.model if model is None else model).state_dict())}
+
+
+__all__ = ["Received", "receive", "compact_model", "reply_arrays"]
