@@ -14,9 +14,10 @@ from flwr.serverapp.strategy import FedAvg
 from torch import nn
 
 from fl_subnet.core.aggregate import MaskedAggregator
+from fl_subnet.core.batchnorm import batchnorm_layers, check_policy, recompute_bn_stats
 from fl_subnet.core.spec import analyze
 from fl_subnet.core.masks import Mask, coverage
-from fl_subnet.wire import arrays_to_state, example_to_config, mask_to_config, state_to_arrays
+from fl_subnet.wire import BATCHNORM_KEY, arrays_to_state, example_to_config, mask_to_config, state_to_arrays
 from fl_subnet.core.samplers import MaskSampler, generator_for
 
 from .replies import ReplyError, parse_reply, payload_bytes
@@ -62,6 +63,16 @@ class SubnetStrategy(FedAvg):
         Its shape and dtype travel to the nodes (``example-shape``, ``example-dtype``).
     include, exclude : Sequence[str]
         Unit groups to mask besides / instead of the defaults (see :func:`fl_subnet.analyze`).
+    batchnorm : {"averaged", "static"}
+        BatchNorm policy (:mod:`fl_subnet.core.batchnorm`). ``averaged``: the nodes'
+        running statistics are aggregated per entry over holders like any tensor.
+        ``static`` (HeteroFL, Diao et al. ICLR 2021 §3.2): nodes normalise by batch
+        statistics and leave the running ones untouched (sent as ``batchnorm`` in the
+        train config); after each aggregation the server recomputes the full model's
+        statistics on ``calibration_batches``.
+    calibration_batches : Iterable[torch.Tensor], optional
+        Re-iterable input batches (a list, a DataLoader yielding inputs) the server
+        holds; required by ``batchnorm="static"`` when the model has BatchNorm layers.
     **fedavg_kwargs
         Flower FedAvg options: ``fraction_train``, ``fraction_evaluate``,
         ``min_train_nodes``, ``min_evaluate_nodes``, ``min_available_nodes``,
@@ -91,6 +102,8 @@ class SubnetStrategy(FedAvg):
         example_input: torch.Tensor | tuple | None = None,
         include: Sequence[str] = (),
         exclude: Sequence[str] = (),
+        batchnorm: str = "averaged",
+        calibration_batches: Iterable[torch.Tensor] | None = None,
         **fedavg_kwargs,
     ) -> None:
         if num_train_nodes is not None:
@@ -103,6 +116,16 @@ class SubnetStrategy(FedAvg):
         self.groups = self.spec.groups
         self.slicer = self.spec.slicer
         self._example_config = example_to_config(example_input)
+        self.batchnorm = check_policy(batchnorm)
+        self.calibration_batches = calibration_batches
+        self.model_factory = self.spec.factory
+        if self.batchnorm == "static":
+            self._example_config[BATCHNORM_KEY] = "static"
+            with torch.device("meta"):
+                has_bn = bool(batchnorm_layers(self.spec.factory()))
+            if calibration_batches is None and has_bn:
+                raise ValueError("batchnorm='static' needs calibration_batches: the server recomputes the "
+                                 "BatchNorm statistics of the full model on them after each round")
         self.sampler = sampler
         self.num_train_nodes = num_train_nodes
         self.local_steps = local_steps
@@ -237,4 +260,15 @@ class SubnetStrategy(FedAvg):
         if not valid:
             log.warning("aggregate_train: round %d: no valid reply, model unchanged", server_round)
             return None, metrics
-        return state_to_arrays(agg.finalize()), metrics
+        new_state = agg.finalize()
+        if self.batchnorm == "static" and self.calibration_batches is not None:
+            new_state = self._recalibrate(new_state)
+        return state_to_arrays(new_state), metrics
+
+    def _recalibrate(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Static BatchNorm: the full model's running statistics, recomputed on the
+        server's calibration batches (parameters unchanged)."""
+        model = self.model_factory()
+        model.load_state_dict(state)
+        recompute_bn_stats(model, self.calibration_batches)
+        return {k: v.detach() for k, v in model.state_dict().items()}

@@ -15,14 +15,17 @@ from .fedsubdrop import FederatedDropout
 from .ist import IST
 
 
-def build_strategy(cfg: RunConfig, model_factory: Callable[[], nn.Module], **fedavg_kwargs) -> SubnetStrategy:
+def build_strategy(cfg: RunConfig, model_factory: Callable[[], nn.Module], *, example_input=None,
+                   calibration_batches=None, **fedavg_kwargs) -> SubnetStrategy:
     """The strategy named by ``cfg.strategy`` with the config's knobs.
 
     ``fraction-train`` applies to FedAvg, federated dropout and IST (at least p
     nodes); dropout and multi-sample dropout take exactly 1 (resp. p) nodes per round.
-    ``min_available_nodes`` etc. can be passed through ``fedavg_kwargs``.
+    ``min_available_nodes`` etc. can be passed through ``fedavg_kwargs``;
+    ``example_input`` and ``calibration_batches`` go to :class:`SubnetStrategy`.
     """
-    common = dict(seed=cfg.seed, untouched=cfg.untouched,
+    common = dict(seed=cfg.seed, untouched=cfg.untouched, example_input=example_input,
+                  batchnorm=cfg.batchnorm, calibration_batches=calibration_batches,
                   fraction_evaluate=cfg.fraction_evaluate, **fedavg_kwargs)
     steps = cfg.local_steps
     if cfg.strategy == "fedavg":

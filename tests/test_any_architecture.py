@@ -62,10 +62,17 @@ def test_gather_scatter_round_trip_and_compact_forward(case):
         back = spec.scatter(compact, mask, {k: torch.zeros_like(v) for k, v in state.items()})
         again = spec.gather(back, mask)
         assert all(torch.equal(again[k], compact[k]) for k in compact)  # exact round trip
+        built = spec.build(compact, mask)
         with torch.no_grad():
-            out = spec.build(compact, mask).eval()(x)
+            out = built.eval()(x)
             ref = spec.reference(state, mask).eval()(x)
         assert (out - ref).abs().max() <= 1e-5 * max(1.0, float(ref.abs().max()))
+        # a copy (e.g. a user's "best model" snapshot) replies with the same keys and values
+        copied = copy.deepcopy(built).state_dict()
+        assert copied.keys() == compact.keys()
+        assert all(torch.equal(copied[k], compact[k]) for k in compact)
+        with torch.no_grad():
+            assert torch.equal(copy.deepcopy(built).eval()(x), out)
 
 
 @pytest.mark.parametrize("case,module,drop", [

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
@@ -175,17 +174,37 @@ def build_compact_graph(gm: "fx.GraphModule", resolved, compact_state: Mapping[s
         ndim = len(src.meta["tensor_meta"].shape)
         shape = [1] * ndim
         shape[dim] = -1
-        buf = f"_fl_subnet_scale_{i}"
-        model.register_buffer(buf, vec.view(shape), persistent=False)
+        name = f"_fl_subnet_scale_{i}"
+        model.add_submodule(name, UnitScale(vec.view(shape)))
         with model.graph.inserting_before(node):
-            attr = model.graph.get_attr(buf)
-            scaled = model.graph.call_function(operator.mul, (src, attr))
+            scaled = model.graph.call_module(name, (src,))
         args = list(node.args)
         args[arg] = scaled
         node.args = tuple(args)
     model.graph.lint()
     model.recompile()
     return model.train()
+
+
+class UnitScale(nn.Module):
+    """``x * scale``: the output scales of a group's kept units where they are mixed.
+
+    A submodule (not a bare buffer on the graph module) so that the scale stays out of
+    ``state_dict()`` through ``copy.deepcopy`` too (an fx ``GraphModule`` copy
+    re-registers bare tensors as persistent buffers).
+
+    Parameters
+    ----------
+    scale : torch.Tensor
+        Broadcastable to the input, e.g. ``(1, C, 1, 1)``.
+    """
+
+    def __init__(self, scale: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("scale", scale, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale
 
 
 def _unit_scale(mask: Mask, group: UnitGroup) -> torch.Tensor:

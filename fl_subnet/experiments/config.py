@@ -10,15 +10,17 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 
 STRATEGIES = ("fedavg", "ist", "dropout", "multisample-dropout", "federated-dropout")
-DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "synthetic-regression")
+DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "synthetic-regression", "synthetic-sequence")
+IMAGE_DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10")
 PARTITIONINGS = ("iid", "dirichlet", "pathological")
-MODELS = ("mlp", "shallow-relu")
+MODELS = ("mlp", "shallow-relu", "cnn", "cnn-bn", "resnet", "transformer")
+CONV_MODELS = ("cnn", "cnn-bn", "resnet")
 DATA_SCOPES = ("local", "all")
 CHOICES = {
     "strategy": STRATEGIES, "dataset": DATASETS, "partitioning": PARTITIONINGS,
     "model": MODELS, "data-scope": DATA_SCOPES, "ist-scaling": ("none", "p"),
     "partition-mode": ("equal", "iid"), "untouched": ("keep", "zero"),
-    "loss": ("auto", "cross-entropy", "mse"),
+    "loss": ("auto", "cross-entropy", "mse"), "batchnorm": ("averaged", "static"),
 }
 
 
@@ -44,9 +46,18 @@ class RunConfig:
     data_scope : str
         ``local``: each node trains on its own partition (federated); ``all``: every
         node sees the whole training set (the paper's setting).
+    model : str
+        ``mlp``/``shallow-relu`` (any data set, flat features); ``cnn`` (Flower's
+        template CNN), ``cnn-bn`` (CNN with BatchNorm), ``resnet`` (small pre-activation
+        ResNet) on image data sets, read as ``(C, H, W)`` images; ``transformer``
+        (encoder with ``nn.MultiheadAttention``) on ``synthetic-sequence``.
     hidden : str
         Comma-separated hidden widths of the MLP, e.g. ``"128,64"``; for
-        ``shallow-relu`` the single width m.
+        ``shallow-relu`` the single width m; unused by the other models.
+    batchnorm : str
+        BatchNorm policy (:mod:`fl_subnet.core.batchnorm`): ``averaged`` running
+        statistics, or ``static`` (HeteroFL): batch statistics on the nodes, running
+        statistics recomputed by the server on the training data after each round.
     """
 
     strategy: str = "fedavg"
@@ -71,6 +82,7 @@ class RunConfig:
     input_dim: int = 20
     model: str = "mlp"
     hidden: str = "128,64"
+    batchnorm: str = "averaged"
     fraction_train: float = 1.0
     fraction_evaluate: float = 0.0
     ist_scaling: str = "none"
@@ -115,6 +127,10 @@ class RunConfig:
                 raise ValueError(f"{key} must be one of {allowed}, got {value!r}")
         if not 0.0 < self.keep_prob <= 1.0:
             raise ValueError(f"keep-prob must be in (0, 1], got {self.keep_prob}")
+        if self.model in CONV_MODELS and self.dataset not in IMAGE_DATASETS:
+            raise ValueError(f"model {self.model!r} needs an image dataset {IMAGE_DATASETS}, got dataset {self.dataset!r}")
+        if self.model == "transformer" and self.dataset != "synthetic-sequence":
+            raise ValueError(f"model 'transformer' needs dataset 'synthetic-sequence', got dataset {self.dataset!r}")
         if self.dataset == "synthetic-regression" and self.partitioning != "iid" and self.data_scope == "local":
             raise ValueError("partitioning must be 'iid' for dataset 'synthetic-regression' (it has no labels)")
         for key in ("num-server-rounds", "num-nodes", "num-subnets", "num-samples", "input-dim", "classes-per-partition"):
@@ -157,7 +173,8 @@ class RunConfig:
         """The ConfigRecord sent with every train/evaluate message."""
         return {"local-steps": self.local_steps, "local-epochs": self.local_epochs, "lr": self.lr,
                 "momentum": self.momentum, "weight-decay": self.weight_decay,
-                "batch-size": self.batch_size, "loss": self.loss_name, "seed": self.seed}
+                "batch-size": self.batch_size, "loss": self.loss_name, "seed": self.seed,
+                "batchnorm": self.batchnorm}
 
 
 def _coerce(key: str, value: object, typ: object) -> object:

@@ -9,6 +9,8 @@ column ``"x"`` is a fixed-length list of float32 features and whose target colum
   ``ylecun/mnist``, ``zalando-datasets/fashion_mnist`` and ``uoft-cs/cifar10`` (needs
   network), or the same data given as ``source=`` (a ``DatasetDict``) or ``path=`` (a
   ``DatasetDict.save_to_disk`` folder) on an offline machine.
+* ``"synthetic-sequence"``: token sequences labelled by their majority (offline), for
+  the transformer models.
 * ``"synthetic-regression"``: unit-norm inputs and a random ReLU teacher, the setting
   of Liao & Kyrillidis, "On the convergence of shallow neural network training with
   randomly masked neurons", TMLR 2022.
@@ -37,7 +39,9 @@ HUB_DATASETS = {
     "fashion-mnist": ("zalando-datasets/fashion_mnist", "image", "L"),
     "cifar10": ("uoft-cs/cifar10", "img", "RGB"),
 }
-DATASET_NAMES = ("digits", *HUB_DATASETS, "synthetic-regression")
+DATASET_NAMES = ("digits", *HUB_DATASETS, "synthetic-regression", "synthetic-sequence")
+#: vocabulary of "synthetic-sequence": tokens 0..15, "high" tokens are 8..15.
+SEQUENCE_VOCAB = 16
 
 
 def _features(dim: int, target: datasets.Value | datasets.ClassLabel, target_key: str = "label") -> datasets.Features:
@@ -146,6 +150,32 @@ def synthetic_regression(
     )
 
 
+def synthetic_sequence(n: int = 1000, seq_len: int = 16, *, n_test: int = 200, seed: int = 0) -> datasets.DatasetDict:
+    """Token sequences labelled by their majority: an offline sequence-classification task.
+
+    Tokens are uniform on ``0..15`` (:data:`SEQUENCE_VOCAB`), drawn from
+    ``numpy.random.default_rng(seed)``; the label is 1 if strictly more than half of the
+    ``seq_len`` tokens are "high" (8..15), else 0 (a tie counts as 0). Learnable by a
+    small transformer encoder from a mean over positions, and hard for a bag-of-pixels
+    reading of the ids as numbers. Column ``x`` holds the ids as float32 (cast to
+    int64 for the model), ``label`` the class. Same arguments, same data. The first
+    ``n`` rows are "train", the last ``n_test`` "test". ``ValueError`` naming
+    ``num-samples`` / ``input-dim`` (the run-config keys) for a bad ``n`` / ``seq_len``.
+    """
+    for key, val in (("num-samples (n)", n), ("input-dim (seq_len)", seq_len), ("n_test", n_test)):
+        if isinstance(val, bool) or not isinstance(val, int) or val < (0 if key == "n_test" else 1):
+            raise ValueError(f"{key} must be a positive integer, got {val!r}")
+    rng = np.random.default_rng(int(seed))
+    tokens = rng.integers(0, SEQUENCE_VOCAB, size=(n + n_test, seq_len))
+    labels = (2 * (tokens >= SEQUENCE_VOCAB // 2).sum(axis=1) > seq_len).astype(np.int64)
+    feats = _features(seq_len, datasets.ClassLabel(num_classes=2))
+    x = tokens.astype(np.float32)
+    return datasets.DatasetDict(
+        train=datasets.Dataset.from_dict({"x": x[:n], "label": labels[:n]}, features=feats),
+        test=datasets.Dataset.from_dict({"x": x[n:], "label": labels[n:]}, features=feats),
+    )
+
+
 def load_dataset_by_name(name: str, **kw) -> datasets.DatasetDict:
     """Load dataset ``name`` (one of :data:`DATASET_NAMES`) as a train/test ``DatasetDict``.
 
@@ -160,6 +190,8 @@ def load_dataset_by_name(name: str, **kw) -> datasets.DatasetDict:
         return load_images(name, **kw)
     if name == "synthetic-regression":
         return synthetic_regression(**kw)
+    if name == "synthetic-sequence":
+        return synthetic_sequence(**kw)
     raise ValueError(f"dataset must be one of {DATASET_NAMES}, got {name!r}")
 
 

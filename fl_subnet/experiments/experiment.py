@@ -15,30 +15,63 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid
 from torch.utils.data import TensorDataset
 
-from .config import RunConfig
+from .config import CONV_MODELS, RunConfig
 from fl_subnet.wire import arrays_to_state
 from .zoo import model_factory
 
 log = logging.getLogger(__name__)
 
 DIMS = {"digits": (64, 10), "mnist": (784, 10), "fashion-mnist": (784, 10), "cifar10": (3072, 10)}
+#: (C, H, W) of each image data set, as the conv models read its flat features.
+IMAGE_SHAPES = {"digits": (1, 8, 8), "mnist": (1, 28, 28), "fashion-mnist": (1, 28, 28), "cifar10": (3, 32, 32)}
 
 
 def data_dims(cfg: RunConfig) -> tuple[int, int]:
     """(input features, outputs) of the configured data set."""
+    if cfg.dataset == "synthetic-sequence":
+        return cfg.input_dim, 2
     return DIMS.get(cfg.dataset, (cfg.input_dim, 1))
+
+
+def input_shape(cfg: RunConfig) -> tuple[int, ...]:
+    """Shape of one model input (no batch dim): ``(C, H, W)`` for conv models, else ``(d,)``."""
+    if cfg.model in CONV_MODELS:
+        return IMAGE_SHAPES[cfg.dataset]
+    return (data_dims(cfg)[0],)
+
+
+def as_model_input(cfg: RunConfig, x: torch.Tensor) -> torch.Tensor:
+    """Flat float features ``(N, d)`` as the model takes them: images ``(N, C, H, W)``
+    for conv models, int64 token ids ``(N, T)`` for the transformer, else unchanged."""
+    if cfg.model in CONV_MODELS:
+        return x.reshape(len(x), *IMAGE_SHAPES[cfg.dataset])
+    if cfg.model == "transformer":
+        return x.long()
+    return x
+
+
+def example_input(cfg: RunConfig) -> torch.Tensor:
+    """A one-row input batch of the right shape and dtype (for the analysis)."""
+    return as_model_input(cfg, torch.zeros(1, data_dims(cfg)[0]))
 
 
 def data_kwargs(cfg: RunConfig) -> dict[str, int]:
     """Loader keywords of the configured data set (size of the synthetic set)."""
     if cfg.dataset == "synthetic-regression":
         return {"n": cfg.num_samples, "d": cfg.input_dim}
+    if cfg.dataset == "synthetic-sequence":
+        return {"n": cfg.num_samples, "seq_len": cfg.input_dim}
     return {}
 
 
 def factory_for(cfg: RunConfig) -> Callable[[], torch.nn.Module]:
     """The full-model factory of ``cfg``."""
-    return model_factory(cfg, *data_dims(cfg))
+    d_in, d_out = data_dims(cfg)
+    return model_factory(cfg, input_shape(cfg) if cfg.model in CONV_MODELS else d_in, d_out)
+
+
+def _dataset(cfg: RunConfig, x: torch.Tensor, y: torch.Tensor) -> TensorDataset:
+    return TensorDataset(as_model_input(cfg, x), y)
 
 
 def node_data(cfg: RunConfig, partition_id: int, num_partitions: int) -> tuple[TensorDataset, TensorDataset | None]:
@@ -46,11 +79,11 @@ def node_data(cfg: RunConfig, partition_id: int, num_partitions: int) -> tuple[T
     from .data import load_centralized_train, load_partition
 
     if cfg.data_scope == "all":
-        return TensorDataset(*load_centralized_train(cfg.dataset, data_seed=cfg.seed, **data_kwargs(cfg))), None
+        return _dataset(cfg, *load_centralized_train(cfg.dataset, data_seed=cfg.seed, **data_kwargs(cfg))), None
     tx, ty, vx, vy = load_partition(
         cfg.dataset, partition_id, num_partitions, cfg.partitioning, cfg.dirichlet_alpha, seed=cfg.seed,
         classes_per_partition=cfg.classes_per_partition, data_seed=cfg.seed, **data_kwargs(cfg))
-    return TensorDataset(tx, ty), (TensorDataset(vx, vy) if len(vx) else None)
+    return _dataset(cfg, tx, ty), (_dataset(cfg, vx, vy) if len(vx) else None)
 
 
 def context_data(context: Context) -> tuple[TensorDataset, TensorDataset | None]:
@@ -79,10 +112,17 @@ class CentralEvaluation:
         self.on_round = on_round
         self.factory = factory_for(cfg)
         kw = data_kwargs(cfg)
-        self.test = TensorDataset(*load_centralized_test(cfg.dataset, data_seed=cfg.seed, **kw))
-        self.train = TensorDataset(*load_centralized_train(cfg.dataset, data_seed=cfg.seed, **kw))
+        self.test = _dataset(cfg, *load_centralized_test(cfg.dataset, data_seed=cfg.seed, **kw))
+        self.train = self.train_set(cfg)
         self.t0 = time.perf_counter()
         self.cumulative = 0
+
+    @staticmethod
+    def train_set(cfg: RunConfig) -> TensorDataset:
+        """The union of all training partitions (the full model's training loss)."""
+        from .data import load_centralized_train
+
+        return _dataset(cfg, *load_centralized_train(cfg.dataset, data_seed=cfg.seed, **data_kwargs(cfg)))
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
         from fl_subnet.clients.train import evaluate_model
@@ -114,6 +154,13 @@ class CentralEvaluation:
         return metrics
 
 
+def _batches(dataset: TensorDataset, batch_size: int) -> list[torch.Tensor]:
+    """The inputs of ``dataset`` in batches of ``batch_size`` (0: one batch), in order."""
+    x = dataset.tensors[0]
+    size = batch_size or len(x)
+    return [x[i:i + size] for i in range(0, len(x), size)]
+
+
 def run_server(grid: Grid, cfg: RunConfig, on_round: Callable[[dict], None] | None = None):
     """Run ``cfg`` on ``grid``: the body of the ServerApp and of ``fl-subnet run``.
 
@@ -125,7 +172,10 @@ def run_server(grid: Grid, cfg: RunConfig, on_round: Callable[[dict], None] | No
     factory = factory_for(cfg)
     torch.manual_seed(cfg.seed)
     initial = ArrayRecord(factory().state_dict())
-    strategy = build_strategy(cfg, factory)
+    calibration = None
+    if cfg.batchnorm == "static":  # the server recomputes BatchNorm statistics on the training data
+        calibration = _batches(CentralEvaluation.train_set(cfg), cfg.batch_size)
+    strategy = build_strategy(cfg, factory, example_input=example_input(cfg), calibration_batches=calibration)
     evaluate = CentralEvaluation(cfg, strategy, on_round)
     return strategy.start(grid=grid, initial_arrays=initial, num_rounds=cfg.num_server_rounds,
                           train_config=ConfigRecord(cfg.train_config()),

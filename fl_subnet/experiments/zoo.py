@@ -8,15 +8,29 @@ from collections.abc import Callable
 from torch import nn
 
 from .config import RunConfig
-from fl_subnet.models import MLP, ShallowReLU
+from fl_subnet.models import CNNBN, MLP, FlowerCNN, MHATransformer, PreActResNet, ShallowReLU
 
 
-def model_factory(cfg: RunConfig, d_in: int, d_out: int) -> Callable[[], nn.Module]:
+def model_factory(cfg: RunConfig, d_in: int | tuple[int, ...], d_out: int) -> Callable[[], nn.Module]:
     """A no-argument factory of the configured architecture.
 
+    ``d_in`` is the number of input features (``mlp``, ``shallow-relu``), the image
+    shape ``(C, H, W)`` (``cnn``, ``cnn-bn``, ``resnet``) or the sequence length
+    (``transformer``, over the 16-token vocabulary of ``synthetic-sequence``).
     ``shallow-relu`` fixes its ±1 read-out with ``seed`` so that every process builds
     the same model (the read-out is also sent as a buffer).
     """
+    if cfg.model == "cnn":
+        c, h, _ = d_in
+        return functools.partial(FlowerCNN, c, d_out, h)
+    if cfg.model == "cnn-bn":
+        return functools.partial(CNNBN, d_in[0], d_out)
+    if cfg.model == "resnet":
+        return functools.partial(PreActResNet, d_in[0], d_out)
+    if cfg.model == "transformer":
+        from .data import SEQUENCE_VOCAB
+
+        return functools.partial(MHATransformer, SEQUENCE_VOCAB, int(d_in), num_classes=d_out)
     widths = cfg.hidden_widths()
     if cfg.model == "shallow-relu":
         return functools.partial(ShallowReLU, d_in, widths[0], d_out, cfg.seed)
