@@ -57,7 +57,7 @@ class SubnetStrategy(FedAvg):
         Order nodes by the ``partition-id`` they report to a one-off QUERY message
         (node ids are random per run), so that the same seed pairs the same data with
         the same mask in a simulation, a deployment and the in-process grid. Nodes that
-        do not answer are ordered after, by node id.
+        do not answer (asked once per run) are ordered after, by node id.
     example_input : torch.Tensor or tuple, optional
         One input batch; needed unless the model's first layer is an ``nn.Linear``.
         Its shape and dtype travel to the nodes (``example-shape``, ``example-dtype``).
@@ -138,6 +138,7 @@ class SubnetStrategy(FedAvg):
         self.order_by_partition = order_by_partition
         self.query_timeout = 600.0
         self._rank: dict[int, int] = {}
+        self._unranked: set[int] = set()
         self._sent: dict[int, Mask] = {}
         self._state: dict[str, torch.Tensor] = {}
         self._bytes_down = 0
@@ -147,7 +148,7 @@ class SubnetStrategy(FedAvg):
     # ------------------------------------------------------------------ sampling
     def order_nodes(self, grid: Grid, nodes: list[int]) -> list[int]:
         """``nodes`` sorted by reported ``partition-id`` (asked once per node), then id."""
-        unknown = [n for n in nodes if n not in self._rank]
+        unknown = [n for n in nodes if n not in self._rank and n not in self._unranked]
         if unknown and self.order_by_partition:
             ask = RecordDict({self.configrecord_key: ConfigRecord({"fl-subnet-query": "partition-id"})})
             replies = grid.send_and_receive(
@@ -160,8 +161,12 @@ class SubnetStrategy(FedAvg):
                         pid = record.get("partition-id", pid)
                 if isinstance(pid, int) and not isinstance(pid, bool):
                     self._rank[msg.metadata.src_node_id] = pid
-            log.info("order_nodes: %d of %d nodes reported a partition-id",
-                     sum(n in self._rank for n in nodes), len(nodes))
+            self._unranked.update(n for n in unknown if n not in self._rank)  # asked once only
+            log.info("order_nodes: %d of %d nodes reported a partition-id%s",
+                     sum(n in self._rank for n in nodes), len(nodes),
+                     "" if all(n in self._rank for n in nodes) else
+                     " (the others are ordered by node id; a ClientApp without fl-subnet's query "
+                     "handler cannot answer: pass order_by_partition=False)")
         big = 1 << 62
         return sorted(nodes, key=lambda n: (self._rank.get(n, big), n))
 

@@ -1,0 +1,112 @@
+"""Real Flower simulations (``flwr run``) of IST and federated dropout with the CNN+BN on
+digits and the transformer on the offline sequence task, 2 rounds each.
+
+The bytes every round's nodes sent back must equal the analytic size of their compact
+slices: per node, the tensor sizes written out by hand below from the kept counts of
+its mask (the masks are redrawn from the strategy's seeded sampler), plus the ``.npy``
+header Flower's ``Array`` puts in front of each tensor.
+"""
+
+import io
+import json
+
+import numpy as np
+import pytest
+import tomli_w
+
+from fl_subnet.experiments.config import RunConfig
+from fl_subnet.experiments.experiment import example_input, factory_for
+from fl_subnet.strategies import build_strategy
+
+from flower_processes import (Processes, flower_env, flwr_run, free_ports, missing_binaries, start_superlink,
+                              write_flower_config)
+
+NUM_NODES = 4
+SIMULATION_OPTIONS = f"""\
+options.num-supernodes = {NUM_NODES}
+options.backend.client-resources.num-cpus = 1
+options.backend.init-args.num-cpus = 2
+"""
+COMMON = {"num-server-rounds": 2, "num-nodes": NUM_NODES, "num-subnets": NUM_NODES, "keep-prob": 0.5,
+          "local-steps": 5, "seed": 0, "partitioning": "iid", "momentum": 0.9}
+MODELS = {
+    "cnn-bn": {"model": "cnn-bn", "dataset": "digits", "lr": 0.05},
+    "transformer": {"model": "transformer", "dataset": "synthetic-sequence", "num-samples": 400,
+                    "input-dim": 8, "lr": 0.01},
+}
+
+pytestmark = pytest.mark.slow
+
+
+def _npy_header(shape, dtype) -> int:
+    buf = io.BytesIO()
+    np.save(buf, np.empty(shape, dtype=dtype))
+    return len(buf.getvalue()) - int(np.prod(shape)) * np.dtype(dtype).itemsize
+
+
+def cnn_bn_shapes(k: dict[str, int]) -> list[tuple[tuple[int, ...], str]]:
+    """CNNBN(1, 10, width 16) with k1, k2, k3 kept channels of conv1..3."""
+    k1, k2, k3 = k["conv1"], k["conv2"], k["conv3"]
+    out = []
+    for c_out, c_in, n in ((k1, 1, 1), (k2, k1, 2), (k3, k2, 3)):
+        out += [((c_out, c_in, 3, 3), "f4"), ((c_out,), "f4")]          # conv weight, bias
+        out += [((c_out,), "f4")] * 4 + [((), "i8")]                     # bn w, b, mean, var, count
+    return out + [((10, k3), "f4"), ((10,), "f4")]                       # fc
+
+
+def transformer_shapes(k: dict[str, int], seq_len: int = 8) -> list[tuple[tuple[int, ...], str]]:
+    """MHATransformer(vocab 16, T, dim 32, 4 heads of 8, ffn 64, depth 2, 2 classes)."""
+    out = [((16, 32), "f4"), ((1, seq_len, 32), "f4")]                   # embed, pos
+    for b in (0, 1):
+        h, f = 8 * k[f"blocks.{b}.attn"], k[f"blocks.{b}.ffn.fc1"]
+        out += [((32,), "f4")] * 2                                       # ln1
+        out += [((3 * h, 32), "f4"), ((3 * h,), "f4"), ((32, h), "f4"), ((32,), "f4")]  # q/k/v rows, out cols
+        out += [((32,), "f4")] * 2                                       # ln2
+        out += [((f, 32), "f4"), ((f,), "f4"), ((32, f), "f4"), ((32,), "f4")]          # fc1, fc2
+    return out + [((32,), "f4")] * 2 + [((2, 32), "f4"), ((2,), "f4")]  # ln, head
+
+
+SHAPES = {"cnn-bn": cnn_bn_shapes, "transformer": transformer_shapes}
+
+
+def expected_bytes_up(overrides: dict, rounds: int) -> list[int]:
+    """Per round: Σ over the nodes' masks of Σ over tensors (raw bytes + .npy header)."""
+    cfg = RunConfig.from_mapping(overrides)
+    strategy = build_strategy(cfg, factory_for(cfg), example_input=example_input(cfg))
+    out = []
+    for rnd in range(1, rounds + 1):
+        total = 0
+        for mask in strategy.sampler.sample(strategy.groups, rnd, NUM_NODES):
+            kept = {g.name: int(mask.kept(g).numel()) for g in strategy.groups}
+            for shape, dtype in SHAPES[cfg.model](kept):
+                total += int(np.prod(shape)) * np.dtype(dtype).itemsize + _npy_header(shape, dtype)
+        out.append(total)
+    return out
+
+
+@pytest.mark.skipif(bool(missing_binaries("flwr", "flower-superlink")), reason="Flower executables not installed")
+def test_flwr_run_cnn_bn_and_transformer_with_ist_and_federated_dropout(tmp_path):
+    home = tmp_path / "flwr-home"
+    (port,) = free_ports(1)
+    write_flower_config(home, "fl-subnet-sim", f"127.0.0.1:{port}", SIMULATION_OPTIONS)
+    procs = Processes(tmp_path / "logs", flower_env(home))
+    try:
+        start_superlink(procs, port, simulation=True)
+        for model, model_keys in MODELS.items():
+            for strategy in ("ist", "federated-dropout"):
+                out_dir = tmp_path / f"{model}-{strategy}"
+                overrides = {**COMMON, **model_keys, "strategy": strategy}
+                scenario = tmp_path / f"{model}-{strategy}.toml"
+                scenario.write_text(tomli_w.dumps({**overrides, "out-dir": str(out_dir)}))
+                flwr_run(procs, "fl-subnet-sim", scenario, out_dir, timeout=300)
+                rows = json.loads((out_dir / "metrics.json").read_text())
+                assert [r["server-round"] for r in rows] == [0, 1, 2], (model, strategy)
+                assert all(np.isfinite(r["full-train-loss"]) for r in rows), rows
+                assert [r["bytes-up"] for r in rows[1:]] == expected_bytes_up(overrides, 2), (model, strategy)
+                if strategy == "ist":  # a partition: every unit trained by exactly one node
+                    assert all(r["coverage"] == 1.0 for r in rows[1:]), rows
+    except BaseException:
+        print(procs.tails())
+        raise
+    finally:
+        procs.stop_all()
