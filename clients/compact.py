@@ -23,7 +23,7 @@ from torch import nn
 from fl_subnet.core.batchnorm import check_policy, use_batch_statistics
 from fl_subnet.core.masks import Mask, full_mask
 from fl_subnet.core.spec import SubnetSpec, cached_spec
-from fl_subnet.wire import (BATCHNORM_KEY, MASK_PREFIX, arrays_to_state, example_from_config, mask_from_config,
+from fl_subnet.wire import (BATCHNORM_KEY, MASK_PREFIX, SKIP_KEY, arrays_to_state, example_from_config, mask_from_config,
                             read_train)
 
 
@@ -84,8 +84,9 @@ def receive(msg: Message | RecordDict, model_factory: Callable[[], nn.Module]) -
     arrays_key, arrays, config = read_train(content)
     shape, dtype = example_from_config(config)
     spec = cached_spec(model_factory, shape, dtype)  # analysed once per process
-    has_mask = any(str(k).startswith(MASK_PREFIX) for k in config)
+    has_mask = any(str(k).startswith(MASK_PREFIX) or k == SKIP_KEY for k in config)
     mask = mask_from_config(config, spec.all_groups) if has_mask else full_mask(spec.all_groups)
+    spec.slicer.skipped_keys(mask)  # a depth block this model lacks: ValueError naming it
     model = spec.build(arrays_to_state(arrays), mask)
     if check_policy(str(config.get(BATCHNORM_KEY, "averaged"))) == "static":
         use_batch_statistics(model)

@@ -25,6 +25,7 @@ from .core.masks import Mask
 
 MASK_PREFIX = "mask."
 SCALE_PREFIX = "scale."
+SKIP_KEY = "skip"  # comma-separated depth blocks the sub-model leaves out; absent = none
 EXAMPLE_SHAPE = "example-shape"
 EXAMPLE_DTYPE = "example-dtype"
 METRICS_KEY = "metrics"
@@ -80,13 +81,16 @@ def read_train(content) -> tuple[str, ArrayRecord, Mapping[str, object]]:
 
 
 def mask_to_config(mask: Mask, groups: Sequence[UnitGroup]) -> dict[str, bytes | float]:
-    """Encode ``mask`` as ``{"mask.<group>": bitmask bytes, "scale.<group>": float}``."""
+    """Encode ``mask`` as ``{"mask.<group>": bitmask bytes, "scale.<group>": float}``
+    plus ``"skip"``: the skipped depth blocks, comma-separated (only if any)."""
     out: dict[str, bytes | float] = {}
     for g in groups:
         bits = np.zeros(g.size, dtype=bool)
         bits[mask.kept(g).numpy()] = True
         out[MASK_PREFIX + g.name] = np.packbits(bits, bitorder="little").tobytes()
         out[SCALE_PREFIX + g.name] = float(mask.scale_of(g))
+    if mask.skip:
+        out[SKIP_KEY] = ",".join(sorted(mask.skip))
     return out
 
 
@@ -117,7 +121,10 @@ def mask_from_config(config: Mapping[str, object], groups: Sequence[UnitGroup]) 
         if isinstance(s, bool) or not isinstance(s, (int, float)) or not s > 0:
             raise ValueError(f"config key '{SCALE_PREFIX + g.name}' must be a number > 0, got {s!r}")
         scale[g.name] = float(s)
-    return Mask(idx, scale)
+    skip = config.get(SKIP_KEY, "")
+    if not isinstance(skip, str):
+        raise ValueError(f"config key '{SKIP_KEY}' must be a comma-separated string of depth blocks, got {skip!r}")
+    return Mask(idx, scale, frozenset(s for s in skip.split(",") if s))
 
 
 def state_to_arrays(state: Mapping[str, torch.Tensor]) -> ArrayRecord:

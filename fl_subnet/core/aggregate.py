@@ -94,11 +94,14 @@ class MaskedAggregator:
             Naming the key: missing or extra keys, wrong shape or dtype. (NaN/Inf is
             checked by :meth:`add`, before anything is accumulated.)
         """
-        missing = sorted(set(self.state) - set(compact))
-        extra = sorted(set(compact) - set(self.state))
+        expected = set(self.state) - self.slicer.skipped_keys(mask)
+        missing = sorted(expected - set(compact))
+        extra = sorted(set(compact) - expected)
         if missing or extra:
             raise ValueError(f"reply keys differ from the model: missing {missing}, extra {extra}")
         for key, full in self.state.items():
+            if key not in expected:
+                continue
             t = compact[key]
             if not isinstance(t, torch.Tensor):
                 raise ValueError(f"'{key}' is not a tensor ({type(t).__name__})")
@@ -133,16 +136,16 @@ class MaskedAggregator:
         # Check every float tensor now (finite values have a finite float64 sum), so a
         # rejected reply leaves no trace; the scatter itself happens in finalize().
         for key, full in self.state.items():
-            t = compact[key]
-            if full.is_floating_point() and not math.isfinite(float(t.sum(dtype=torch.float64))):
+            t = compact.get(key)
+            if t is not None and full.is_floating_point() and not math.isfinite(float(t.sum(dtype=torch.float64))):
                 raise ValueError(f"'{key}' contains NaN or Inf")
         keep_units = self.slicer.keep_units(mask)
         kept = {k: self.slicer.kept(mask, k, self.state[k].shape, keep_units)
                 for k in self.slicer.coupled if k in self.state}
         for key, full in self.state.items():
-            if not full.is_floating_point():
+            if not full.is_floating_point() and key in compact:
                 self._add_int(key, full, compact[key], mask, kept.get(key, []))
-        self._pending.append({k: compact[k] for k in self.state if self.state[k].is_floating_point()})
+        self._pending.append({k: compact[k] for k in self.state if self.state[k].is_floating_point() and k in compact})
         self._masks.append(mask)
         self._kept.append(kept)
         self._weights.append(w)
@@ -152,6 +155,8 @@ class MaskedAggregator:
         full = self.state[key]
         acc = torch.zeros_like(full, dtype=self._acc_dtype(full))
         for compact, mask, kept_of, w in zip(self._pending, self._masks, self._kept, self._weights):
+            if key not in compact:  # a depth block this reply skipped
+                continue
             t = compact[key].to(acc.dtype)
             kept = kept_of.get(key, [])
             if not kept:
@@ -162,6 +167,9 @@ class MaskedAggregator:
                 acc.view(-1).index_add_(0, flat_positions(kept, full.shape),
                                         t.reshape(-1), alpha=w)
         return acc
+
+    def _has(self, key: str) -> bool:
+        return any(key in p for p in self._pending)
 
     def _acc_dtype(self, full: torch.Tensor) -> torch.dtype:
         return torch.promote_types(full.dtype, self.precision)
@@ -181,6 +189,7 @@ class MaskedAggregator:
 
     def _denominator(self, key: str, full: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Σ_c n_c · 1[c holds e] for every entry, as a product of per-dim indicators."""
+        weights = weights * torch.tensor([key in p for p in self._pending], dtype=weights.dtype)
         dims = sorted(self.slicer.coupled.get(key, {}))
         if not dims:
             return weights.sum()
@@ -211,7 +220,7 @@ class MaskedAggregator:
         out = {}
         for key, full in self.state.items():
             if not full.is_floating_point():
-                out[key] = self._num[key].clone()
+                out[key] = self._num.get(key, full).clone()  # nobody held it: unchanged
                 continue
             den = self._denominator(key, full, weights)
             held = den > 0
@@ -222,6 +231,9 @@ class MaskedAggregator:
                 continue
             fallback = torch.zeros_like(full) if (self.untouched == "zero" and key in self.slicer.coupled) else full
             num = sums[key]
+            if not bool(held.any()) and not self._has(key):  # a depth block nobody trained
+                out[key] = full.clone()
+                continue
             if bool(held.all()):  # every entry had a holder: no fallback needed
                 out[key] = num.div_(den.to(num.dtype)).to(full.dtype)
                 continue

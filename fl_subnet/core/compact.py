@@ -91,7 +91,7 @@ def build_compact_module(
 
 
 def build_compact_graph(gm: "fx.GraphModule", resolved, compact_state: Mapping[str, torch.Tensor],
-                        slicer, mask: Mask, *, full: bool = False) -> nn.Module:
+                        slicer, mask: Mask, *, full: bool = False, blocks=None) -> nn.Module:
     """The compact sub-model as a copy of the traced graph (``fx.GraphModule``).
 
     Every parameter and buffer is replaced by its compact tensor, the size attributes of
@@ -134,10 +134,15 @@ def build_compact_graph(gm: "fx.GraphModule", resolved, compact_state: Mapping[s
     from .groups import dim_keep, dim_scale
 
     model = copy.deepcopy(gm)
+    if mask.skip:
+        _skip_blocks(model, [blocks[name] for name in sorted(mask.skip)])
     keep_units = slicer.keep_units(mask)
     unit_scale = {g.name: _unit_scale(mask, g) for g in slicer.groups}
     for path, gname in resolved.heads.items():
-        old = model.get_submodule(path)
+        try:
+            old = model.get_submodule(path)
+        except AttributeError:  # in a skipped depth block
+            continue
         g = slicer.by_name[gname]
         keep = keep_units[gname]
         scale = unit_scale[gname] * keep if full else unit_scale[gname][keep]
@@ -154,7 +159,9 @@ def build_compact_graph(gm: "fx.GraphModule", resolved, compact_state: Mapping[s
     nodes = {n.name: n for n in model.graph.nodes}
     if not full:
         for name, dims in resolved.views.items():
-            node = nodes[name]
+            node = nodes.get(name)
+            if node is None:  # in a skipped depth block
+                continue
             sizes = [int(dim_keep(length, ent, keep_units).sum()) if ent else None for length, ent in dims]
             if not any(s is not None for s in sizes):
                 continue
@@ -167,7 +174,7 @@ def build_compact_graph(gm: "fx.GraphModule", resolved, compact_state: Mapping[s
         vec = dim_scale(length, ent, keep_units, unit_scale)
         if not full:
             vec = vec[dim_keep(length, ent, keep_units)]
-        if bool((vec == 1).all()):
+        if bool((vec == 1).all()) or name not in nodes:
             continue
         node = nodes[name]
         src = node.args[arg]
@@ -184,6 +191,16 @@ def build_compact_graph(gm: "fx.GraphModule", resolved, compact_state: Mapping[s
     model.graph.lint()
     model.recompile()
     return model.train()
+
+
+def _skip_blocks(model, blocks) -> None:
+    """Drop skipped residual branches: each add becomes its identity operand, then the
+    branch's nodes and modules (and so their state keys) are removed."""
+    nodes = {n.name: n for n in model.graph.nodes}
+    for block in blocks:
+        nodes[block.node].replace_all_uses_with(nodes[block.identity])
+    model.graph.eliminate_dead_code()
+    model.delete_all_unused_submodules()
 
 
 class UnitScale(nn.Module):

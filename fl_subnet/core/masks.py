@@ -22,10 +22,15 @@ class Mask:
     scale : dict[str, float]
         Group name → factor applied to the kept units' output (``1/ξ`` for inverted
         dropout, docs/design.md, "Exact semantics"); absent means 1.
+    skip : frozenset[str]
+        Depth blocks (skippable residual branches, :attr:`SubnetSpec.blocks`) the
+        sub-model leaves out: their tensors are not sent and the branch becomes the
+        identity.
     """
 
     indices: dict[str, torch.Tensor]
     scale: dict[str, float] = field(default_factory=dict)
+    skip: frozenset[str] = frozenset()
 
     def kept(self, group: UnitGroup) -> torch.Tensor:
         """Kept positions of ``group``, shape ``(k,)`` int64 (all if absent)."""

@@ -18,12 +18,29 @@ class Slicer:
     ----------
     groups : Sequence[UnitGroup]
         The model's unit groups (every group a mask may name).
+    blocks : Mapping[str, Sequence[str]]
+        Depth block name → the state keys only its branch uses (see
+        :class:`~fl_subnet.core.analysis.depth.DepthBlock`).
     """
 
-    def __init__(self, groups: Sequence[UnitGroup]) -> None:
+    def __init__(self, groups: Sequence[UnitGroup], blocks: Mapping[str, Sequence[str]] | None = None) -> None:
         self.groups = list(groups)
         self.by_name = {g.name: g for g in self.groups}
         self.coupled = couplings_by_key(self.groups)
+        self.blocks = {name: tuple(keys) for name, keys in (blocks or {}).items()}
+
+    def skipped_keys(self, mask: Mask) -> set[str]:
+        """State keys of the depth blocks ``mask`` skips (not in its compact slice).
+
+        Raises
+        ------
+        ValueError
+            If the mask skips a block this model does not have.
+        """
+        unknown = sorted(set(mask.skip) - set(self.blocks))
+        if unknown:
+            raise ValueError(f"mask skips unknown depth block(s) {unknown}; blocks: {sorted(self.blocks)}")
+        return {k for name in mask.skip for k in self.blocks[name]}
 
     def keep_units(self, mask: Mask) -> dict[str, torch.Tensor]:
         """Group name → boolean keep vector ``(size,)``."""
@@ -73,8 +90,8 @@ class Slicer:
         Returns
         -------
         dict[str, torch.Tensor]
-            Same keys; tensor ``key`` has shape ``compact_shape(key, ...)``. New memory
-            (never a view of ``state``).
+            Same keys but those of skipped depth blocks; tensor ``key`` has shape
+            ``compact_shape(key, ...)``. New memory (never a view of ``state``).
 
         Raises
         ------
@@ -89,7 +106,10 @@ class Slicer:
         keep_units = self.keep_units(mask) if any(
             e[1] is not None for dims in self.coupled.values() for es in dims.values() for e in es) else None
         out = {}
+        skipped = self.skipped_keys(mask)
         for key, t in state.items():
+            if key in skipped:
+                continue
             kept = self.kept(mask, key, t.shape, keep_units)
             if not kept:
                 out[key] = t.detach().clone()
@@ -110,8 +130,12 @@ class Slicer:
             inverse of :meth:`gather` on those entries.
         """
         out = {}
+        skipped = self.skipped_keys(mask)
         for key, full in into.items():
             new = full.detach().clone()
+            if key in skipped:
+                out[key] = new
+                continue
             flat = self.flat_index(key, full.shape, mask)
             new.view(-1)[flat.long()] = compact[key].reshape(-1).to(full.dtype)
             out[key] = new

@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from torch import nn
 
+from .analysis.depth import find_depth_blocks
 from .analysis.resolve import AnalysisError, Resolved, resolve
 from .analysis.trace import trace
 from .compact import build_compact_graph, build_compact_module
@@ -53,7 +54,10 @@ class SubnetSpec:
     excluded, pinned : dict[str, str]
         Groups left full by default, and unit spaces that can never be masked, with why.
     slicer : Slicer
-        Over ``all_groups``.
+        Over ``all_groups`` and ``blocks``.
+    blocks : list[DepthBlock]
+        Skippable residual branches (depth groups), each with a ``.name`` a mask can
+        list in ``Mask.skip`` (random-path / depth training).
     """
 
     def __init__(self, factory: Callable[[], nn.Module], all_groups: Sequence[UnitGroup],
@@ -61,9 +65,11 @@ class SubnetSpec:
         self.factory = factory
         self.all_groups = list(all_groups)
         self.groups = list(groups)
-        self.slicer = Slicer(self.all_groups)
         self.resolved = resolved
         self.graph = graph
+        self.blocks = find_depth_blocks(graph) if graph is not None else []
+        self._blocks = {b.name: b for b in self.blocks}
+        self.slicer = Slicer(self.all_groups, {b.name: b.keys for b in self.blocks})
         self.excluded = dict(resolved.excluded) if resolved else {}
         self.pinned = dict(resolved.pinned) if resolved else {}
 
@@ -87,14 +93,16 @@ class SubnetSpec:
         """
         if self.graph is None:
             return build_compact_module(self.factory, compact_state, self.all_groups, mask)
-        return build_compact_graph(self.graph, self.resolved, compact_state, self.slicer, mask)
+        return build_compact_graph(self.graph, self.resolved, compact_state, self.slicer, mask,
+                                   blocks=self._blocks)
 
     def reference(self, full_state: Mapping[str, torch.Tensor], mask: Mask) -> nn.Module:
         """The full-size model with the dropped units' contributions removed (their
         positions multiplied by 0, kept ones by the mask's scale, where they are mixed)."""
         if self.graph is None:
             raise NotImplementedError("reference() needs a traced model")
-        return build_compact_graph(self.graph, self.resolved, full_state, self.slicer, mask, full=True)
+        return build_compact_graph(self.graph, self.resolved, self.slicer.gather(full_state, Mask({}, skip=mask.skip))
+                                   if mask.skip else full_state, self.slicer, mask, full=True, blocks=self._blocks)
 
     def verify(self, model: nn.Module, example: Example, *, seed: int = 0, keep_prob: float = 0.5,
                atol: float = 1e-5, rtol: float = 1e-4) -> float:
