@@ -27,6 +27,7 @@ demo: setup
 
 bench: setup
 	$(PY) bench/aggregate.py
+	$(PY) bench/analysis.py
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

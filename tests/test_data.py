@@ -164,6 +164,15 @@ def test_cifar_like_conversion_channel_first_and_from_disk(tmp_path):
     assert 0.0 == x.min() and x.max() == 1.0
     chw = torch.from_numpy(arrs[7].transpose(2, 0, 1) / 255.0).float()
     assert torch.allclose(x[7].view(3, 32, 32), chw)
+    # the conv models of the run config read it as (N, 3, 32, 32) images
+    from fl_subnet.experiments.config import RunConfig
+    from fl_subnet.experiments.experiment import as_model_input, factory_for
+
+    for model in ("cnn", "cnn-bn", "resnet"):
+        cfg = RunConfig(dataset="cifar10", model=model)
+        images = as_model_input(cfg, x)
+        assert images.shape == (30, 3, 32, 32) and torch.equal(images[7], chw)
+        assert factory_for(cfg)()(images[:2]).shape == (2, 10)
     # a grey stand-in under the fashion-mnist name: converted to 'L', 784 features
     fm = load_dataset_by_name("fashion-mnist", source=_stand_in("L", 28, "image")[0])
     assert to_tensors(fm["test"])[0].shape == (10, 784)
