@@ -17,9 +17,13 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Validate the run config (a bad key stops here, naming it), run, save results."""
+    """Validate the run config (a bad key stops here, naming it), run, save results and the
+    global model after every round (``model.safetensors`` in the results folder)."""
     cfg = RunConfig.from_mapping(context.run_config)
     recorder = RunRecorder.for_config(cfg)
     log.info("fl-subnet: %s, %d rounds; results in %s", cfg.strategy, cfg.num_server_rounds, recorder.out_dir)
-    run_server(grid, cfg, on_round=recorder.add_row)
-    recorder.finish()
+    try:
+        run_server(grid, cfg, on_round=recorder.add_row, checkpoint_dir=recorder.out_dir)
+    finally:
+        recorder.finish()  # what it has, also when the run failed (the error then ends the ServerApp)
+    log.info("fl-subnet: model saved in %s", recorder.out_dir / "model.safetensors")

@@ -137,6 +137,8 @@ class SubnetStrategy(FedAvg):
         self.seed = int(seed)
         self.order_by_partition = order_by_partition
         self.query_timeout = 600.0
+        self.node_wait_timeout = 300.0
+        self.round_offset = 0
         self._rank: dict[int, int] = {}
         self._unranked: set[int] = set()
         self._sent: dict[int, Mask] = {}
@@ -144,6 +146,38 @@ class SubnetStrategy(FedAvg):
         self._bytes_down = 0
         self._t_round = 0.0
         self.last_train_metrics: MetricRecord | None = None
+
+    def start(self, *, first_round: int = 1, num_rounds: int = 3, **kwargs):
+        """Flower's ``Strategy.start``, optionally continuing a run from ``first_round``.
+
+        Parameters
+        ----------
+        first_round : int
+            The first server round to run (``1``: a new run). Rounds ``first_round``
+            .. ``num_rounds`` are run with their own numbers (masks, node sample, client
+            seeds and logs), so a run continued from a checkpoint of round
+            ``first_round - 1`` ends with the model of an uninterrupted run. Flower's
+            ``Result`` and ``evaluate_fn`` see rounds counted from 1 as usual; add
+            :attr:`round_offset` for the run's numbering.
+        num_rounds : int
+            The run's total number of server rounds.
+        **kwargs
+            ``grid``, ``initial_arrays``, ``timeout`` (seconds per round),
+            ``train_config``, ``evaluate_config``, ``evaluate_fn`` as Flower's.
+
+        Raises
+        ------
+        ValueError
+            If ``first_round`` is not in ``[1, num_rounds]``.
+        """
+        if isinstance(first_round, bool) or not isinstance(first_round, int) or not 1 <= first_round <= num_rounds:
+            raise ValueError(f"first_round must be an integer in [1, num-server-rounds={num_rounds}], "
+                             f"got {first_round!r}")
+        self.round_offset = first_round - 1
+        return super().start(num_rounds=num_rounds - self.round_offset, **kwargs)
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
+        return super().configure_evaluate(server_round + self.round_offset, arrays, config, grid)
 
     # ------------------------------------------------------------------ sampling
     def order_nodes(self, grid: Grid, nodes: list[int]) -> list[int]:
@@ -177,18 +211,51 @@ class SubnetStrategy(FedAvg):
             n = int(len(list(grid.get_node_ids())) * self.fraction_train)
             wanted = max(n, self.min_train_nodes)
         need = max(self.min_available_nodes, wanted)
-        while len(nodes := sorted(grid.get_node_ids())) < need:
-            log.info("Waiting for nodes: %d connected, %d needed", len(nodes), need)
-            time.sleep(1)
+        nodes = self.wait_for_nodes(grid, need)
         nodes = self.order_nodes(grid, nodes)
         order = torch.randperm(len(nodes), generator=generator_for(self.seed, server_round, -2))
         return [nodes[i] for i in order[:wanted].tolist()]
+
+    def wait_for_nodes(self, grid: Grid, need: int) -> list[int]:
+        """The connected node ids once at least ``need`` are connected.
+
+        Logs once what it waits for (and every 30 s), and gives up after
+        :attr:`node_wait_timeout` seconds.
+
+        Raises
+        ------
+        RuntimeError
+            Naming the number of nodes needed and connected, after the timeout.
+        """
+        t0 = last = time.monotonic()
+        nodes = sorted(grid.get_node_ids())
+        if len(nodes) < need:
+            log.warning("%s needs %d nodes per round (%s); %d connected: waiting up to %.0f s "
+                        "(node-wait-timeout)", type(self).__name__, need, self._need_reason(), len(nodes),
+                        self.node_wait_timeout)
+        while len(nodes) < need:
+            now = time.monotonic()
+            if now - t0 >= self.node_wait_timeout:
+                raise RuntimeError(
+                    f"{type(self).__name__} needs {need} nodes per round ({self._need_reason()}) but only "
+                    f"{len(nodes)} connected within {self.node_wait_timeout:.0f} s: start more SuperNodes, "
+                    f"raise options.num-supernodes of the simulation, or lower the requirement")
+            if now - last >= 30:
+                log.info("still waiting for nodes: %d of %d connected", len(nodes), need)
+                last = now
+            time.sleep(min(1.0, max(0.0, self.node_wait_timeout - (now - t0))))
+            nodes = sorted(grid.get_node_ids())
+        return nodes
+
+    def _need_reason(self) -> str:
+        return f"min_available_nodes={self.min_available_nodes}"
 
     # ------------------------------------------------------------------ training
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """One Message per sampled node with its own compact slice and mask."""
+        server_round += self.round_offset
         self._t_round = time.perf_counter()
         self._sent = {}
         if self.fraction_train == 0.0 and self.num_train_nodes is None:
@@ -223,6 +290,7 @@ class SubnetStrategy(FedAvg):
         Returns ``(None, metrics)`` when no reply is valid: Flower then keeps the model.
         Never raises because of a reply's content.
         """
+        server_round += self.round_offset
         agg = MaskedAggregator(self._state, self.slicer, self.untouched, self.denominator,
                                self.precision)
         valid: list[RecordDict] = []

@@ -65,3 +65,6 @@ class MultiSampleDropout(SubnetStrategy):
         super().__init__(model_factory, BernoulliSampler(keep_prob, scale=scale, seed=seed),
                          num_train_nodes=check_num_subnets(num_subnets), seed=seed,
                          denominator="all" if loss_average else "holders", **kwargs)
+
+    def _need_reason(self) -> str:
+        return f"num-subnets={self.num_train_nodes}: one Bernoulli mask per node"

@@ -55,3 +55,6 @@ class IST(SubnetStrategy):
             kwargs.setdefault("min_available_nodes", sampler.num_subnets)
         super().__init__(model_factory, sampler, local_steps=local_steps, seed=seed,
                          num_train_nodes=num_train_nodes, precision=precision, **kwargs)
+
+    def _need_reason(self) -> str:
+        return f"num-subnets={self.sampler.num_subnets}: one sub-network per node"

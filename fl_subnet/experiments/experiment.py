@@ -7,8 +7,10 @@ so that the three see exactly the same data, model and strategy.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
@@ -104,18 +106,23 @@ class CentralEvaluation:
     together with the strategy's train metrics of that round (bytes, coverage, ...).
     """
 
-    def __init__(self, cfg: RunConfig, strategy, on_round: Callable[[dict], None] | None = None):
-        from .data import load_centralized_test, load_centralized_train
+    def __init__(self, cfg: RunConfig, strategy, on_round: Callable[[dict], None] | None = None, *,
+                 checkpoint_dir: str | Path | None = None, resume_meta: dict | None = None):
+        from .data import load_centralized_test
 
         self.cfg = cfg
+        self.checkpoint_dir = checkpoint_dir
+        self.resuming = bool(resume_meta)
+        self.replies = 0  # valid replies over the rounds of this process
+        self.last_loss = float("nan")
         self.strategy = strategy
         self.on_round = on_round
         self.factory = factory_for(cfg)
         kw = data_kwargs(cfg)
         self.test = _dataset(cfg, *load_centralized_test(cfg.dataset, data_seed=cfg.seed, **kw))
         self.train = self.train_set(cfg)
-        self.t0 = time.perf_counter()
-        self.cumulative = 0
+        self.t0 = time.perf_counter() - float((resume_meta or {}).get("seconds", 0.0))
+        self.cumulative = int((resume_meta or {}).get("cumulative-bytes", 0))
 
     @staticmethod
     def train_set(cfg: RunConfig) -> TensorDataset:
@@ -125,16 +132,25 @@ class CentralEvaluation:
         return _dataset(cfg, *load_centralized_train(cfg.dataset, data_seed=cfg.seed, **data_kwargs(cfg)))
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        from fl_subnet.checkpoint import save_checkpoint
         from fl_subnet.clients.train import evaluate_model
 
+        from .results import config_dict
+
         model = self.factory()
-        model.load_state_dict(arrays_to_state(arrays))
+        state = arrays_to_state(arrays)
+        model.load_state_dict(state)
         loss = self.cfg.loss_name
         test = evaluate_model(model, self.test, loss)
         train = evaluate_model(model, self.train, loss)
         metrics = MetricRecord({**test, "full-train-loss": train["eval-loss"]})
         tm = getattr(self.strategy, "last_train_metrics", None) if server_round > 0 else None
         tm = dict(tm) if tm is not None else {}
+        self.last_loss = train["eval-loss"]
+        if server_round == 0 and self.resuming:  # the checkpoint's round: already recorded
+            return metrics
+        server_round += getattr(self.strategy, "round_offset", 0)
+        self.replies += int(tm.get("num-replies", 0))
         down, up = int(tm.get("bytes-down", 0)), int(tm.get("bytes-up", 0))
         self.cumulative += down + up
         row = {
@@ -144,14 +160,28 @@ class CentralEvaluation:
             "eval-acc": test.get("eval-acc", float("nan")),
             "bytes-down": down, "bytes-up": up, "cumulative-bytes": self.cumulative,
             "coverage": float(tm.get("coverage", float("nan"))),
+            "num-replies": int(tm.get("num-replies", 0)), "num-rejected": int(tm.get("num-rejected", 0)),
             "seconds": time.perf_counter() - self.t0,
         }
         log.info("round %d: full-train-loss %.4g, eval-loss %.4g, eval-acc %.4f, %.2f MB so far",
                  server_round, row["full-train-loss"], row["eval-loss"], row["eval-acc"],
                  self.cumulative / 1e6)
         if self.on_round is not None:
-            self.on_round(row)
+            self.on_round(row)  # the metrics first: a kill before the checkpoint redoes this round
+        if self.checkpoint_dir is not None:
+            save_checkpoint(self.checkpoint_dir, state, {
+                "server-round": server_round, "cumulative-bytes": self.cumulative, "seconds": row["seconds"],
+                "config": config_dict(self.cfg)})
         return metrics
+
+    def check_outcome(self) -> None:
+        """Raise :class:`RunFailed` if no round had a valid reply or the loss diverged."""
+        if self.replies == 0:
+            raise RunFailed("no node produced a valid train reply in any round: the model is untrained "
+                            "(see the 'rejected reply' log lines for each node's reason)")
+        if not math.isfinite(self.last_loss):
+            raise RunFailed(f"the run diverged: final full-train-loss is {self.last_loss} "
+                            "(lower lr, or screen updates)")
 
 
 def _batches(dataset: TensorDataset, batch_size: int) -> list[torch.Tensor]:
@@ -161,22 +191,75 @@ def _batches(dataset: TensorDataset, batch_size: int) -> list[torch.Tensor]:
     return [x[i:i + size] for i in range(0, len(x), size)]
 
 
-def run_server(grid: Grid, cfg: RunConfig, on_round: Callable[[dict], None] | None = None):
+class RunFailed(RuntimeError):
+    """A run that finished without a usable model (no valid reply, or a diverged loss);
+    its results were written before this is raised."""
+
+
+def run_server(grid: Grid, cfg: RunConfig, on_round: Callable[[dict], None] | None = None, *,
+               checkpoint_dir: str | Path | None = None, resume: bool = False):
     """Run ``cfg`` on ``grid``: the body of the ServerApp and of ``fl-subnet run``.
 
-    Returns Flower's ``Result``. ``on_round`` receives one metrics row per round (round
-    0 = the initial model).
+    Parameters
+    ----------
+    grid : Grid
+        Flower's Grid (a simulation, a deployment, or the in-process grid).
+    cfg : RunConfig
+    on_round : Callable[[dict], None], optional
+        Receives one metrics row per round (round 0 = the initial model).
+    checkpoint_dir : str or Path, optional
+        After every round the global model and the state to continue are saved there
+        (:func:`fl_subnet.checkpoint.save_checkpoint`: ``model.safetensors``,
+        ``checkpoint.json``), atomically.
+    resume : bool
+        Continue from the checkpoint in ``checkpoint_dir`` (its run config must equal
+        ``cfg`` but for ``num-server-rounds`` and ``out-dir``); the rounds after it are
+        run with their own numbers, so the final model equals an uninterrupted run's.
+
+    Returns
+    -------
+    flwr.serverapp.strategy.Result or None
+        None if the checkpoint already holds the last round.
+
+    Raises
+    ------
+    RunFailed
+        If no round had a valid reply, or the final full-model loss is not finite.
+    ValueError
+        If the checkpoint belongs to another run config (naming the keys).
     """
+    from fl_subnet.checkpoint import load_checkpoint
     from fl_subnet.strategies import build_strategy
+
+    from .results import config_dict
 
     factory = factory_for(cfg)
     torch.manual_seed(cfg.seed)
-    initial = ArrayRecord(factory().state_dict())
+    initial_state = factory().state_dict()
+    meta: dict = {}
+    if resume:
+        if checkpoint_dir is None:
+            raise ValueError("resume needs a checkpoint_dir")
+        initial_state, meta = load_checkpoint(checkpoint_dir)
+        saved, now = meta.get("config", {}), config_dict(cfg)
+        differ = sorted(k for k in set(saved) | set(now)
+                        if k not in ("num-server-rounds", "out-dir") and saved.get(k) != now.get(k))
+        if differ:
+            raise ValueError(f"cannot resume {checkpoint_dir}: run-config key(s) {differ} differ from the "
+                             f"checkpoint's ({', '.join(f'{k}={saved.get(k)!r}' for k in differ)})")
+        log.info("resuming %s after server round %d", checkpoint_dir, meta["server-round"])
+    first_round = int(meta.get("server-round", 0)) + 1
+    if first_round > cfg.num_server_rounds:
+        log.info("nothing to do: the checkpoint holds round %d of %d", first_round - 1, cfg.num_server_rounds)
+        return None
     calibration = None
     if cfg.batchnorm == "static":  # the server recomputes BatchNorm statistics on the training data
         calibration = _batches(CentralEvaluation.train_set(cfg), cfg.batch_size)
     strategy = build_strategy(cfg, factory, example_input=example_input(cfg), calibration_batches=calibration)
-    evaluate = CentralEvaluation(cfg, strategy, on_round)
-    return strategy.start(grid=grid, initial_arrays=initial, num_rounds=cfg.num_server_rounds,
-                          train_config=ConfigRecord(cfg.train_config()),
-                          evaluate_config=ConfigRecord(cfg.train_config()), evaluate_fn=evaluate)
+    evaluate = CentralEvaluation(cfg, strategy, on_round, checkpoint_dir=checkpoint_dir, resume_meta=meta)
+    result = strategy.start(grid=grid, initial_arrays=ArrayRecord(initial_state), first_round=first_round,
+                            num_rounds=cfg.num_server_rounds,
+                            train_config=ConfigRecord(cfg.train_config()),
+                            evaluate_config=ConfigRecord(cfg.train_config()), evaluate_fn=evaluate)
+    evaluate.check_outcome()
+    return result

@@ -1,13 +1,15 @@
 """Run results on disk: resolved config, per-round metrics (JSON + CSV), summary.
 
-Files are rewritten after every round, so an interrupted run keeps the metrics of the
-rounds it finished.
+Files are rewritten atomically (temporary file, then rename) after every round, so an
+interrupted run keeps the metrics of the rounds it finished and every file on disk is
+always complete and valid.
 """
 
 from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
 import logging
 import math
@@ -15,12 +17,20 @@ import os
 import time
 from pathlib import Path
 
+from fl_subnet.checkpoint import atomic_write_text
+
 from .config import RunConfig
 
 log = logging.getLogger(__name__)
 
 COLUMNS = ["server-round", "strategy", "train-loss", "full-train-loss", "eval-loss", "eval-acc",
-           "bytes-down", "bytes-up", "cumulative-bytes", "coverage", "seconds"]
+           "bytes-down", "bytes-up", "cumulative-bytes", "coverage", "num-replies", "num-rejected", "seconds"]
+
+
+def config_dict(cfg: RunConfig) -> dict:
+    """Every run-config key (kebab-case) → value."""
+    values = cfg.model_dump() if hasattr(cfg, "model_dump") else dataclasses.asdict(cfg)
+    return {k.replace("_", "-"): v for k, v in values.items()}
 
 
 def _clean(value):
@@ -43,8 +53,14 @@ class RunRecorder:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.cfg = cfg
         self.rows: list[dict] = []
-        config = {k.replace("_", "-"): v for k, v in dataclasses.asdict(cfg).items()}
-        (self.out_dir / "config.json").write_text(json.dumps(config, indent=2))
+        atomic_write_text(self.out_dir / "config.json", json.dumps(config_dict(cfg), indent=2))
+
+    def resume(self, last_round: int) -> None:
+        """Continue a run: keep the saved rows up to ``last_round`` (the checkpoint's)."""
+        path = self.out_dir / "metrics.json"
+        rows = json.loads(path.read_text()) if path.exists() else []
+        self.rows = [r for r in rows if r["server-round"] <= last_round]
+        self._write()
 
     @classmethod
     def for_config(cls, cfg: RunConfig) -> "RunRecorder":
@@ -55,11 +71,15 @@ class RunRecorder:
     def add_row(self, row: dict) -> None:
         """Append one round's metrics and rewrite the metrics files."""
         self.rows.append({k: _clean(row.get(k)) for k in COLUMNS})
-        (self.out_dir / "metrics.json").write_text(json.dumps(self.rows, indent=1))
-        with open(self.out_dir / "metrics.csv", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=COLUMNS)
-            writer.writeheader()
-            writer.writerows(self.rows)
+        self._write()
+
+    def _write(self) -> None:
+        atomic_write_text(self.out_dir / "metrics.json", json.dumps(self.rows, indent=1))
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(self.rows)
+        atomic_write_text(self.out_dir / "metrics.csv", buf.getvalue())
 
     def summary(self) -> dict:
         """Final accuracy/loss, total MB and seconds of the rows so far."""
@@ -75,7 +95,7 @@ class RunRecorder:
     def finish(self, plot: bool = True) -> dict:
         """Write ``summary.json`` and, with matplotlib, ``plots.png``; return the summary."""
         summary = self.summary()
-        (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        atomic_write_text(self.out_dir / "summary.json", json.dumps(summary, indent=2))
         if plot and self.rows:
             from .plots import plot_runs
 

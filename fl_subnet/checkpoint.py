@@ -1,0 +1,111 @@
+"""Saving the global model and the state to continue a run, atomically.
+
+Every file is written to a temporary name in the same folder, flushed to disk and then
+renamed over the old one (``os.replace``), so a run killed at any instant leaves either
+the previous complete file or the new complete file, never a truncated one.
+
+Layout of a checkpoint folder::
+
+    model.safetensors   the global model's state_dict (safetensors; load it with
+                        :func:`load_model` or ``safetensors.torch.load_file``), with the
+                        checkpoint's metadata in its header (one atomic file)
+    checkpoint.json     the same metadata, readable: {"server-round": r, ...}
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+MODEL_FILE = "model.safetensors"
+STATE_FILE = "checkpoint.json"
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (temporary file, fsync, rename)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def save_model(path: str | Path, state: Mapping[str, torch.Tensor], meta: Mapping[str, object] | None = None) -> None:
+    """Save a ``state_dict`` as safetensors, atomically; ``meta`` (JSON-serialisable)
+    goes into the file's header, so model and metadata can never disagree.
+
+    Tensors are saved as contiguous CPU copies (safetensors stores no aliases).
+    """
+    from safetensors.torch import save
+
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
+    header = {"fl-subnet": json.dumps(dict(meta))} if meta is not None else None
+    atomic_write_bytes(path, save(tensors, metadata=header))
+
+
+def load_model(path: str | Path) -> dict[str, torch.Tensor]:
+    """The ``state_dict`` saved by :func:`save_model` (load it into the full model with
+    ``model.load_state_dict(load_model(path))``).
+
+    Raises
+    ------
+    FileNotFoundError
+        If ``path`` does not exist.
+    ValueError
+        If it is not a safetensors file.
+    """
+    from safetensors.torch import load_file
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"no model file {path}")
+    try:
+        return load_file(str(path))
+    except Exception as err:  # noqa: BLE001 — safetensors raises its own error types
+        raise ValueError(f"{path}: not a safetensors model file ({err})") from None
+
+
+def save_checkpoint(folder: str | Path, state: Mapping[str, torch.Tensor], meta: Mapping[str, object]) -> None:
+    """Save the model with ``meta`` (must hold ``server-round``) in one atomic file, then
+    a readable copy of ``meta`` as ``checkpoint.json``."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    int(meta["server-round"])
+    save_model(folder / MODEL_FILE, state, meta)
+    atomic_write_text(folder / STATE_FILE, json.dumps(dict(meta), indent=2))
+
+
+def load_checkpoint(folder: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """``(model state, meta)`` of the last round saved in ``folder``.
+
+    Raises
+    ------
+    FileNotFoundError
+        If ``folder`` has no ``model.safetensors``.
+    ValueError
+        If the file is not a checkpoint written by :func:`save_checkpoint`.
+    """
+    from safetensors import safe_open
+
+    path = Path(folder) / MODEL_FILE
+    state = load_model(path)
+    with safe_open(str(path), "pt") as f:
+        header = (f.metadata() or {}).get("fl-subnet")
+    if header is None:
+        raise ValueError(f"{path}: a model file without fl-subnet checkpoint metadata")
+    return state, json.loads(header)

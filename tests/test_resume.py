@@ -1,0 +1,146 @@
+"""No lost work: the global model is saved after every round, a run continued from its
+checkpoint ends with exactly the model of an uninterrupted run — also after a SIGKILL at
+any moment — and every results file on disk is always complete."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from fl_subnet.checkpoint import load_checkpoint, load_model
+from fl_subnet.experiments.config import RunConfig
+from fl_subnet.experiments.experiment import RunFailed, run_server
+from fl_subnet.experiments.inprocess_grid import InProcessGrid
+from fl_subnet.experiments.results import RunRecorder
+
+VALUES = {"strategy": "federated-dropout", "num-nodes": 3, "num-server-rounds": 4, "local-steps": 3,
+          "hidden": "32", "lr": 0.1, "seed": 3, "partitioning": "iid"}
+
+
+def run(out: Path, rounds: int, resume: bool = False) -> None:
+    """``fl-subnet run`` in-process: results and checkpoints in ``out``."""
+    import fl_subnet.client_app
+
+    values = {**VALUES, "num-server-rounds": rounds, "out-dir": str(out)}
+    cfg = RunConfig.from_mapping(values)
+    recorder = RunRecorder(out, cfg)
+    if resume:
+        recorder.resume(load_checkpoint(out)[1]["server-round"])
+    grid = InProcessGrid(fl_subnet.client_app.app, cfg.num_nodes, run_config=values)
+    run_server(grid, cfg, on_round=recorder.add_row, checkpoint_dir=out, resume=resume)
+    recorder.finish(plot=False)
+
+
+def assert_files_valid(out: Path) -> None:
+    """Every file there is complete: JSON parses, CSV has the JSON's rows, the model loads."""
+    rows = json.loads((out / "metrics.json").read_text()) if (out / "metrics.json").exists() else []
+    if (out / "metrics.csv").exists():
+        with open(out / "metrics.csv", newline="") as f:
+            assert len(list(csv.DictReader(f))) == len(rows)
+    if (out / "model.safetensors").exists():
+        state, meta = load_checkpoint(out)
+        assert meta["server-round"] <= max((r["server-round"] for r in rows), default=0)
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")], "temporary files left"
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("full")
+    run(out, 4)
+    return out
+
+
+def test_model_saved_every_round_and_loads_into_the_users_model(uninterrupted):
+    from fl_subnet.models import MLP
+
+    state, meta = load_checkpoint(uninterrupted)
+    assert meta["server-round"] == 4 and meta["config"]["strategy"] == "federated-dropout"
+    model = MLP(64, [32], 10)
+    model.load_state_dict(load_model(uninterrupted / "model.safetensors"))  # as the README shows
+    assert_files_valid(uninterrupted)
+
+
+def test_resumed_run_ends_with_the_uninterrupted_model(uninterrupted, tmp_path):
+    run(tmp_path, 2)  # "stopped" after round 2
+    run(tmp_path, 4, resume=True)
+    a, b = load_model(uninterrupted / "model.safetensors"), load_model(tmp_path / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    rows_a = json.loads((uninterrupted / "metrics.json").read_text())
+    rows_b = json.loads((tmp_path / "metrics.json").read_text())
+    assert [r["server-round"] for r in rows_b] == [0, 1, 2, 3, 4]
+    assert [r["eval-acc"] for r in rows_a] == [r["eval-acc"] for r in rows_b]
+    assert [r["cumulative-bytes"] for r in rows_a] == [r["cumulative-bytes"] for r in rows_b]
+
+
+def test_resume_refuses_another_config(uninterrupted, tmp_path):
+    run(tmp_path, 1)
+    import fl_subnet.client_app
+
+    values = {**VALUES, "lr": 0.2, "out-dir": str(tmp_path)}
+    grid = InProcessGrid(fl_subnet.client_app.app, 3, run_config=values)
+    with pytest.raises(ValueError, match=r"\['lr'\]"):
+        run_server(grid, RunConfig.from_mapping(values), checkpoint_dir=tmp_path, resume=True)
+
+
+def test_a_run_with_no_valid_reply_fails_after_writing(tmp_path):
+    from flwr.app import Message, RecordDict
+    from flwr.clientapp import ClientApp
+
+    broken = ClientApp()
+
+    @broken.train()
+    def train(msg, context):  # a ClientApp that cannot train the compact slice
+        return Message(RecordDict(), reply_to=msg)
+
+    values = {**VALUES, "num-server-rounds": 2, "out-dir": str(tmp_path)}
+    cfg = RunConfig.from_mapping(values)
+    recorder = RunRecorder(tmp_path, cfg)
+    with pytest.raises(RunFailed, match="no node produced a valid train reply"):
+        run_server(InProcessGrid(broken, 3, run_config=values), cfg, on_round=recorder.add_row,
+                   checkpoint_dir=tmp_path)
+    rows = json.loads((tmp_path / "metrics.json").read_text())
+    assert [r["num-replies"] for r in rows] == [0, 0, 0] and [r["num-rejected"] for r in rows] == [0, 3, 3]
+
+
+KILLER = """
+import sys
+sys.path.insert(0, {tests!r})
+from test_resume import run
+from pathlib import Path
+run(Path({out!r}), 4)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("after_rows,delay", [(1, 0.0), (2, 0.05), (3, 0.2), (2, 0.5), (4, 0.1)])
+def test_sigkill_at_any_moment_then_resume(uninterrupted, tmp_path, after_rows, delay):
+    script = KILLER.format(tests=str(Path(__file__).parent), out=str(tmp_path))
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    deadline = time.monotonic() + 120
+    metrics = tmp_path / "metrics.json"
+    while proc.poll() is None and time.monotonic() < deadline:
+        try:
+            if len(json.loads(metrics.read_text())) >= after_rows:
+                break
+        except (OSError, ValueError):
+            pass  # not written yet (never a partial file: see assert_files_valid)
+        time.sleep(0.01)
+    time.sleep(delay)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert_files_valid(tmp_path)
+    if (tmp_path / "model.safetensors").exists():
+        run(tmp_path, 4, resume=True)
+    else:  # killed before the first checkpoint: start again
+        run(tmp_path, 4)
+    a, b = load_model(uninterrupted / "model.safetensors"), load_model(tmp_path / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["server-round"] for r in json.loads(metrics.read_text())] == [0, 1, 2, 3, 4]
