@@ -14,6 +14,7 @@ from flwr.serverapp.strategy import FedAvg
 from torch import nn
 
 from fl_subnet.core.aggregate import MaskedAggregator
+from fl_subnet.core.robust import MaskedMedian, MaskedTrimmedMean, cap_weight, screen_update, update_ratio
 from fl_subnet.core.batchnorm import batchnorm_layers, check_policy, recompute_bn_stats
 from fl_subnet.core.spec import analyze
 from fl_subnet.core.masks import Mask, coverage
@@ -23,6 +24,9 @@ from fl_subnet.core.samplers import MaskSampler, generator_for
 from .replies import ReplyError, parse_reply, payload_bytes
 
 log = logging.getLogger(__name__)
+
+
+AGGREGATIONS = ("mean", "median", "trimmed-mean")
 
 
 class SubnetStrategy(FedAvg):
@@ -73,6 +77,27 @@ class SubnetStrategy(FedAvg):
     calibration_batches : Iterable[torch.Tensor], optional
         Re-iterable input batches (a list, a DataLoader yielding inputs) the server
         holds; required by ``batchnorm="static"`` when the model has BatchNorm layers.
+    aggregation : {"mean", "median", "trimmed-mean"}
+        ``mean``: the (weighted) mean over the holders of each entry (default).
+        ``median`` / ``trimmed-mean``: coordinate-wise median / β-trimmed mean over the
+        holders of each entry, unweighted (Yin et al., ICML 2018), robust to a minority
+        of rogue nodes among an entry's holders.
+    trim_fraction : float
+        β of ``trimmed-mean``: ⌊β·h⌋ values dropped at each end of an entry's h holders.
+    max_update_ratio : float, optional
+        Screen every reply: its update norm ``‖W_c − W_k[slice]‖ / ‖W_k[slice]‖`` above
+        this bound is rejected or clipped (``screen``).
+    max_ratio_to_median : float, optional
+        Screen replies whose ratio exceeds this many times the round's median ratio
+        (with ≥ 3 replies): catches a scaled update among honest ones.
+    screen : {"reject", "clip"}
+        What screening does to a reply over the bound.
+    max_num_examples : float, optional
+        Cap on a reply's self-reported ``num-examples`` weight (e.g. the largest
+        partition size the operator knows): one node cannot buy unbounded weight.
+        With every defence at its default (off) the aggregation is exactly Flower's
+        FedAvg rule on the held entries; with defences on, a run in which nothing is
+        screened or capped is bit-identical to one without them.
     **fedavg_kwargs
         Flower FedAvg options: ``fraction_train``, ``fraction_evaluate``,
         ``min_train_nodes``, ``min_evaluate_nodes``, ``min_available_nodes``,
@@ -104,6 +129,12 @@ class SubnetStrategy(FedAvg):
         exclude: Sequence[str] = (),
         batchnorm: str = "averaged",
         calibration_batches: Iterable[torch.Tensor] | None = None,
+        aggregation: str = "mean",
+        trim_fraction: float = 0.25,
+        max_update_ratio: float | None = None,
+        max_ratio_to_median: float | None = None,
+        screen: str = "reject",
+        max_num_examples: float | None = None,
         **fedavg_kwargs,
     ) -> None:
         if num_train_nodes is not None:
@@ -133,6 +164,23 @@ class SubnetStrategy(FedAvg):
         self.denominator = denominator
         self.precision = precision
         MaskedAggregator({}, self.slicer, untouched, denominator, precision)  # validates
+        if aggregation not in AGGREGATIONS:
+            raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
+        if aggregation != "mean" and (denominator != "holders" or untouched != "keep"):
+            raise ValueError(f"aggregation {aggregation!r} needs denominator='holders' and untouched='keep'")
+        self.aggregation = aggregation
+        self.trim_fraction = float(trim_fraction)
+        if aggregation == "trimmed-mean":
+            MaskedTrimmedMean({}, self.slicer, self.trim_fraction)  # validates
+        for key, bound in (("max_update_ratio", max_update_ratio), ("max_ratio_to_median", max_ratio_to_median)):
+            if bound is not None:
+                screen_update({}, {}, bound, screen)  # validates (ValueError naming max_ratio / mode)
+        self.max_update_ratio = max_update_ratio
+        self.max_ratio_to_median = max_ratio_to_median
+        self._screening = max_update_ratio is not None or max_ratio_to_median is not None
+        self.screen = screen
+        cap_weight(1.0, max_num_examples)  # validates
+        self.max_num_examples = max_num_examples
         self.weighted = weighted
         self.seed = int(seed)
         self.order_by_partition = order_by_partition
@@ -142,6 +190,7 @@ class SubnetStrategy(FedAvg):
         self._rank: dict[int, int] = {}
         self._unranked: set[int] = set()
         self._sent: dict[int, Mask] = {}
+        self._out: dict[int, Message] = {}
         self._state: dict[str, torch.Tensor] = {}
         self._bytes_down = 0
         self._t_round = 0.0
@@ -258,6 +307,7 @@ class SubnetStrategy(FedAvg):
         server_round += self.round_offset
         self._t_round = time.perf_counter()
         self._sent = {}
+        self._out = {}
         if self.fraction_train == 0.0 and self.num_train_nodes is None:
             return []
         nodes = self.sample_train_nodes(server_round, grid)
@@ -278,6 +328,7 @@ class SubnetStrategy(FedAvg):
             messages.append(Message(content=content, message_type=MessageType.TRAIN,
                                     dst_node_id=node_id))
             self._sent[node_id] = mask
+            self._out[node_id] = messages[-1]
         log.info("configure_train: round %d, %d nodes, coverage %.3f, %.2f MB down",
                  server_round, len(nodes), coverage(masks, self.groups), self._bytes_down / 1e6)
         return messages
@@ -285,19 +336,29 @@ class SubnetStrategy(FedAvg):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Masked aggregation of the valid replies; malformed ones are logged and skipped.
+        """Masked aggregation of the valid replies; malformed or screened ones are logged
+        (with the node and the reason) and skipped.
 
-        Returns ``(None, metrics)`` when no reply is valid: Flower then keeps the model.
-        Never raises because of a reply's content.
+        Each reply is parsed and checked against the mask sent to its node; with
+        screening on, its update norm relative to the global slice is compared with
+        ``max_update_ratio`` and with ``max_ratio_to_median`` times the round's median;
+        its weight is capped at ``max_num_examples``; then the aggregation rule
+        (``aggregation``) folds the rest in. Returns ``(None, metrics)`` when no reply is
+        valid: Flower then keeps the model. Never raises because of a reply's content.
         """
         server_round += self.round_offset
-        agg = MaskedAggregator(self._state, self.slicer, self.untouched, self.denominator,
-                               self.precision)
-        valid: list[RecordDict] = []
-        used: list[Mask] = []
-        bytes_up, rejected, seen = 0, 0, set()
+        agg = self._aggregator()
+        by_id = {m.metadata.message_id: n for n, m in self._out.items() if m.metadata.message_id}
+        parsed: list[tuple[int, Message, Mask, dict, float, int, float]] = []
+        rejected, clipped, seen = 0, 0, set()
+
+        def reject(node: int, why: object) -> None:
+            nonlocal rejected
+            rejected += 1
+            log.warning("aggregate_train: round %d: rejected reply from node %d: %s", server_round, node, why)
+
         for msg in replies:
-            node = msg.metadata.src_node_id
+            node = by_id.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
             try:
                 if msg.has_error():
                     raise ReplyError(f"error reply: {msg.error.reason}")
@@ -307,13 +368,36 @@ class SubnetStrategy(FedAvg):
                 if mask is None:
                     raise ReplyError("unknown node (no mask was sent to it this round)")
                 compact, weight, size = parse_reply(msg.content, self.weighted_by_key)
-                agg.add(compact, mask, weight if self.weighted else 1.0)
+                agg.check(compact, mask)
+                ratio = update_ratio(compact, self.slicer.gather(self._state, mask)) if self._screening else 0.0
             except Exception as err:  # noqa: BLE001 — a reply must never crash the ServerApp
-                rejected += 1
-                log.warning("aggregate_train: round %d: rejected reply from node %d: %s",
-                            server_round, node, err)
+                reject(node, err)
                 continue
             seen.add(node)
+            parsed.append((node, msg, mask, compact, weight, size, ratio))
+        bound = self.max_update_ratio
+        if self.max_ratio_to_median is not None and len(parsed) >= 3:
+            median = float(torch.tensor([p[-1] for p in parsed]).median())
+            bound = min(bound if bound is not None else float("inf"), self.max_ratio_to_median * median)
+        valid: list[RecordDict] = []
+        used: list[Mask] = []
+        bytes_up = 0
+        for node, msg, mask, compact, weight, size, ratio in parsed:
+            try:
+                if bound is not None and ratio > bound:
+                    compact, _, was_clipped = screen_update(compact, self.slicer.gather(self._state, mask),
+                                                            bound, self.screen)
+                    clipped += int(was_clipped)
+                    log.warning("aggregate_train: round %d: clipped the update of node %d (norm ratio %.3g > %.3g)",
+                                server_round, node, ratio, bound)
+                if self.max_num_examples is not None and weight > self.max_num_examples:
+                    log.warning("aggregate_train: round %d: node %d reports %s %g, capped at %d",
+                                server_round, node, self.weighted_by_key, weight, self.max_num_examples)
+                    weight = cap_weight(weight, self.max_num_examples)
+                agg.add(compact, mask, weight if self.weighted else 1.0)
+            except Exception as err:  # noqa: BLE001
+                reject(node, err)
+                continue
             valid.append(msg.content)
             used.append(mask)
             bytes_up += size
@@ -328,6 +412,7 @@ class SubnetStrategy(FedAvg):
         metrics["coverage"] = coverage(used, self.groups) if used else 0.0
         metrics["num-replies"] = len(valid)
         metrics["num-rejected"] = rejected
+        metrics["num-clipped"] = clipped
         metrics["round-seconds"] = time.perf_counter() - self._t_round
         self.last_train_metrics = metrics
         if not valid:
@@ -337,6 +422,13 @@ class SubnetStrategy(FedAvg):
         if self.batchnorm == "static" and self.calibration_batches is not None:
             new_state = self._recalibrate(new_state)
         return state_to_arrays(new_state), metrics
+
+    def _aggregator(self):
+        if self.aggregation == "median":
+            return MaskedMedian(self._state, self.slicer)
+        if self.aggregation == "trimmed-mean":
+            return MaskedTrimmedMean(self._state, self.slicer, self.trim_fraction)
+        return MaskedAggregator(self._state, self.slicer, self.untouched, self.denominator, self.precision)
 
     def _recalibrate(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Static BatchNorm: the full model's running statistics, recomputed on the
