@@ -19,7 +19,11 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     """Validate the run config (a bad key stops here, naming it), run, save results and the
     global model after every round (``model.safetensors`` in the results folder)."""
-    cfg = RunConfig.from_mapping(context.run_config)
+    try:
+        cfg = RunConfig.from_mapping(context.run_config)
+    except ValueError as err:  # one clear line; the run still fails
+        log.error("fl-subnet: invalid run config: %s", err)
+        raise ValueError(f"invalid run config: {err}") from None
     recorder = RunRecorder.for_config(cfg)
     log.info("fl-subnet: %s, %d rounds; results in %s", cfg.strategy, cfg.num_server_rounds, recorder.out_dir)
     try:

@@ -22,10 +22,19 @@ def build_strategy(cfg: RunConfig, model_factory: Callable[[], nn.Module], *, ex
     ``fraction-train`` applies to FedAvg, federated dropout and IST (at least p
     nodes); dropout and multi-sample dropout take exactly 1 (resp. p) nodes per round.
     ``min_available_nodes`` etc. can be passed through ``fedavg_kwargs``;
-    ``example_input`` and ``calibration_batches`` go to :class:`SubnetStrategy`.
+    ``example_input`` and ``calibration_batches`` go to :class:`SubnetStrategy`;
+    the defences (``aggregation``, ``max-update-ratio``, ...; 0 = off) and
+    ``node-wait-timeout`` come from the config.
     """
+    return _with_timeouts(_build(cfg, model_factory, example_input, calibration_batches, **fedavg_kwargs), cfg)
+
+
+def _build(cfg, model_factory, example_input, calibration_batches, **fedavg_kwargs) -> SubnetStrategy:
     common = dict(seed=cfg.seed, untouched=cfg.untouched, example_input=example_input,
                   batchnorm=cfg.batchnorm, calibration_batches=calibration_batches,
+                  aggregation=cfg.aggregation, trim_fraction=cfg.trim_fraction,
+                  max_update_ratio=cfg.max_update_ratio or None, max_ratio_to_median=cfg.max_ratio_to_median or None,
+                  screen=cfg.screen, max_num_examples=cfg.max_num_examples or None,
                   fraction_evaluate=cfg.fraction_evaluate, **fedavg_kwargs)
     steps = cfg.local_steps
     if cfg.strategy == "fedavg":
@@ -43,3 +52,8 @@ def build_strategy(cfg: RunConfig, model_factory: Callable[[], nn.Module], *, ex
         return MultiSampleDropout(model_factory, cfg.keep_prob, cfg.num_subnets,
                                   loss_average=cfg.loss_average, local_steps=steps, **common)
     raise ValueError(f"strategy must be one of {STRATEGIES}, got {cfg.strategy!r}")
+
+
+def _with_timeouts(strategy: SubnetStrategy, cfg: RunConfig) -> SubnetStrategy:
+    strategy.node_wait_timeout = float(cfg.node_wait_timeout)
+    return strategy

@@ -116,3 +116,106 @@ def test_mask_encoding_stays_small_for_a_million_units():
     ConfigRecord(cfg)  # plain Python types only
     assert len(cfg["mask.big"]) == 125_000  # one bit per unit
     assert torch.equal(mask_from_config(cfg, groups).indices["big"], mask.indices["big"])
+
+
+# --- The run config: one pydantic definition per key, plain ValueErrors naming the key ---------
+
+import dataclasses  # noqa: E402
+import math  # noqa: E402
+import typing  # noqa: E402
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+from fl_subnet.experiments import config as run_config  # noqa: E402
+from fl_subnet.experiments.config import RunConfig  # noqa: E402
+
+
+@pytest.mark.parametrize("mapping,message", [
+    ({"lr": float("inf")}, "lr must be a finite number > 0, got inf"),
+    ({"keep-prob": 0}, "keep-prob must be a finite number in (0, 1], got 0"),
+    ({"num-nodes": "3"}, "num-nodes must be an integer in [1, 10000], got '3'"),
+    ({"num-nodes": True}, "num-nodes must be an integer in [1, 10000], got true"),
+    ({"seed": 2**32}, "seed must be an integer in [0, 4294967295], got 4294967296"),
+    ({"strategy": "fedavgg"}, "strategy must be one of ('fedavg', 'ist', 'dropout', 'multisample-dropout', "
+                              "'federated-dropout'), got 'fedavgg' (did you mean 'fedavg'?)"),
+    ({"strategy": "ist", "num-nodes": 2}, "num-subnets (4) must not exceed num-nodes (2): IST trains one "
+                                          "sub-network per node"),
+    ({"dataset": "synthetic-sequence", "model": "transformer", "partitioning": "pathological",
+      "classes-per-partition": 3}, "classes-per-partition (3) must not exceed the 2 classes of dataset "
+                                   "'synthetic-sequence'"),
+    ({"num-nodes": 1438}, "num-nodes (1438) must not exceed the 1437 training examples of dataset 'digits'"),
+    ({"num_nodes": 3}, "unknown run-config key 'num_nodes' (did you mean 'num-nodes'?); accepted keys: strategy,"),
+])
+def test_run_config_messages(mapping, message):
+    with pytest.raises(ValueError) as info:
+        RunConfig.from_mapping(mapping)
+    assert type(info.value) is ValueError  # not pydantic's ValidationError
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_run_config_keyword_construction_validates_too():
+    with pytest.raises(ValueError, match="^lr must be a finite number > 0, got nan$") as info:
+        RunConfig(lr=float("nan"))
+    assert type(info.value) is ValueError
+    with pytest.raises(ValueError, match="unknown run-config key 'bogus'"):
+        RunConfig(bogus=1)
+    with pytest.raises(ValueError, match="lr must be"):
+        dataclasses.replace(RunConfig(), lr=-1.0)
+    with pytest.raises(ValueError, match="lr must be .* got 'x'; seed must be .* got -1"):  # all at once
+        RunConfig(lr="x", seed=-1)
+
+
+def test_run_config_api():
+    cfg = RunConfig(num_nodes=5.0, lr=1, strategy="ist", num_subnets=2)
+    assert cfg.num_nodes == 5 and type(cfg.num_nodes) is int and cfg.lr == 1.0 and type(cfg.lr) is float
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.lr = 0.5
+    assert RunConfig.keys() == [f.name.replace("_", "-") for f in dataclasses.fields(RunConfig)]
+    assert RunConfig.from_mapping({"num-nodes": 5, "lr": 1, "strategy": "ist", "num-subnets": 2}) == cfg
+    assert RunConfig.from_mapping({"bogus": 1, "lr": 0.2}, ignore_unknown=True).lr == 0.2
+    assert RunConfig(hidden=" 32, 16").hidden_widths() == [32, 16]
+    assert RunConfig(dataset="synthetic-regression", partitioning="iid").loss_name == "mse"
+    assert cfg.train_config()["lr"] == 1.0
+    cfg.validate()
+    # the tuples are the Literal types' arguments: one definition each
+    assert run_config.STRATEGIES == typing.get_args(RunConfig.__pydantic_fields__["strategy"].annotation)
+    assert run_config.MODELS == typing.get_args(RunConfig.__pydantic_fields__["model"].annotation)
+    assert set(run_config.CONV_MODELS) < set(run_config.MODELS)
+    assert set(run_config.IMAGE_DATASETS) < set(run_config.DATASETS) == set(run_config.DATASET_INFO)
+    assert run_config.CHOICES["partitioning"] == run_config.PARTITIONINGS
+    from fl_subnet.experiments.data import DATASET_NAMES
+    assert set(DATASET_NAMES) == set(run_config.DATASETS)
+    for key in RunConfig.keys():  # every key is documented, with what it allows
+        assert f"    {key} : {run_config.allowed(key)}, default" in RunConfig.__doc__
+
+
+_VALUES = st.one_of(
+    st.none(), st.booleans(), st.integers(min_value=-2**70, max_value=2**70), st.floats(), st.text(max_size=12),
+    st.sampled_from(["fedavg", "ist", "digits", "cnn", "iid", "128,64", "0", "auto", "mse", "1e3"]),
+    st.lists(st.integers(), max_size=3), st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),
+    st.dates(), st.datetimes(), st.times(), st.binary(max_size=4),
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(key=st.sampled_from(RunConfig.keys()), value=_VALUES)
+def test_any_value_of_any_key_is_accepted_or_a_value_error_naming_it(key, value):
+    try:
+        cfg = RunConfig.from_mapping({key: value})
+    except ValueError as err:
+        assert type(err) is ValueError
+        assert key in str(err) and "\n" not in str(err)
+        return
+    got = getattr(cfg, key.replace("-", "_"))
+    default = dataclasses.fields(RunConfig)[RunConfig.keys().index(key)].default
+    assert type(got) is type(default) and got == value  # the value itself, of the key's type: no coercion
+    assert isinstance(value, bool) == isinstance(default, bool)  # true is not 1, 1 is not true
+    assert not isinstance(got, float) or math.isfinite(got)
+
+
+def test_defence_choices_equal_the_librarys():
+    from fl_subnet.core.robust import SCREEN_MODES
+    from fl_subnet.experiments.config import CHOICES
+    from fl_subnet.strategies.base import AGGREGATIONS
+
+    assert CHOICES["aggregation"] == AGGREGATIONS and CHOICES["screen"] == SCREEN_MODES

@@ -70,7 +70,7 @@ def test_bad_scenario_stops_before_training(tmp_path, capsys, line, key, monkeyp
     sc = _scenario(tmp_path, "bad", "\n".join(lines) + "\n" + line + "\n")
     monkeypatch.setattr(cli, "run_one", lambda *a, **k: pytest.fail("training started"))
     assert cli.main(["run", str(sc), "--out", str(tmp_path / "o")]) == 2
-    assert key in capsys.readouterr().out
+    assert key in capsys.readouterr().err
 
 
 def test_interrupted_run_keeps_finished_rounds(tmp_path, monkeypatch):

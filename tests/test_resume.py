@@ -144,3 +144,19 @@ def test_sigkill_at_any_moment_then_resume(uninterrupted, tmp_path, after_rows, 
     a, b = load_model(uninterrupted / "model.safetensors"), load_model(tmp_path / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert [r["server-round"] for r in json.loads(metrics.read_text())] == [0, 1, 2, 3, 4]
+
+
+def test_cli_resume_continues_to_the_same_model(uninterrupted, tmp_path):
+    import tomli_w
+
+    from fl_subnet.experiments import cli
+
+    scenario = tmp_path / "s.toml"
+    scenario.write_text(tomli_w.dumps({**VALUES, "num-server-rounds": 2}))
+    out = tmp_path / "run"
+    assert cli.main(["run", str(scenario), "--out", str(out)]) == 0
+    assert cli.main(["run", "--resume", str(out), "--rounds", "4"]) == 0
+    a, b = load_model(uninterrupted / "model.safetensors"), load_model(out / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert cli.main(["run", "--resume", str(tmp_path / "nothing")]) == 2
+    assert cli.main(["run", str(scenario), "--resume", str(out)]) == 2  # one of the two

@@ -8,6 +8,13 @@ A scenario is a TOML file of run-config keys (the same keys ``flwr run . --run-c
 takes). Runs use :class:`~fl_subnet.experiments.inprocess_grid.InProcessGrid`: the real ServerApp
 and ClientApp code, one node after the other in this process, without Ray — the same
 metrics as ``flwr run`` for the same scenario and seed (a test checks it).
+
+Every scenario is validated before anything is loaded or trained. A bad one (a file
+that is missing or not UTF-8 TOML, an unknown key, a value of the wrong type or out of
+range, keys that do not fit together) gets one line on stderr naming the file and the
+key, never a traceback; ``compare`` and ``sweep`` run the valid ones all the same.
+Exit status: 0 all runs finished; 2 bad input (a scenario, ``--set``, ``--vary``);
+1 a run failed (e.g. a data set that cannot be loaded); 130 interrupted.
 """
 
 from __future__ import annotations
@@ -23,29 +30,70 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from .config import RunConfig
+from .config import RunConfig, unknown_key_message
 from .results import RunRecorder
 
 console = Console(width=max(Console().width, 110))  # room for the results table
 
 
-def load_scenario(path: str | Path, overrides: dict | None = None) -> dict:
-    """Read a scenario TOML (flat run-config keys) and validate it.
+#: A scenario is a short text file; anything larger is refused before it is read.
+MAX_SCENARIO_BYTES = 1 << 20
+
+
+def read_scenario_file(path: str | Path) -> dict:
+    """The flat key/value table of a scenario file, without validating the keys.
 
     Raises
     ------
     ValueError
-        Naming the file and the key: unknown key, wrong type, value out of range;
-        or a TOML syntax error.
+        Naming the file: missing, not a regular file (a directory, a device), larger
+        than :data:`MAX_SCENARIO_BYTES`, unreadable, not UTF-8 text, or not valid TOML.
     """
     path = Path(path)
     try:
-        values = tomllib.loads(path.read_text())
+        if path.is_dir():
+            raise ValueError(f"{path}: is a directory, not a scenario file")
+        if not path.exists():
+            raise ValueError(f"{path}: no such scenario file")
+        if not path.is_file():
+            raise ValueError(f"{path}: not a regular file")
+        size = path.stat().st_size
+        if size > MAX_SCENARIO_BYTES:
+            raise ValueError(f"{path}: {size} bytes is too large for a scenario file "
+                             f"(at most {MAX_SCENARIO_BYTES}); a scenario is a short TOML text file")
+        data = path.read_bytes()
+    except OSError as err:
+        raise ValueError(f"{path}: cannot read scenario file: {err.strerror or err}") from None
+    try:
+        text = data.decode("utf-8-sig")  # a UTF-8 byte-order mark (some editors write one) is fine
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not a UTF-8 text file (byte 0x{data[err.start]:02x} at offset {err.start}); "
+                         "a scenario is a TOML text file") from None
+    try:
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
         raise ValueError(f"{path}: not valid TOML: {err}") from None
-    nested = [k for k, v in values.items() if isinstance(v, dict)]
-    if nested:
-        raise ValueError(f"{path}: scenario keys must be flat run-config keys, found table(s) {nested}")
+
+
+def load_scenario(path: str | Path, overrides: dict | None = None) -> dict:
+    """Read a scenario TOML (flat run-config keys) and validate it.
+
+    An empty file is a valid scenario: every key at its default. Validation covers every
+    key on its own and the combinations (:class:`RunConfig`), before any data is loaded.
+
+    Raises
+    ------
+    ValueError
+        One line naming the file and the key: unknown key, wrong type, value out of
+        range, keys that do not fit together; or a file that is not a TOML text file
+        (see :func:`read_scenario_file`).
+    """
+    values = read_scenario_file(path)
+    known = set(RunConfig.keys())
+    tables = [k for k, v in values.items() if isinstance(v, dict) and k not in known]
+    if tables:
+        raise ValueError(f"{path}: [{tables[0]}] is a table; a scenario file holds flat run-config keys "
+                         f"(no [sections]); accepted keys: {', '.join(RunConfig.keys())}")
     values.update(overrides or {})
     try:
         RunConfig.from_mapping(values)
@@ -54,8 +102,11 @@ def load_scenario(path: str | Path, overrides: dict | None = None) -> dict:
     return values
 
 
-def run_one(values: dict, out_dir: Path, progress: Progress | None = None, label: str = "") -> dict:
-    """Run one validated scenario into ``out_dir``; return its summary."""
+def run_one(values: dict, out_dir: Path, progress: Progress | None = None, label: str = "",
+            resume: bool = False) -> dict:
+    """Run one validated scenario into ``out_dir`` (results, and the model checkpointed
+    after every round); ``resume``: continue from the checkpoint there. Returns the summary."""
+    from fl_subnet.checkpoint import load_checkpoint
     from fl_subnet.client_app import app as client_app
     from .experiment import run_server
     from .inprocess_grid import InProcessGrid
@@ -63,7 +114,11 @@ def run_one(values: dict, out_dir: Path, progress: Progress | None = None, label
     values = {**values, "out-dir": str(out_dir)}
     cfg = RunConfig.from_mapping(values)
     recorder = RunRecorder(out_dir, cfg)
-    task = progress.add_task(label or cfg.strategy, total=cfg.num_server_rounds) if progress else None
+    done = 0
+    if resume:
+        done = int(load_checkpoint(out_dir)[1]["server-round"])
+        recorder.resume(done)
+    task = progress.add_task(label or cfg.strategy, total=cfg.num_server_rounds, completed=done) if progress else None
 
     def on_round(row: dict) -> None:
         recorder.add_row(row)
@@ -73,8 +128,28 @@ def run_one(values: dict, out_dir: Path, progress: Progress | None = None, label
                             + (f"acc {acc:.3f}" if acc == acc else f"loss {row['full-train-loss']:.3g}"))
 
     grid = InProcessGrid(client_app, cfg.num_nodes, run_config=values)
-    run_server(grid, cfg, on_round=on_round)
+    run_server(grid, cfg, on_round=on_round, checkpoint_dir=out_dir, resume=resume)
     return recorder.finish()
+
+
+def _resume_scenario(folder: Path) -> dict:
+    """The saved run's config (``config.json``), for --resume.
+
+    Raises
+    ------
+    FileNotFoundError / ValueError
+        Naming the folder: no such run, or no checkpoint yet (start the run again).
+    """
+    from fl_subnet.checkpoint import MODEL_FILE
+
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"--resume: {folder} holds no run (no config.json)")
+    if not (folder / MODEL_FILE).is_file():
+        raise ValueError(f"--resume: {folder} has no checkpoint yet (killed before round 0 was saved): "
+                         "start the run again")
+    values = json.loads((folder / "config.json").read_text())
+    values.pop("out-dir", None)
+    return values
 
 
 def _table(summaries: list[dict]) -> Table:
@@ -94,11 +169,17 @@ def _progress() -> Progress:
                     TimeElapsedColumn(), console=console)
 
 
+def _error(err: object) -> None:
+    """One line on stderr (never a traceback): ``fl-subnet: error: <message>``."""
+    print("fl-subnet: error: " + " ".join(str(err).split("\n")), file=sys.stderr, flush=True)
+
+
 def _parse_set(items: list[str]) -> dict:
     out = {}
     for item in items:
         key, sep, raw = item.partition("=")
-        if not sep:
+        key = key.strip()
+        if not sep or not key:
             raise ValueError(f"--set expects key=value, got {item!r}")
         try:
             out[key] = tomllib.loads(f"v = {raw}")["v"]
@@ -112,7 +193,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fl-subnet", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p_run = sub.add_parser("run", help="run one scenario")
-    p_run.add_argument("scenario")
+    p_run.add_argument("scenario", nargs="?", help="scenario TOML file (not with --resume)")
+    p_run.add_argument("--resume", metavar="DIR", help="continue the run saved in DIR after its last finished "
+                       "round (its config.json; --rounds may extend it)")
     p_cmp = sub.add_parser("compare", help="run several scenarios on the same data and seeds")
     p_cmp.add_argument("scenarios", nargs="+")
     p_sw = sub.add_parser("sweep", help="run one scenario per value of a key; plot the loss floor")
@@ -125,49 +208,104 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override run-config keys")
         p.add_argument("-v", "--verbose", action="store_true", help="show Flower's and fl-subnet's logs")
     args = parser.parse_args(argv)
+
+    # Validate every scenario first: a bad one fails in well under a second, before
+    # Flower's logging, data loading or model building.
+    files = args.scenarios if args.command == "compare" else [args.scenario]
+    resume = getattr(args, "resume", None)
+    if args.command == "run" and (resume is None) == (args.scenario is None):
+        _error("run takes a scenario file or --resume DIR (one of the two)")
+        return 2
+    resumed: dict | None = None
+    if resume is not None:
+        try:
+            resumed = _resume_scenario(Path(resume))
+        except (OSError, ValueError) as err:
+            _error(err)
+            return 2
+        files = [str(Path(resume) / "config.json")]
+        if args.out is not None and Path(args.out).resolve() != Path(resume).resolve():
+            _error("--resume continues in its own folder: drop --out")
+            return 2
+        args.out = resume
+    try:
+        overrides = _parse_set(args.set)
+        if args.rounds is not None:
+            overrides["num-server-rounds"] = args.rounds
+        key, sweep_values = None, []
+        if args.command == "sweep":
+            key, _, raw = args.vary.partition("=")
+            key = key.strip()
+            sweep_values = [_parse_set([f"{key}={v}"])[key] for v in raw.split(",") if v.strip()]
+            if not key or not sweep_values:
+                raise ValueError(f"--vary expects KEY=V1,V2,..., got {args.vary!r}")
+        for k in [*overrides, *([key] if key else [])]:
+            if k not in RunConfig.keys():
+                raise ValueError(f"{'--vary' if k == key else '--set'}: {unknown_key_message(k)}")
+        if args.command == "sweep":
+            read_scenario_file(files[0])  # a file-level error once, not once per value
+    except ValueError as err:
+        _error(err)
+        return 2
+    if args.command == "sweep":
+        stem = Path(files[0]).stem
+        planned = [(f"{stem}-{key}-{v}", files[0], {key: v}, f"{key}={v}: ") for v in sweep_values]
+    else:
+        planned = [(Path(f).stem, f, {}, "") for f in files]
+    scenarios, good_values, invalid, seen = [], [], 0, set()
+    for (name, file, extra, prefix), value in zip(planned, sweep_values or [None] * len(planned)):
+        try:
+            if resumed is not None:
+                RunConfig.from_mapping({**resumed, **overrides})
+                scenarios.append((Path(resume).name, {**resumed, **overrides}))
+            else:
+                scenarios.append((name, load_scenario(file, {**overrides, **extra})))
+            good_values.append(value)
+        except ValueError as err:
+            invalid += 1
+            if str(err) not in seen:  # a sweep's base scenario error: once, not per value
+                seen.add(str(err))
+                _error(f"{prefix}{err}")
+    if not scenarios:
+        return 2
+    if invalid:
+        _error(f"{invalid} of {len(planned)} scenarios are invalid and skipped; running the other {len(scenarios)}")
+
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     import flwr.common.logger  # noqa: F401  (Flower sets up its logger on import: do it first)
 
     logging.getLogger("flwr").setLevel(logging.INFO if args.verbose else logging.ERROR)
 
-    files = args.scenarios if args.command == "compare" else [args.scenario]
-    try:
-        overrides = _parse_set(args.set)
-        if args.rounds is not None:
-            overrides["num-server-rounds"] = args.rounds
-        if args.command == "sweep":
-            key, _, raw = args.vary.partition("=")
-            sweep_values = [_parse_set([f"{key}={v}"])[key] for v in raw.split(",") if v]
-            if not sweep_values:
-                raise ValueError(f"--vary expects KEY=V1,V2,..., got {args.vary!r}")
-            stem = Path(files[0]).stem
-            scenarios = [(f"{stem}-{key}-{v}", load_scenario(files[0], {**overrides, key: v}))
-                         for v in sweep_values]
-        else:
-            scenarios = [(Path(f).stem, load_scenario(f, overrides)) for f in files]
-    except (ValueError, OSError) as err:
-        console.print(f"[red]error:[/red] {err}")
-        return 2
+    from .experiment import RunFailed  # after validation: torch and Flower are loaded by now
+
     default = {"run": scenarios[0][0], "compare": "compare", "sweep": Path(files[0]).stem + "-sweep"}
     base = Path(args.out or (Path("runs") / default[args.command]))
-    summaries = []
+    summaries, ran_values, failed = [], [], 0
     try:
         with _progress() as progress:
-            for name, values in scenarios:
+            for (name, values), value in zip(scenarios, good_values):
                 out = base if args.command == "run" else base / name
-                summaries.append(run_one(values, out, progress, label=name))
+                try:
+                    summaries.append(run_one(values, out, progress, label=name, resume=resume is not None))
+                    ran_values.append(value)
+                except (ValueError, OSError, RunFailed) as err:  # no Dirichlet split, data offline, diverged
+                    logging.getLogger(__name__).info("run %s failed", name, exc_info=True)  # -v shows where
+                    _error(f"{name}: run failed: {err}")
+                    failed += 1
     except KeyboardInterrupt:
         console.print(f"[yellow]interrupted[/yellow]: metrics of the finished rounds are in {base}")
         return 130
+    if not summaries:
+        return 1
     console.print(_table(summaries))
     if args.command == "sweep":
         from .results import load_rows
         from .sweep import write_sweep
 
         runs = {Path(s["out-dir"]).name: load_rows(s["out-dir"]) for s in summaries}
-        result = write_sweep(base, key, sweep_values, runs, title=f"{Path(files[0]).stem}: {key} sweep")
-        for v, (label, floor) in zip(sweep_values, result["floors"].items()):
+        result = write_sweep(base, key, ran_values, runs, title=f"{Path(files[0]).stem}: {key} sweep")
+        for v, (label, floor) in zip(ran_values, result["floors"].items()):
             console.print(f"{key} = {v}: loss floor {floor:.4g}")
         console.print(f"plots: {base / 'sweep-loss.png'}, {base / 'sweep-floor.png'}")
     if args.command == "compare":
@@ -179,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
         (base / "summary.json").write_text(json.dumps(summaries, indent=2))
         console.print(f"comparison plot: {plot}")
     console.print(f"results (metrics.json, metrics.csv, summary.json, plots.png) under {base.resolve()}")
-    return 0
+    return 2 if invalid else 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -2,98 +2,227 @@
 
 The same keys are used in ``[tool.flwr.app.config]`` (pyproject.toml), in
 ``flwr run . --run-config``, in scenario TOML files and by the ``fl-subnet`` command.
+
+:class:`RunConfig` is a frozen pydantic (v2) dataclass and the one definition of every
+key: its type, range or choices (the ``Literal`` types and ``Annotated`` bounds below),
+default and meaning. Everything else is derived from it: the tuples
+:data:`STRATEGIES`, :data:`DATASETS`, :data:`MODELS`, ... (``typing.get_args`` of the
+``Literal`` types), the error messages (:func:`allowed`), the key list
+(:meth:`RunConfig.keys`) and the "Keys" section of :class:`RunConfig`'s docstring.
+
+Every invalid value raises ``ValueError`` (never pydantic's ``ValidationError``) whose
+message names the kebab-case key, the bad value and what is allowed, e.g.
+``lr must be a finite number > 0, got inf``.
 """
 
-from __future__ import annotations
-
+import difflib
+import numbers
+import re
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import fields
+from typing import Annotated, Any, Literal, NamedTuple, get_args, get_origin
 
-STRATEGIES = ("fedavg", "ist", "dropout", "multisample-dropout", "federated-dropout")
-DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "synthetic-regression", "synthetic-sequence")
-IMAGE_DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10")
-PARTITIONINGS = ("iid", "dirichlet", "pathological")
-MODELS = ("mlp", "shallow-relu", "cnn", "cnn-bn", "resnet", "transformer")
-CONV_MODELS = ("cnn", "cnn-bn", "resnet")
-DATA_SCOPES = ("local", "all")
-CHOICES = {
-    "strategy": STRATEGIES, "dataset": DATASETS, "partitioning": PARTITIONINGS,
-    "model": MODELS, "data-scope": DATA_SCOPES, "ist-scaling": ("none", "p"),
-    "partition-mode": ("equal", "iid"), "untouched": ("keep", "zero"),
-    "loss": ("auto", "cross-entropy", "mse"), "batchnorm": ("averaged", "static"),
+import annotated_types as at
+from pydantic import AfterValidator, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic.dataclasses import dataclass
+
+# --- Choices: one Literal per key; the public tuples are derived from them -------------------
+
+Strategy = Literal["fedavg", "ist", "dropout", "multisample-dropout", "federated-dropout"]
+ImageDataset = Literal["digits", "mnist", "fashion-mnist", "cifar10"]
+Dataset = Literal[ImageDataset, "synthetic-regression", "synthetic-sequence"]
+Partitioning = Literal["iid", "dirichlet", "pathological"]
+ConvModel = Literal["cnn", "cnn-bn", "resnet"]
+Model = Literal["mlp", "shallow-relu", ConvModel, "transformer"]
+DataScope = Literal["local", "all"]
+LossChoice = Literal["auto", "cross-entropy", "mse"]
+BatchNormPolicy = Literal["averaged", "static"]
+IstScaling = Literal["none", "p"]
+PartitionMode = Literal["equal", "iid"]
+Untouched = Literal["keep", "zero"]
+Aggregation = Literal["mean", "median", "trimmed-mean"]  # = strategies.base.AGGREGATIONS (tested)
+ScreenMode = Literal["reject", "clip"]  # = fl_subnet.core.robust.SCREEN_MODES (tested)
+
+STRATEGIES: tuple[str, ...] = get_args(Strategy)
+DATASETS: tuple[str, ...] = get_args(Dataset)
+IMAGE_DATASETS: tuple[str, ...] = get_args(ImageDataset)
+PARTITIONINGS: tuple[str, ...] = get_args(Partitioning)
+MODELS: tuple[str, ...] = get_args(Model)
+CONV_MODELS: tuple[str, ...] = get_args(ConvModel)
+DATA_SCOPES: tuple[str, ...] = get_args(DataScope)
+#: Strategies that train one sub-network per node: ``num-subnets`` must not exceed ``num-nodes``.
+ONE_SUBNET_PER_NODE = {"ist": "IST", "multisample-dropout": "multi-sample dropout"}
+
+
+class DatasetInfo(NamedTuple):
+    """What the run config must know of a data set to validate a scenario without loading it."""
+
+    classes: int
+    """Number of classes (0: regression)."""
+    train_rows: int | None
+    """Rows of the training split at the loaders' defaults (None: ``num-samples``)."""
+
+
+#: Facts checked against the run config (see :mod:`fl_subnet.experiments.data`): digits has
+#: 1,797 rows, 1,437 of them train at the loader's default test fraction 0.2.
+DATASET_INFO: dict[str, DatasetInfo] = {
+    "digits": DatasetInfo(10, 1437),
+    "mnist": DatasetInfo(10, 60_000),
+    "fashion-mnist": DatasetInfo(10, 60_000),
+    "cifar10": DatasetInfo(10, 50_000),
+    "synthetic-regression": DatasetInfo(0, None),
+    "synthetic-sequence": DatasetInfo(2, None),
 }
+if tuple(DATASET_INFO) != DATASETS:  # pragma: no cover  (a programming error, caught on import)
+    raise AssertionError(f"DATASET_INFO {tuple(DATASET_INFO)} must list DATASETS {DATASETS}")
 
 
-@dataclass(frozen=True)
+# --- Value types: type and range in one place each --------------------------------------------
+
+class _Allowed(NamedTuple):
+    """Annotated metadata: the text of what a free-form key allows (shown in its error message)."""
+
+    text: str
+
+
+def _whole_number(value: Any) -> Any:
+    """An integral float (``5.0``) or a numpy integer as ``int``; anything else unchanged (for
+    the strict int check: ``"3"``, ``true``, ``5.5`` stay invalid)."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    return value
+
+
+def Int(lo: int, hi: int, doc: str):  # noqa: N802  (a type factory)
+    """An ``int`` key in ``[lo, hi]``."""
+    return Annotated[int, BeforeValidator(_whole_number), Field(strict=True, ge=lo, le=hi, description=doc)]
+
+
+def Number(doc: str, **bounds: float):  # noqa: N802
+    """A finite ``float`` key (an int is accepted as a float); ``bounds``: gt/ge/lt/le."""
+    return Annotated[float, Field(strict=True, allow_inf_nan=False, description=doc, **bounds)]
+
+
+def Choice(choices, doc: str):  # noqa: N802
+    """A string key, one of the ``Literal`` ``choices``."""
+    return Annotated[choices, Field(description=doc)]
+
+
+MAX_WIDTH = 100_000
+MAX_LAYERS = 100
+_WIDTH = re.compile(r"[0-9]+")
+
+
+def _check_hidden(value: str) -> str:
+    parts = [w.strip() for w in value.split(",")]
+    if not 1 <= len(parts) <= MAX_LAYERS or not all(_WIDTH.fullmatch(w) and 1 <= int(w) <= MAX_WIDTH for w in parts):
+        raise ValueError("bad hidden widths")
+    return value
+
+
+def _check_path(value: str) -> str:
+    if "\x00" in value:
+        raise ValueError("NUL in path")
+    return value
+
+
+HiddenWidths = Annotated[
+    str, AfterValidator(_check_hidden),
+    _Allowed(f"a string of comma-separated widths, each an integer in [1, {MAX_WIDTH}] "
+             f'(at most {MAX_LAYERS} widths), e.g. "128,64"'),
+    Field(strict=True, description="Hidden widths of the MLP, e.g. ``\"128,64\"``; for ``shallow-relu`` the "
+                                   "single width m; unused by the other models."),
+]
+FolderPath = Annotated[
+    str, AfterValidator(_check_path), _Allowed("a folder path (a string without NUL characters)"),
+    Field(strict=True, description="Output folder of ``flwr run`` (empty: ``runs/<strategy>-<time>``); "
+                                   "``fl-subnet`` sets it from ``--out``."),
+]
+
+_CONFIG = ConfigDict(strict=True, extra="forbid")
+
+
+@dataclass(frozen=True, config=_CONFIG)
 class RunConfig:
     """All settings of one run. Field ``x_y`` is run-config key ``x-y``.
 
-    Attributes
-    ----------
-    strategy : str
-        One of :data:`STRATEGIES`.
-    num_server_rounds : int
-        Server rounds k.
-    num_nodes : int
-        Nodes (= data partitions) for ``fl-subnet run``; under ``flwr run`` the
-        federation's ``num-supernodes`` decides and should match.
-    keep_prob : float
-        ξ ∈ (0, 1] (dropout family).
-    num_subnets : int
-        p ≥ 1 (IST, multi-sample dropout).
-    local_steps, local_epochs : int
-        τ local steps; if τ = 0, E local epochs.
-    data_scope : str
-        ``local``: each node trains on its own partition (federated); ``all``: every
-        node sees the whole training set (the paper's setting).
-    model : str
-        ``mlp``/``shallow-relu`` (any data set, flat features); ``cnn`` (Flower's
-        template CNN), ``cnn-bn`` (CNN with BatchNorm), ``resnet`` (small pre-activation
-        ResNet) on image data sets, read as ``(C, H, W)`` images; ``transformer``
-        (encoder with ``nn.MultiheadAttention``) on ``synthetic-sequence``.
-    hidden : str
-        Comma-separated hidden widths of the MLP, e.g. ``"128,64"``; for
-        ``shallow-relu`` the single width m; unused by the other models.
-    batchnorm : str
-        BatchNorm policy (:mod:`fl_subnet.core.batchnorm`): ``averaged`` running
-        statistics, or ``static`` (HeteroFL): batch statistics on the nodes, running
-        statistics recomputed by the server on the training data after each round.
+    Construct it with keyword arguments (``RunConfig(strategy="ist", num_subnets=2)``) or
+    from kebab-case keys (:meth:`from_mapping`); either way every value is validated, and
+    an invalid one raises ``ValueError`` naming the key, the value and what is allowed.
+    The "Keys" section below is generated from the field definitions.
     """
 
-    strategy: str = "fedavg"
-    num_server_rounds: int = 5
-    num_nodes: int = 10
-    keep_prob: float = 0.5
-    num_subnets: int = 4
-    local_steps: int = 10
-    local_epochs: int = 1
-    lr: float = 0.1
-    momentum: float = 0.0
-    weight_decay: float = 0.0
-    batch_size: int = 32
-    loss: str = "auto"
-    seed: int = 0
-    dataset: str = "digits"
-    partitioning: str = "dirichlet"
-    dirichlet_alpha: float = 0.5
-    classes_per_partition: int = 2
-    data_scope: str = "local"
-    num_samples: int = 1000
-    input_dim: int = 20
-    model: str = "mlp"
-    hidden: str = "128,64"
-    batchnorm: str = "averaged"
-    fraction_train: float = 1.0
-    fraction_evaluate: float = 0.0
-    ist_scaling: str = "none"
-    partition_mode: str = "equal"
-    loss_average: bool = False
-    untouched: str = "keep"
-    out_dir: str = ""
+    strategy: Choice(Strategy, "The federated strategy (:data:`STRATEGIES`).") = "fedavg"
+    num_server_rounds: Int(1, 100_000, "Server rounds k.") = 5
+    num_nodes: Int(1, 10_000, "Nodes (= data partitions) for ``fl-subnet run``; under ``flwr run`` the "
+                              "federation's ``num-supernodes`` decides and should match.") = 10
+    keep_prob: Number("ξ, the keep probability of a unit (dropout family).", gt=0.0, le=1.0) = 0.5
+    num_subnets: Int(1, 10_000, "p, sub-networks per round (IST, multi-sample dropout: one per node).") = 4
+    local_steps: Int(0, 1_000_000, "τ local steps per round; 0: ``local-epochs`` epochs.") = 10
+    local_epochs: Int(0, 10_000, "Local epochs per round when ``local-steps`` is 0.") = 1
+    lr: Number("Learning rate of the nodes' SGD.", gt=0.0) = 0.1
+    momentum: Number("SGD momentum.", ge=0.0, lt=1.0) = 0.0
+    weight_decay: Number("SGD weight decay.", ge=0.0) = 0.0
+    batch_size: Int(0, 1_000_000, "Mini-batch size; 0: full batch (the paper's GD).") = 32
+    loss: Choice(LossChoice, "Training loss; ``auto``: ``mse`` for synthetic-regression, else "
+                             "cross-entropy.") = "auto"
+    seed: Int(0, 2**32 - 1, "Seeds data split, partitions, masks and model init (numpy's range).") = 0
+    dataset: Choice(Dataset, "The data set (:data:`DATASETS`).") = "digits"
+    partitioning: Choice(Partitioning, "How the training set is split over the nodes.") = "dirichlet"
+    dirichlet_alpha: Number("Dirichlet concentration (smaller: more label skew).", gt=0.0) = 0.5
+    classes_per_partition: Int(1, max(i.classes for i in DATASET_INFO.values()),
+                               "Classes per node (``pathological`` partitioning); at most the data "
+                               "set's classes.") = 2
+    data_scope: Choice(DataScope, "``local``: each node trains on its own partition (federated); ``all``: "
+                                  "every node sees the whole training set (the paper's setting).") = "local"
+    num_samples: Int(1, 10_000_000, "Training rows of the synthetic data sets.") = 1000
+    input_dim: Int(1, 100_000, "Input dimension (synthetic-regression) or sequence length "
+                               "(synthetic-sequence).") = 20
+    model: Choice(Model, "``mlp``/``shallow-relu`` (any data set, flat features); ``cnn`` (Flower's template "
+                         "CNN), ``cnn-bn`` (CNN with BatchNorm), ``resnet`` (small pre-activation ResNet) on "
+                         "image data sets, read as ``(C, H, W)`` images; ``transformer`` (encoder with "
+                         "``nn.MultiheadAttention``) on ``synthetic-sequence``.") = "mlp"
+    hidden: HiddenWidths = "128,64"
+    batchnorm: Choice(BatchNormPolicy, "BatchNorm policy (:mod:`fl_subnet.core.batchnorm`): ``averaged`` "
+                                       "running statistics, or ``static`` (HeteroFL): batch statistics on the "
+                                       "nodes, running statistics recomputed by the server after each "
+                                       "round.") = "averaged"
+    fraction_train: Number("Fraction of the nodes trained per round (FedAvg, federated dropout, IST).",
+                           ge=0.0, le=1.0) = 1.0
+    fraction_evaluate: Number("Fraction of the nodes evaluating per round.", ge=0.0, le=1.0) = 0.0
+    ist_scaling: Choice(IstScaling, "IST output scaling: ``none`` or ``p``.") = "none"
+    partition_mode: Choice(PartitionMode, "IST unit partition: ``equal`` sizes or ``iid`` assignment.") = "equal"
+    loss_average: Annotated[bool, Field(strict=True, description="Multi-sample dropout: Inoue's 1/p loss "
+                                        "average instead of the per-unit mean over holders.")] = False
+    untouched: Choice(Untouched, "Units no node trained this round: ``keep`` or ``zero``.") = "keep"
+    aggregation: Choice(Aggregation, "``mean`` over the holders of each entry (weighted by ``num-examples``), "
+                                     "or the robust ``median`` / ``trimmed-mean`` (unweighted, Yin et al. "
+                                     "2018).") = "mean"
+    trim_fraction: Number("β of ``trimmed-mean``: the fraction of an entry's holders dropped at each end.",
+                          ge=0.0, lt=0.5) = 0.25
+    max_update_ratio: Number("Screen replies whose update norm exceeds this multiple of the global slice's "
+                             "norm; 0: off.", ge=0.0) = 0.0
+    max_ratio_to_median: Number("Screen replies whose update-norm ratio exceeds this multiple of the round's "
+                                "median; 0: off.", ge=0.0) = 0.0
+    screen: Choice(ScreenMode, "What screening does to a reply over a bound: ``reject`` or ``clip``.") = "reject"
+    max_num_examples: Int(0, 10**12, "Cap on a reply's self-reported ``num-examples`` weight; 0: no cap.") = 0
+    round_timeout: Number("Seconds a round waits for the nodes' replies (Flower's timeout).", gt=0.0) = 3600.0
+    node_wait_timeout: Number("Seconds to wait for enough connected nodes before giving up with an error.",
+                              gt=0.0) = 60.0
+    out_dir: FolderPath = ""
+
+    @model_validator(mode="after")
+    def _check_combination(self) -> "RunConfig":
+        self.validate()
+        return self
 
     @classmethod
     def keys(cls) -> list[str]:
-        """All accepted run-config keys (kebab-case)."""
+        """All accepted run-config keys (kebab-case), in field order."""
         return [f.name.replace("_", "-") for f in fields(cls)]
 
     @classmethod
@@ -104,63 +233,63 @@ class RunConfig:
         ------
         ValueError
             Naming the key: unknown key (with the accepted keys), wrong type, a value
-            outside its allowed set or range.
+            outside its allowed set or range, or a combination of keys that cannot run.
         """
-        types = {f.name: f.type for f in fields(cls)}
+        if not isinstance(values, Mapping):
+            raise ValueError(f"a run config must be a mapping of run-config keys, got {_show(values)}")
+        known = {k: k.replace("-", "_") for k in cls.keys()}
         kwargs = {}
         for key, value in values.items():
-            name = str(key).replace("-", "_")
-            if name not in types:
-                if ignore_unknown:
-                    continue
-                raise ValueError(f"unknown run-config key '{key}'; accepted keys: {', '.join(cls.keys())}")
-            kwargs[name] = _coerce(key, value, types[name])
-        cfg = cls(**kwargs)
-        cfg.validate()
-        return cfg
+            name = known.get(key) if isinstance(key, str) else None
+            if name is None:
+                if not ignore_unknown:
+                    raise ValueError(unknown_key_message(key))
+                continue
+            kwargs[name] = value
+        return cls(**kwargs)
 
     def validate(self) -> None:
-        """Raise ``ValueError`` naming the first key whose value is out of range."""
-        for key, allowed in CHOICES.items():
-            value = getattr(self, key.replace("-", "_"))
-            if value not in allowed:
-                raise ValueError(f"{key} must be one of {allowed}, got {value!r}")
-        if not 0.0 < self.keep_prob <= 1.0:
-            raise ValueError(f"keep-prob must be in (0, 1], got {self.keep_prob}")
+        """Raise ``ValueError`` naming the keys of a combination that cannot run.
+
+        Every value is checked on its own when the RunConfig is built (so an existing
+        RunConfig always passes); this checks values against each other.
+        """
+        info = DATASET_INFO[self.dataset]
         if self.model in CONV_MODELS and self.dataset not in IMAGE_DATASETS:
-            raise ValueError(f"model {self.model!r} needs an image dataset {IMAGE_DATASETS}, got dataset {self.dataset!r}")
+            raise ValueError(f"model {self.model!r} needs an image dataset {IMAGE_DATASETS}, "
+                             f"got dataset {self.dataset!r}")
         if self.model == "transformer" and self.dataset != "synthetic-sequence":
             raise ValueError(f"model 'transformer' needs dataset 'synthetic-sequence', got dataset {self.dataset!r}")
-        if self.dataset == "synthetic-regression" and self.partitioning != "iid" and self.data_scope == "local":
-            raise ValueError("partitioning must be 'iid' for dataset 'synthetic-regression' (it has no labels)")
-        for key in ("num-server-rounds", "num-nodes", "num-subnets", "num-samples", "input-dim", "classes-per-partition"):
-            if getattr(self, key.replace("-", "_")) < 1:
-                raise ValueError(f"{key} must be >= 1, got {getattr(self, key.replace('-', '_'))}")
-        for key in ("local-steps", "local-epochs", "batch-size", "momentum", "weight-decay"):
-            if getattr(self, key.replace("-", "_")) < 0:
-                raise ValueError(f"{key} must be >= 0, got {getattr(self, key.replace('-', '_'))}")
+        if self.model == "shallow-relu" and "," in self.hidden:
+            raise ValueError(f"hidden must be one width m for model shallow-relu, got {self.hidden!r}")
+        if info.classes == 0 and self.loss == "cross-entropy":
+            raise ValueError(f"loss 'cross-entropy' needs a classification dataset; dataset {self.dataset!r} "
+                             "is a regression set (use loss 'auto' or 'mse')")
+        if info.classes > 0 and self.loss == "mse":
+            raise ValueError(f"loss 'mse' needs dataset 'synthetic-regression'; dataset {self.dataset!r} has "
+                             f"{info.classes} classes (use loss 'auto' or 'cross-entropy')")
+        if info.classes == 0 and self.partitioning != "iid" and self.data_scope == "local":
+            raise ValueError(f"partitioning must be 'iid' for dataset {self.dataset!r} (it has no labels), "
+                             f"got {self.partitioning!r}")
+        if 0 < info.classes < self.classes_per_partition:
+            raise ValueError(f"classes-per-partition ({self.classes_per_partition}) must not exceed the "
+                             f"{info.classes} classes of dataset {self.dataset!r}")
         if self.local_steps == 0 and self.local_epochs == 0:
             raise ValueError("local-steps and local-epochs cannot both be 0")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        if not self.dirichlet_alpha > 0:
-            raise ValueError(f"dirichlet-alpha must be > 0, got {self.dirichlet_alpha}")
-        for key in ("fraction-train", "fraction-evaluate"):
-            if not 0.0 <= getattr(self, key.replace("-", "_")) <= 1.0:
-                raise ValueError(f"{key} must be in [0, 1], got {getattr(self, key.replace('-', '_'))}")
-        self.hidden_widths()  # raises on a malformed list
+        if self.aggregation != "mean" and self.untouched != "keep":
+            raise ValueError(f"aggregation {self.aggregation!r} needs untouched 'keep', got {self.untouched!r}")
+        if self.strategy in ONE_SUBNET_PER_NODE and self.num_subnets > self.num_nodes:
+            raise ValueError(f"num-subnets ({self.num_subnets}) must not exceed num-nodes ({self.num_nodes}): "
+                             f"{ONE_SUBNET_PER_NODE[self.strategy]} trains one sub-network per node")
+        rows = self.num_samples if info.train_rows is None else info.train_rows
+        if self.data_scope == "local" and self.num_nodes > rows:
+            source = "num-samples" if info.train_rows is None else f"dataset {self.dataset!r}"
+            raise ValueError(f"num-nodes ({self.num_nodes}) must not exceed the {rows} training examples of "
+                             f"{source}: every node needs at least one")
 
     def hidden_widths(self) -> list[int]:
         """``hidden`` as a list of positive ints."""
-        try:
-            widths = [int(w) for w in str(self.hidden).split(",") if w.strip()]
-        except ValueError:
-            raise ValueError(f"hidden must be comma-separated integers, got {self.hidden!r}") from None
-        if not widths or min(widths) < 1:
-            raise ValueError(f"hidden must list widths >= 1, got {self.hidden!r}")
-        if self.model == "shallow-relu" and len(widths) != 1:
-            raise ValueError(f"hidden must be one width m for model shallow-relu, got {self.hidden!r}")
-        return widths
+        return [int(w) for w in self.hidden.split(",")]
 
     @property
     def loss_name(self) -> str:
@@ -177,22 +306,119 @@ class RunConfig:
                 "batchnorm": self.batchnorm}
 
 
-def _coerce(key: str, value: object, typ: object) -> object:
-    typ = {"int": int, "float": float, "str": str, "bool": bool}.get(str(typ), typ)
-    if typ is bool:
-        if isinstance(value, bool):
-            return value
-        raise ValueError(f"{key} must be true or false, got {value!r}")
-    if typ is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            if isinstance(value, float) and value.is_integer():
-                return int(value)
-            raise ValueError(f"{key} must be an integer, got {value!r}")
-        return value
-    if typ is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"{key} must be a number, got {value!r}")
-        return float(value)
-    if not isinstance(value, str):
-        raise ValueError(f"{key} must be a string, got {value!r}")
-    return value
+# --- Messages derived from the field definitions -----------------------------------------------
+
+def _field_info(key: str):
+    try:
+        return RunConfig.__pydantic_fields__[key.replace("-", "_")]
+    except KeyError:
+        raise ValueError(unknown_key_message(key)) from None
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() and abs(x) < 1e15 else repr(x)
+
+
+def allowed(key: str) -> str:
+    """What run-config ``key`` (kebab- or snake-case) accepts, in words, e.g.
+    ``"a finite number in (0, 1]"``, ``"one of ('iid', 'dirichlet', 'pathological')"``."""
+    info = _field_info(key)
+    custom = [m.text for m in info.metadata if isinstance(m, _Allowed)]
+    if custom:
+        return custom[0]
+    ann = info.annotation
+    if get_origin(ann) is Literal:
+        return f"one of {get_args(ann)}"
+    if ann is bool:
+        return "true or false"
+    if ann is str:
+        return "a string"
+    bounds = {k: getattr(m, k) for m in info.metadata if isinstance(m, (at.Gt, at.Ge, at.Lt, at.Le))
+              for k in ("gt", "ge", "lt", "le") if hasattr(m, k)}
+    what = "an integer" if ann is int else "a finite number"
+    lo = ("(", bounds["gt"]) if "gt" in bounds else ("[", bounds["ge"]) if "ge" in bounds else None
+    hi = (")", bounds["lt"]) if "lt" in bounds else ("]", bounds["le"]) if "le" in bounds else None
+    if lo and hi:
+        return f"{what} in {lo[0]}{_num(lo[1])}, {_num(hi[1])}{hi[0]}"
+    if lo:
+        return f"{what} {'>' if lo[0] == '(' else '>='} {_num(lo[1])}"
+    if hi:
+        return f"{what} {'<' if hi[0] == ')' else '<='} {_num(hi[1])}"
+    return what
+
+
+def _show(value: object, limit: int = 60) -> str:
+    """``repr(value)`` (TOML-ish for bools), cut to ``limit`` characters."""
+    text = ("true" if value else "false") if isinstance(value, bool) else repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def unknown_key_message(key: object) -> str:
+    """The error for a key RunConfig does not have: a close key if any, and all accepted keys."""
+    keys = RunConfig.keys()
+    near = difflib.get_close_matches(str(key).replace("_", "-"), keys, n=1)
+    hint = f" (did you mean '{near[0]}'?)" if near else ""
+    return f"unknown run-config key {_show(key)}{hint}; accepted keys: {', '.join(keys)}"
+
+
+def _value_message(key: str, value: object) -> str:
+    msg = f"{key} must be {allowed(key)}, got {_show(value)}"
+    choices = get_args(_field_info(key).annotation) if get_origin(_field_info(key).annotation) is Literal else ()
+    if choices and isinstance(value, str):
+        near = difflib.get_close_matches(value, choices, n=1)
+        if near:
+            msg += f" (did you mean {near[0]!r}?)"
+    return msg
+
+
+def error_message(err: ValidationError, given: Mapping[str, object] | None = None) -> str:
+    """One line for a pydantic ``ValidationError`` of :class:`RunConfig`: per invalid key
+    ``<key> must be <allowed>, got <value>`` (``given``: the values as passed, so the
+    message shows ``5.5``, not a converted value), joined by ``"; "``."""
+    given = given or {}
+    out = []
+    for e in err.errors():
+        loc = e.get("loc", ())
+        if e["type"] == "value_error" and not loc:  # a combination check: its own message
+            out.append(str(e.get("ctx", {}).get("error", e["msg"])))
+        elif e["type"] == "unexpected_keyword_argument" and loc:
+            out.append(unknown_key_message(loc[0]))
+        elif loc and isinstance(loc[0], str) and loc[0] in RunConfig.__pydantic_fields__:
+            out.append(_value_message(loc[0].replace("_", "-"), given.get(loc[0], e.get("input"))))
+        else:
+            out.append(f"run config: {e['msg']}")
+    return "; ".join(dict.fromkeys(out))
+
+
+_pydantic_init = RunConfig.__init__
+
+
+def _init(self, *args, **kwargs) -> None:
+    try:
+        _pydantic_init(self, *args, **kwargs)
+    except ValidationError as err:
+        raise ValueError(error_message(err, kwargs)) from None
+
+
+_init.__doc__ = _pydantic_init.__doc__
+RunConfig.__init__ = _init  # every construction path raises a plain ValueError naming the key
+
+#: The choices of every ``Literal`` key (kebab-case key -> allowed values).
+CHOICES: dict[str, tuple[str, ...]] = {
+    f.name.replace("_", "-"): get_args(RunConfig.__pydantic_fields__[f.name].annotation)
+    for f in fields(RunConfig) if get_origin(RunConfig.__pydantic_fields__[f.name].annotation) is Literal
+}
+
+
+def _keys_doc() -> str:
+    lines = ["", "    Keys", "    ----"]
+    for f in fields(RunConfig):
+        key = f.name.replace("_", "-")
+        info = RunConfig.__pydantic_fields__[f.name]
+        lines.append(f"    {key} : {allowed(key)}, default {_show(f.default)}")
+        if info.description:
+            lines.append(f"        {info.description}")
+    return "\n".join(lines) + "\n"
+
+
+RunConfig.__doc__ = (RunConfig.__doc__ or "").rstrip() + "\n" + _keys_doc()
