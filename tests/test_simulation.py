@@ -72,3 +72,34 @@ def test_flwr_run_simulation_matches_inprocess(tmp_path):
         raise
     finally:
         procs.stop_all()
+
+
+@pytest.mark.skipif(bool(missing_binaries("flwr", "flower-superlink")),
+                    reason="Flower executables not installed")
+def test_too_few_nodes_fails_with_a_message_naming_num_subnets(tmp_path):
+    """IST with p = 4 on a simulation of 2 SuperNodes (Flower's default) gives up after
+    node-wait-timeout with a message naming num-subnets, instead of waiting forever."""
+    import time
+
+    out_dir = tmp_path / "out"
+    home = tmp_path / "flwr-home"
+    (port,) = free_ports(1)
+    write_flower_config(home, "fl-subnet-sim", f"127.0.0.1:{port}", SIMULATION_OPTIONS.replace(
+        f"num-supernodes = {NUM_NODES}", "num-supernodes = 2"))
+    scenario = tmp_path / "ist.toml"
+    scenario.write_text(tomli_w.dumps({**OVERRIDES, "node-wait-timeout": 3.0, "out-dir": str(out_dir)}))
+    procs = Processes(tmp_path / "logs", flower_env(home))
+    try:
+        start_superlink(procs, port, simulation=True)
+        t0 = time.monotonic()
+        flwr_run(procs, "fl-subnet-sim", scenario, out_dir, timeout=120)  # returns: summary written
+        assert time.monotonic() - t0 < 90
+        log = (tmp_path / "logs" / "flwr-run.log").read_text(errors="replace")
+        assert "num-subnets=4" in log and "only 2 connected" in log, log[-3000:]
+        rows = json.loads((out_dir / "metrics.json").read_text())
+        assert [r["server-round"] for r in rows] == [0]  # the initial model was evaluated, nothing trained
+    except BaseException:
+        print(procs.tails())
+        raise
+    finally:
+        procs.stop_all()
