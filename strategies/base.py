@@ -27,6 +27,17 @@ log = logging.getLogger(__name__)
 
 
 AGGREGATIONS = ("mean", "median", "trimmed-mean")
+COMPACT_HINT = ("their ClientApp must train the sub-model the message carries: build it with "
+                "`model = fl_subnet.clients.compact_model(msg, Net)` instead of `Net()` + `load_state_dict(...)` "
+                "(README: 'Switch your own Flower app to fl-subnet')")
+
+
+class TrainingStalled(RuntimeError):
+    """No node produced a valid train reply for ``max_failed_rounds`` consecutive rounds."""
+
+
+class NotEnoughNodes(RuntimeError):
+    """Fewer nodes connected than a round needs, for longer than ``node_wait_timeout``."""
 
 
 class SubnetStrategy(FedAvg):
@@ -92,6 +103,9 @@ class SubnetStrategy(FedAvg):
         (with ≥ 3 replies): catches a scaled update among honest ones.
     screen : {"reject", "clip"}
         What screening does to a reply over the bound.
+    max_failed_rounds : int, optional
+        Stop the run (:class:`TrainingStalled`) after this many consecutive rounds
+        without a valid reply (default 3; ``None``: never).
     max_num_examples : float, optional
         Cap on a reply's self-reported ``num-examples`` weight (e.g. the largest
         partition size the operator knows): one node cannot buy unbounded weight.
@@ -135,6 +149,7 @@ class SubnetStrategy(FedAvg):
         max_ratio_to_median: float | None = None,
         screen: str = "reject",
         max_num_examples: float | None = None,
+        max_failed_rounds: int | None = 3,
         **fedavg_kwargs,
     ) -> None:
         if num_train_nodes is not None:
@@ -181,6 +196,11 @@ class SubnetStrategy(FedAvg):
         self.screen = screen
         cap_weight(1.0, max_num_examples)  # validates
         self.max_num_examples = max_num_examples
+        if max_failed_rounds is not None and (isinstance(max_failed_rounds, bool) or not isinstance(
+                max_failed_rounds, int) or max_failed_rounds < 1):
+            raise ValueError(f"max_failed_rounds must be an integer >= 1 or None, got {max_failed_rounds!r}")
+        self.max_failed_rounds = max_failed_rounds
+        self._failed_rounds = 0
         self.weighted = weighted
         self.seed = int(seed)
         self.order_by_partition = order_by_partition
@@ -273,7 +293,7 @@ class SubnetStrategy(FedAvg):
 
         Raises
         ------
-        RuntimeError
+        NotEnoughNodes
             Naming the number of nodes needed and connected, after the timeout.
         """
         t0 = last = time.monotonic()
@@ -285,7 +305,7 @@ class SubnetStrategy(FedAvg):
         while len(nodes) < need:
             now = time.monotonic()
             if now - t0 >= self.node_wait_timeout:
-                raise RuntimeError(
+                raise NotEnoughNodes(
                     f"{type(self).__name__} needs {need} nodes per round ({self._need_reason()}) but only "
                     f"{len(nodes)} connected within {self.node_wait_timeout:.0f} s: start more SuperNodes, "
                     f"raise options.num-supernodes of the simulation, or lower the requirement")
@@ -351,16 +371,22 @@ class SubnetStrategy(FedAvg):
         by_id = {m.metadata.message_id: n for n, m in self._out.items() if m.metadata.message_id}
         parsed: list[tuple[int, Message, Mask, dict, float, int, float]] = []
         rejected, clipped, seen = 0, 0, set()
+        full_size: list[int] = []
+        reasons: list[str] = []
 
         def reject(node: int, why: object) -> None:
             nonlocal rejected
             rejected += 1
+            text = str(why)
+            reasons.append(f"node {node}: {text[:200]}{'...' if len(text) > 200 else ''}")
             log.warning("aggregate_train: round %d: rejected reply from node %d: %s", server_round, node, why)
 
         for msg in replies:
             node = by_id.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
             try:
                 if msg.has_error():
+                    if "size mismatch" in str(msg.error.reason):
+                        full_size.append(node)  # the ClientApp loaded the slice into a full-size model
                     raise ReplyError(f"error reply: {msg.error.reason}")
                 if node in seen:
                     raise ReplyError("duplicate reply")
@@ -368,6 +394,8 @@ class SubnetStrategy(FedAvg):
                 if mask is None:
                     raise ReplyError("unknown node (no mask was sent to it this round)")
                 compact, weight, size = parse_reply(msg.content, self.weighted_by_key)
+                if self._is_full_size(compact, mask):
+                    full_size.append(node)
                 agg.check(compact, mask)
                 ratio = update_ratio(compact, self.slicer.gather(self._state, mask)) if self._screening else 0.0
             except Exception as err:  # noqa: BLE001 — a reply must never crash the ServerApp
@@ -415,13 +443,32 @@ class SubnetStrategy(FedAvg):
         metrics["num-clipped"] = clipped
         metrics["round-seconds"] = time.perf_counter() - self._t_round
         self.last_train_metrics = metrics
+        if full_size:
+            log.error("aggregate_train: round %d: %d node(s) %s sent or expected the full-size model instead of "
+                      "their compact slice: %s", server_round, len(set(full_size)), sorted(set(full_size)),
+                      COMPACT_HINT)
         if not valid:
-            log.warning("aggregate_train: round %d: no valid reply, model unchanged", server_round)
+            self._failed_rounds += 1
+            log.warning("aggregate_train: round %d: no valid reply, model unchanged (%d round(s) in a row)",
+                        server_round, self._failed_rounds)
+            if self.max_failed_rounds is not None and self._failed_rounds >= self.max_failed_rounds:
+                hint = f" Nodes sent or expected the full-size model: {COMPACT_HINT}." if full_size else ""
+                raise TrainingStalled(
+                    f"no node produced a valid train reply in {self._failed_rounds} consecutive rounds "
+                    f"(max_failed_rounds).{hint} Last round: {'; '.join(reasons[:3]) or 'no replies'}")
             return None, metrics
+        self._failed_rounds = 0
         new_state = agg.finalize()
         if self.batchnorm == "static" and self.calibration_batches is not None:
             new_state = self._recalibrate(new_state)
         return state_to_arrays(new_state), metrics
+
+    def _is_full_size(self, compact: dict, mask: Mask) -> bool:
+        """Whether a reply holds the full model although its mask cut a smaller slice."""
+        shapes = [(tuple(t.shape), tuple(full.shape), self.slicer.compact_shape(k, full.shape, mask))
+                  for k, full in self._state.items() if isinstance(t := compact.get(k), torch.Tensor)]
+        return bool(shapes) and all(got == full for got, full, _ in shapes) and any(
+            want != full for _, full, want in shapes)
 
     def _aggregator(self):
         if self.aggregation == "median":

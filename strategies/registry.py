@@ -35,6 +35,7 @@ def _build(cfg, model_factory, example_input, calibration_batches, **fedavg_kwar
                   aggregation=cfg.aggregation, trim_fraction=cfg.trim_fraction,
                   max_update_ratio=cfg.max_update_ratio or None, max_ratio_to_median=cfg.max_ratio_to_median or None,
                   screen=cfg.screen, max_num_examples=cfg.max_num_examples or None,
+                  max_failed_rounds=cfg.max_failed_rounds or None,
                   fraction_evaluate=cfg.fraction_evaluate, **fedavg_kwargs)
     steps = cfg.local_steps
     if cfg.strategy == "fedavg":

@@ -202,6 +202,30 @@ def test_node_order_query_is_asked_once_per_node_of_a_plain_clientapp(caplog):
     assert "order_by_partition=False" in caplog.text
 
 
+def test_unchanged_plain_clientapp_stops_the_run_naming_the_change(caplog):
+    """Flower's plain ClientApp (Net() + load_state_dict) against IST: every node fails to
+    load its compact slice; the strategy says what to change and stops after
+    max_failed_rounds rounds instead of "finishing" with an untrained model."""
+    from flwr.app import ArrayRecord
+
+    from fl_subnet.experiments.inprocess_grid import InProcessGrid
+    from fl_subnet.strategies import IST
+    from fl_subnet.strategies.base import TrainingStalled
+
+    with example_package(PLAIN):
+        from pytorchexample import client_app
+        from pytorchexample.task import Net
+
+        grid = InProcessGrid(client_app.app, 2, run_config={**app_config(PLAIN), "local-epochs": 1})
+        strategy = IST(Net, num_subnets=2, example_input=torch.zeros(1, 1, 8, 8), order_by_partition=False,
+                       fraction_evaluate=0.0, max_failed_rounds=2)
+        with caplog.at_level("INFO"), pytest.raises(TrainingStalled, match="2 consecutive rounds") as err:
+            strategy.start(grid=grid, initial_arrays=ArrayRecord(Net().state_dict()), num_rounds=5,
+                           train_config=ConfigRecord({"lr": 0.05}))
+    assert "compact_model(msg, Net)" in str(err.value)
+    assert caplog.text.count("instead of their compact slice") == 2  # one line per round, not per node
+
+
 # ----------------------------------------------------------------------------- slow
 SIMULATION_OPTIONS = """\
 options.num-supernodes = 2

@@ -48,6 +48,7 @@ KEY_CASES = [
     ("max-ratio-to-median-nan", "max-ratio-to-median = nan", "max-ratio-to-median"),
     ("max-num-examples-negative", "max-num-examples = -5", "max-num-examples"),
     ("round-timeout-zero", "round-timeout = 0", "round-timeout"),
+    ("max-failed-rounds-negative", "max-failed-rounds = -1", "max-failed-rounds"),
     ("node-wait-timeout-inf", "node-wait-timeout = inf", "node-wait-timeout"),
     ("median-with-zeroed-units", 'aggregation = "median"\nuntouched = "zero"', "aggregation"),
     # wrong types: no silent coercion

@@ -128,8 +128,11 @@ def run_one(values: dict, out_dir: Path, progress: Progress | None = None, label
                             + (f"acc {acc:.3f}" if acc == acc else f"loss {row['full-train-loss']:.3g}"))
 
     grid = InProcessGrid(client_app, cfg.num_nodes, run_config=values)
-    run_server(grid, cfg, on_round=on_round, checkpoint_dir=out_dir, resume=resume)
-    return recorder.finish()
+    try:
+        run_server(grid, cfg, on_round=on_round, checkpoint_dir=out_dir, resume=resume)
+    finally:
+        summary = recorder.finish()  # what it has, also when the run failed
+    return summary
 
 
 def _resume_scenario(folder: Path) -> dict:

@@ -210,6 +210,8 @@ class RunConfig:
                                 "median; 0: off.", ge=0.0) = 0.0
     screen: Choice(ScreenMode, "What screening does to a reply over a bound: ``reject`` or ``clip``.") = "reject"
     max_num_examples: Int(0, 10**12, "Cap on a reply's self-reported ``num-examples`` weight; 0: no cap.") = 0
+    max_failed_rounds: Int(0, 100_000, "Stop the run after this many consecutive rounds without a valid "
+                                       "reply; 0: never.") = 3
     round_timeout: Number("Seconds a round waits for the nodes' replies (Flower's timeout).", gt=0.0) = 3600.0
     node_wait_timeout: Number("Seconds to wait for enough connected nodes before giving up with an error.",
                               gt=0.0) = 60.0

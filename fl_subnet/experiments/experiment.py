@@ -257,9 +257,14 @@ def run_server(grid: Grid, cfg: RunConfig, on_round: Callable[[dict], None] | No
         calibration = _batches(CentralEvaluation.train_set(cfg), cfg.batch_size)
     strategy = build_strategy(cfg, factory, example_input=example_input(cfg), calibration_batches=calibration)
     evaluate = CentralEvaluation(cfg, strategy, on_round, checkpoint_dir=checkpoint_dir, resume_meta=meta)
-    result = strategy.start(grid=grid, initial_arrays=ArrayRecord(initial_state), first_round=first_round,
-                            num_rounds=cfg.num_server_rounds, timeout=cfg.round_timeout,
-                            train_config=ConfigRecord(cfg.train_config()),
-                            evaluate_config=ConfigRecord(cfg.train_config()), evaluate_fn=evaluate)
+    from fl_subnet.strategies.base import NotEnoughNodes, TrainingStalled
+
+    try:
+        result = strategy.start(grid=grid, initial_arrays=ArrayRecord(initial_state), first_round=first_round,
+                                num_rounds=cfg.num_server_rounds, timeout=cfg.round_timeout,
+                                train_config=ConfigRecord(cfg.train_config()),
+                                evaluate_config=ConfigRecord(cfg.train_config()), evaluate_fn=evaluate)
+    except (TrainingStalled, NotEnoughNodes) as err:
+        raise RunFailed(str(err)) from err
     evaluate.check_outcome()
     return result
