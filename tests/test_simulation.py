@@ -67,6 +67,12 @@ def test_flwr_run_simulation_matches_inprocess(tmp_path):
         cli_out = tmp_path / "cli"
         assert cli.main(["run", str(scenario), "--out", str(cli_out)]) == 0
         assert_same_rows(rows, json.loads((cli_out / "metrics.json").read_text()))
+        from fl_subnet.checkpoint import load_model
+
+        sim, local = load_model(out_dir / "model.safetensors"), load_model(cli_out / "model.safetensors")
+        diffs = {k: float((sim[k].double() - local[k].double()).abs().max()) for k in sim}
+        print("max |simulation - in-process| per tensor:", diffs)
+        assert max(diffs.values()) <= 1e-5, diffs
     except BaseException:
         print(procs.tails())
         raise
