@@ -125,3 +125,18 @@ def test_fuzzed_reply_never_raises(key, value):
     want = _expected(strategy, old, held)
     for k in old:
         assert torch.equal(new[k], want[k]), k
+
+
+def test_a_reply_made_by_the_superlink_names_the_node_it_was_sent_to(caplog):
+    """An error reply Flower's SuperLink writes for a lost node carries the SuperLink's
+    id as its source: the log names the node the message was sent to instead."""
+    strategy, old, replies = _round()
+    lost = replies[2]
+    node = lost.metadata.src_node_id
+    errored = Message(Error(code=0, reason="node lost"), reply_to=strategy._out[node])  # the message sent to it
+    errored.metadata.__dict__["_src_node_id"] = 1  # as a SuperLink-made reply
+    assert errored.metadata.src_node_id == 1
+    with caplog.at_level(logging.WARNING):
+        _, metrics = strategy.aggregate_train(1, replies[:2] + [errored] + replies[3:])
+    assert metrics["num-rejected"] == 1 and metrics["num-replies"] == 3
+    assert f"rejected reply from node {node}: error reply" in caplog.text and "from node 1:" not in caplog.text
