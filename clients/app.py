@@ -33,6 +33,21 @@ def _count_call(context: Context, name: str) -> int:
     return int(record[name])
 
 
+def partition_reply(msg: Message, context: Context) -> Message:
+    """The reply to a strategy's node-ordering QUERY (``order_by_partition=True``): this
+    node's ``partition-id`` from its node config (nothing if it has none).
+
+    Add it to your own ClientApp to let the strategy order nodes reproducibly::
+
+        @app.query()
+        def query(msg, context):
+            return partition_reply(msg, context)
+    """
+    pid = context.node_config.get("partition-id")
+    metrics = MetricRecord({"partition-id": int(pid)} if isinstance(pid, int) and not isinstance(pid, bool) else {})
+    return Message(content=RecordDict({METRICS_KEY: metrics}), reply_to=msg)
+
+
 def make_client_app(model_factory: Callable[[], nn.Module] | None, load_data: DataFn,
                     train_fn: TrainFn = train_local, *,
                     context_factory: Callable[[Context], Callable[[], nn.Module]] | None = None) -> ClientApp:
@@ -101,11 +116,9 @@ def make_client_app(model_factory: Callable[[], nn.Module] | None, load_data: Da
     @app.query()
     def query(msg: Message, context: Context) -> Message:
         """Report this node's ``partition-id`` so the server can order nodes stably."""
-        pid = context.node_config.get("partition-id")
-        metrics = MetricRecord({"partition-id": int(pid)} if isinstance(pid, int) else {})
-        return Message(content=RecordDict({METRICS_KEY: metrics}), reply_to=msg)
+        return partition_reply(msg, context)
 
     return app
 
 
-__all__ = ["make_client_app"]
+__all__ = ["make_client_app", "partition_reply"]

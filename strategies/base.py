@@ -71,8 +71,12 @@ class SubnetStrategy(FedAvg):
     order_by_partition : bool
         Order nodes by the ``partition-id`` they report to a one-off QUERY message
         (node ids are random per run), so that the same seed pairs the same data with
-        the same mask in a simulation, a deployment and the in-process grid. Nodes that
-        do not answer (asked once per run) are ordered after, by node id.
+        the same mask in a simulation, a deployment and the in-process grid. Needs a
+        ClientApp that answers it (fl-subnet's ``make_client_app``, or one whose
+        ``@app.query()`` returns :func:`fl_subnet.clients.partition_reply`); a plain
+        ClientApp would log an error per node, so it is off by default (nodes are
+        then ordered by node id). fl-subnet's own App turns it on. Nodes that do not
+        answer (asked once per run) are ordered after the others, by node id.
     example_input : torch.Tensor or tuple, optional
         One input batch; needed unless the model's first layer is an ``nn.Linear``.
         Its shape and dtype travel to the nodes (``example-shape``, ``example-dtype``).
@@ -137,7 +141,7 @@ class SubnetStrategy(FedAvg):
         precision: str = "float32",
         weighted: bool = True,
         seed: int = 0,
-        order_by_partition: bool = True,
+        order_by_partition: bool = False,
         example_input: torch.Tensor | tuple | None = None,
         include: Sequence[str] = (),
         exclude: Sequence[str] = (),
@@ -269,7 +273,7 @@ class SubnetStrategy(FedAvg):
                      sum(n in self._rank for n in nodes), len(nodes),
                      "" if all(n in self._rank for n in nodes) else
                      " (the others are ordered by node id; a ClientApp without fl-subnet's query "
-                     "handler cannot answer: pass order_by_partition=False)")
+                     "handler cannot answer: leave order_by_partition off)")
         big = 1 << 62
         return sorted(nodes, key=lambda n: (self._rank.get(n, big), n))
 

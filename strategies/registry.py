@@ -36,6 +36,7 @@ def _build(cfg, model_factory, example_input, calibration_batches, **fedavg_kwar
                   max_update_ratio=cfg.max_update_ratio or None, max_ratio_to_median=cfg.max_ratio_to_median or None,
                   screen=cfg.screen, max_num_examples=cfg.max_num_examples or None,
                   max_failed_rounds=cfg.max_failed_rounds or None,
+                  order_by_partition=True,  # fl-subnet's ClientApp answers the partition-id query
                   fraction_evaluate=cfg.fraction_evaluate, **fedavg_kwargs)
     steps = cfg.local_steps
     if cfg.strategy == "fedavg":

@@ -166,9 +166,11 @@ def test_example_train_handler_replies_with_the_compact_slices():
         torch.set_num_threads(threads)
 
 
-def test_node_order_query_is_asked_once_per_node_of_a_plain_clientapp(caplog):
-    """A ClientApp without fl-subnet's query handler cannot report its partition-id: the
-    strategy asks each node once per run, then orders it by node id, and says why."""
+@pytest.mark.parametrize("order_by_partition", [False, True])
+def test_node_order_query_with_a_plain_clientapp(order_by_partition, caplog):
+    """A ClientApp without fl-subnet's query handler cannot report its partition-id. By
+    default the strategy does not ask (no error at the nodes); told to order by
+    partition, it asks each node once per run, orders it by node id, and says why."""
     from flwr.app import ArrayRecord, MessageType
 
     from fl_subnet.experiments.inprocess_grid import InProcessGrid
@@ -190,16 +192,22 @@ def test_node_order_query_is_asked_once_per_node_of_a_plain_clientapp(caplog):
             from pytorchexample.task import Net
 
             grid = CountingGrid(client_app.app, 2, run_config={**app_config(SUBNET), "local-epochs": 1})
-            strategy = IST(Net, num_subnets=2, example_input=torch.zeros(1, 1, 8, 8), fraction_evaluate=0.0)
+            strategy = IST(Net, num_subnets=2, example_input=torch.zeros(1, 1, 8, 8), fraction_evaluate=0.0,
+                           order_by_partition=order_by_partition)
+            CountingGrid.queries = 0
             torch.manual_seed(0)
             with caplog.at_level("INFO"):
                 result = strategy.start(grid=grid, initial_arrays=ArrayRecord(Net().state_dict()), num_rounds=3,
                                         train_config=ConfigRecord({"lr": 0.05}))
     finally:
         torch.set_num_threads(threads)
-    assert CountingGrid.queries == 2  # one per node in 3 rounds
     assert all(result.train_metrics_clientapp[r]["num-replies"] == 2 for r in (1, 2, 3))
-    assert "order_by_partition=False" in caplog.text
+    if order_by_partition:
+        assert CountingGrid.queries == 2  # one per node in 3 rounds
+        assert "leave order_by_partition off" in caplog.text
+    else:
+        assert CountingGrid.queries == 0  # nothing the plain ClientApp cannot answer
+        assert "No query function registered" not in caplog.text
 
 
 def test_unchanged_plain_clientapp_stops_the_run_naming_the_change(caplog):

@@ -30,7 +30,7 @@ def main(grid: Grid, context: Context) -> None:
 
     # Initialize strategy
     strategy = IST(Net, num_subnets=2, example_input=torch.zeros(1, 1, 8, 8),
-                   order_by_partition=False, fraction_evaluate=fraction_evaluate)
+                   fraction_evaluate=fraction_evaluate)
 
     # Start strategy, run it for `num_rounds`
     result = strategy.start(
