@@ -6,7 +6,7 @@ import logging
 from collections.abc import Callable
 
 import torch
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from torch import nn
 from torch.utils.data import Dataset
@@ -21,16 +21,6 @@ log = logging.getLogger(__name__)
 
 DataFn = Callable[[Context], tuple[Dataset, Dataset | None]]
 TrainFn = Callable[[nn.Module, Dataset, TrainConfig, int], tuple[int, float]]
-STATE_KEY = "fl-subnet"
-
-
-def _count_call(context: Context, name: str) -> int:
-    """Per-node counter kept in ``context.state`` (a deployment runs a fresh process)."""
-    record = context.state.config_records.get(STATE_KEY)
-    if record is None:
-        record = context.state[STATE_KEY] = ConfigRecord()
-    record[name] = int(record.get(name, 0)) + 1
-    return int(record[name])
 
 
 def partition_reply(msg: Message, context: Context) -> Message:
@@ -77,6 +67,9 @@ def make_client_app(model_factory: Callable[[], nn.Module] | None, load_data: Da
     """
     if (model_factory is None) == (context_factory is None):
         raise ValueError("give exactly one of model_factory and context_factory")
+    if isinstance(model_factory, nn.Module):
+        raise TypeError("make_client_app needs a model factory (e.g. the class Net), not a model instance "
+                        f"({type(model_factory).__name__}): pass Net, not Net()")
 
     def factory_of(context: Context) -> Callable[[], nn.Module]:
         return model_factory if context_factory is None else context_factory(context)
@@ -92,12 +85,10 @@ def make_client_app(model_factory: Callable[[], nn.Module] | None, load_data: Da
         round_ = int(config.get("server-round", 0))
         seed = hash((cfg.seed, round_, int(context.node_config.get("partition-id", 0)))) & 0x7FFFFFFF
         n, loss = train_fn(model, train_set, cfg, seed)
-        calls = _count_call(context, "train-calls")
         log.info("node %d round %d: %d examples, train-loss %.4f", context.node_id, round_, n, loss)
         content = RecordDict({
             **reply_arrays(got, model),
-            METRICS_KEY: MetricRecord({"num-examples": int(n), "train-loss": float(loss),
-                                     "train-calls": calls}),
+            METRICS_KEY: MetricRecord({"num-examples": int(n), "train-loss": float(loss)}),
         })
         return Message(content=content, reply_to=msg)
 

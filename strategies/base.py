@@ -123,10 +123,12 @@ class SubnetStrategy(FedAvg):
 
     Notes
     -----
-    Per-round train metrics (in Flower's ``Result.train_metrics_clientapp``) add to the
-    clients' weighted means: ``bytes-down`` and ``bytes-up`` (serialized arrays and
-    mask bytes, summed over nodes), ``coverage`` (fraction of units held by at least
-    one valid reply), ``num-replies`` and ``num-rejected``.
+    Per-round train metrics (in Flower's ``Result.train_metrics_clientapp``): the
+    nodes' metrics averaged weighted by ``num-examples`` (fl-subnet's ClientApp sends
+    ``train-loss``), plus the server's own, not averaged: ``bytes-down`` and
+    ``bytes-up`` (serialized arrays and mask bytes, summed over nodes), ``coverage``
+    (fraction of units held by at least one valid reply), ``num-replies``,
+    ``num-rejected``, ``num-clipped`` and ``round-seconds`` (wall time of the round).
     """
 
     def __init__(

@@ -109,6 +109,8 @@ def test_bad_settings_are_clear_errors():
         FederatedDropout(CNNBN, 0.5, example_input=EXAMPLE, batchnorm="static")
     with pytest.raises(TypeError, match="not a model instance"):
         receive(RecordDict({"arrays": ArrayRecord(CNNBN().state_dict())}), CNNBN())
+    with pytest.raises(TypeError, match="pass Net, not Net()"):
+        make_client_app(CNNBN(), lambda context: (None, None))
 
 
 class _FakeGrid:
