@@ -288,3 +288,38 @@ def test_flwr_run_example_simulation(tmp_path):
         raise
     finally:
         procs.stop_all()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(bool(missing_binaries("flwr", "flower-superlink")),
+                    reason="Flower executables not installed")
+def test_flwr_run_plain_clientapp_against_ist_stops_naming_the_change(tmp_path):
+    """The plain app with only its ServerApp switched to IST (its ClientApp unchanged):
+    under ``flwr run`` the ServerApp stops after max_failed_rounds (3) of 5 rounds, fails
+    (Flower marks the run failed) and its log names the ClientApp change."""
+    import shutil
+
+    app = tmp_path / "app"
+    shutil.copytree(PLAIN, app, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(SUBNET / "pytorchexample" / "server_app.py", app / "pytorchexample" / "server_app.py")
+    home = tmp_path / "flwr-home"
+    (port,) = free_ports(1)
+    write_flower_config(home, "example-sim", f"127.0.0.1:{port}", SIMULATION_OPTIONS)
+    procs = Processes(tmp_path / "logs", flower_env(home))
+    try:
+        start_superlink(procs, port, simulation=True)
+        run = procs.start("flwr-run", [binary("flwr"), "run", ".", "example-sim", "--run-config",
+                                       run_config_arg({"num-server-rounds": 5}), "--stream"], cwd=app)
+        wait_until(lambda: run.poll() is not None, 300, "the run to end", check=lambda: procs.check_alive("superlink"))
+        log = (tmp_path / "logs" / "flwr-run.log").read_text(errors="replace")
+        assert "TrainingStalled" in log and "compact_model(msg, Net)" in log, log[-3000:]
+        assert "[ROUND 3/5]" in log and "[ROUND 4/5]" not in log  # stopped after 3 failed rounds
+        status = procs.start("flwr-ls", [binary("flwr"), "ls", "example-sim", "--format", "json"], cwd=app)
+        status.wait(timeout=60)
+        runs = json.loads((tmp_path / "logs" / "flwr-ls.log").read_text())["runs"]
+        assert runs and all("failed" in r["status"] for r in runs), runs
+    except BaseException:
+        print(procs.tails())
+        raise
+    finally:
+        procs.stop_all()
