@@ -166,6 +166,33 @@ def test_example_train_handler_replies_with_the_compact_slices():
         torch.set_num_threads(threads)
 
 
+def test_run_config_local_epochs_reaches_the_users_train_function(monkeypatch):
+    """The user's own train(net, loader, epochs, lr, device) gets the run config's
+    local-epochs and the compact model, with the handler's Context as in Flower's template."""
+    from fl_subnet.experiments.inprocess_grid import InProcessGrid
+    from fl_subnet.strategies import IST
+    from fl_subnet.wire import state_to_arrays
+
+    seen = []
+    with example_package(SUBNET):
+        from pytorchexample import client_app
+        from pytorchexample.task import Net
+
+        def spy(net, loader, epochs, lr, device):
+            seen.append((epochs, lr, net.fc1.out_features))
+            return 0.0
+
+        monkeypatch.setattr(client_app, "train_fn", spy)
+        grid = InProcessGrid(client_app.app, 2, run_config={**app_config(SUBNET), "local-epochs": 7})
+        strategy = IST(Net, num_subnets=2, example_input=torch.zeros(1, 1, 8, 8), fraction_evaluate=0.0)
+        messages = list(strategy.configure_train(1, state_to_arrays(Net().state_dict()),
+                                                 ConfigRecord({"lr": 0.03}), grid))
+        replies = list(grid.send_and_receive(messages))
+    assert all(not r.has_error() for r in replies)
+    assert [(e, lr) for e, lr, _ in seen] == [(7, 0.03), (7, 0.03)]
+    assert all(width < 120 for _, _, width in seen)  # the compact model: fc1 has about half its 120 units
+
+
 @pytest.mark.parametrize("order_by_partition", [False, True])
 def test_node_order_query_with_a_plain_clientapp(order_by_partition, caplog):
     """A ClientApp without fl-subnet's query handler cannot report its partition-id. By
