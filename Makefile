@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 OUT    ?= runs/demo
 
-.PHONY: setup test demo bench clean
+.PHONY: setup test demo bench figures clean
 
 setup: $(STAMP)
 
@@ -28,6 +28,10 @@ demo: setup
 bench: setup
 	$(PY) bench/aggregate.py
 	$(PY) bench/analysis.py
+
+# every image in README.md, from the current code (runs under runs/figures, images to docs/)
+figures: setup
+	$(PY) scripts/make_figures.py
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

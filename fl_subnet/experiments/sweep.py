@@ -22,21 +22,33 @@ def loss_floor(rows: Sequence[dict], key: str = "full-train-loss") -> float:
     return float(np.mean(tail)) if tail else float("nan")
 
 
-def plot_floor(values: Sequence, floors: Sequence[float], key: str, path: str | Path, title: str = "") -> Path:
-    """Loss floor (log scale) against the swept value."""
+def floor_figure(values: Sequence, floors: Sequence[float], key: str, title: str = ""):
+    """The figure :func:`plot_floor` writes, as a matplotlib ``Figure`` (Agg backend)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from .plots import label_log_axis
+
     fig, ax = plt.subplots(figsize=(6, 4.5), constrained_layout=True)
     ax.plot([str(v) for v in values], floors, marker="o")
     ax.set_yscale("log")
+    label_log_axis(ax.yaxis)  # floors within a decade of each other still get labelled ticks
     ax.set_xlabel(key)
-    ax.set_ylabel("loss floor (mean full-model training loss, last quarter of rounds)")
+    # on three lines: on one, the label is taller than the axes and gets cut off
+    ax.set_ylabel("loss floor\n(mean full-model training loss,\nlast quarter of rounds)")
     ax.grid(alpha=0.3)
     if title:
         ax.set_title(title)
+    return fig
+
+
+def plot_floor(values: Sequence, floors: Sequence[float], key: str, path: str | Path, title: str = "") -> Path:
+    """Loss floor (log scale, at least two labelled ticks) against the swept value."""
+    import matplotlib.pyplot as plt
+
+    fig = floor_figure(values, floors, key, title)
     path = Path(path)
     fig.savefig(path, dpi=110)
     plt.close(fig)
