@@ -1,10 +1,13 @@
-"""Extra small models for tests: a residual MLP and a model with an op that has no rule."""
+"""Extra small models for tests: a residual MLP, a model with an op that has no rule, and one
+that declares its own unit group with an integer buffer and a 0-dim tensor."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from fl_subnet.core.groups import Coupling, UnitGroup
 
 
 class ResidualMLP(nn.Module):
@@ -58,3 +61,16 @@ class UnsupportedOnPath(nn.Module):
         h = self.fc1(x)
         h = torch.cumsum(h, dim=-1)
         return self.fc2(h)
+
+
+class WithBuffers(nn.Module):
+    """A custom model declaring its own group, with an int buffer and a 0-dim tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.arange(8.0).reshape(4, 2))
+        self.t = nn.Parameter(torch.tensor(1.0))
+        self.register_buffer("steps", torch.tensor(0, dtype=torch.int64))
+
+    def unit_groups(self):
+        return [UnitGroup("rows", 4, (Coupling("w", 0),), ())]

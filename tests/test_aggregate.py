@@ -13,6 +13,8 @@ from fl_subnet.models import MLP
 from fl_subnet.core.samplers import BernoulliSampler, PartitionSampler
 from fl_subnet.core.slicing import Slicer
 
+from models_extra import WithBuffers
+
 
 def test_two_clients_hand_computed():
     # MLP 2 -> 3 -> 1; hidden units {0,1,2}. Client A holds {0,1} (weight 1),
@@ -86,21 +88,8 @@ def test_matches_numpy_reference_on_random_masks(sampler):
         np.testing.assert_allclose(new[key].numpy(), ref[key], rtol=1e-6, atol=1e-6, err_msg=key)
 
 
-class _WithBuffers(nn.Module):
-    """A custom model declaring its own group, with an int buffer and a 0-dim tensor."""
-
-    def __init__(self):
-        super().__init__()
-        self.w = nn.Parameter(torch.arange(8.0).reshape(4, 2))
-        self.t = nn.Parameter(torch.tensor(1.0))
-        self.register_buffer("steps", torch.tensor(0, dtype=torch.int64))
-
-    def unit_groups(self):
-        return [UnitGroup("rows", 4, (Coupling("w", 0),), ())]
-
-
 def test_integer_buffers_and_scalars():
-    model = _WithBuffers()
+    model = WithBuffers()
     groups = find_unit_groups(model)
     slicer = Slicer(groups)
     old = model.state_dict()

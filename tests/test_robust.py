@@ -18,7 +18,7 @@ from fl_subnet.core.robust import MaskedMedian, MaskedTrimmedMean, cap_weight, s
 from fl_subnet.core.slicing import Slicer
 from fl_subnet.models import MLP
 
-from models_extra import ResidualMLP
+from models_extra import WithBuffers, ResidualMLP
 
 
 def _mlp():
@@ -222,22 +222,9 @@ def test_invalid_replies_are_rejected_without_trace():
         assert all(torch.equal(v, torch.ones_like(v)) for v in agg.finalize().values())
 
 
-class _WithBuffers(nn.Module):
-    """A custom model declaring its own group, with an int buffer and a 0-dim tensor."""
-
-    def __init__(self):
-        super().__init__()
-        self.w = nn.Parameter(torch.arange(8.0).reshape(4, 2))
-        self.t = nn.Parameter(torch.tensor(1.0))
-        self.register_buffer("steps", torch.tensor(0, dtype=torch.int64))
-
-    def unit_groups(self):
-        return [UnitGroup("rows", 4, (Coupling("w", 0),), ())]
-
-
 def test_integer_tensors_take_max_and_scalars_are_reduced():
-    slicer = Slicer(_WithBuffers().unit_groups())
-    old = _WithBuffers().state_dict()
+    slicer = Slicer(WithBuffers().unit_groups())
+    old = WithBuffers().state_dict()
     a, b, c = (Mask({"rows": torch.tensor(i)}) for i in ([0, 2], [2, 3], [0, 2, 3]))
     replies = [({"w": torch.full((2, 2), 1.0), "t": torch.tensor(3.0), "steps": torch.tensor(5)}, a),
                ({"w": torch.full((2, 2), 2.0), "t": torch.tensor(6.0), "steps": torch.tensor(9)}, b),
