@@ -7,7 +7,6 @@ from torch import nn
 
 from fl_subnet.core.aggregate import MaskedAggregator
 from fl_subnet.core.analysis import find_unit_groups
-from fl_subnet.core.groups import Coupling, UnitGroup
 from fl_subnet.core.masks import Mask
 from fl_subnet.models import MLP
 from fl_subnet.core.samplers import BernoulliSampler, PartitionSampler

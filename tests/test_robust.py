@@ -12,7 +12,6 @@ from torch import nn
 import fl_subnet
 from fl_subnet import Mask
 from fl_subnet.core.aggregate import MaskedAggregator
-from fl_subnet.core.groups import Coupling, UnitGroup
 from fl_subnet.core.masks import full_mask
 from fl_subnet.core.robust import MaskedMedian, MaskedTrimmedMean, cap_weight, screen_update
 from fl_subnet.core.slicing import Slicer
