@@ -24,8 +24,9 @@ TrainFn = Callable[[nn.Module, Dataset, TrainConfig, int], tuple[int, float]]
 
 
 def partition_reply(msg: Message, context: Context) -> Message:
-    """The reply to a strategy's node-ordering QUERY (``order_by_partition=True``): this
-    node's ``partition-id`` from its node config (nothing if it has none).
+    """The reply to a strategy's node QUERY (``order_by_partition=True``): this node's
+    ``partition-id`` and ``capacity`` (width share in (0, 1], for HeteroFL/FedRolex)
+    from its node config (``--node-config "partition-id=0 capacity=0.25"``), each only if set.
 
     Add it to your own ClientApp to let the strategy order nodes reproducibly::
 
@@ -34,7 +35,12 @@ def partition_reply(msg: Message, context: Context) -> Message:
             return partition_reply(msg, context)
     """
     pid = context.node_config.get("partition-id")
-    metrics = MetricRecord({"partition-id": int(pid)} if isinstance(pid, int) and not isinstance(pid, bool) else {})
+    cap = context.node_config.get("capacity")
+    metrics = MetricRecord()
+    if isinstance(pid, int) and not isinstance(pid, bool):
+        metrics["partition-id"] = int(pid)
+    if isinstance(cap, (int, float)) and not isinstance(cap, bool):
+        metrics["capacity"] = float(cap)
     return Message(content=RecordDict({METRICS_KEY: metrics}), reply_to=msg)
 
 

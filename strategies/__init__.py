@@ -10,9 +10,11 @@ from .base import SubnetStrategy  # noqa: E402
 from .dropout import Dropout, MultiSampleDropout  # noqa: E402
 from .fedavg import SubnetFedAvg  # noqa: E402
 from .fedsubdrop import FederatedDropout  # noqa: E402
+from .heterofl import FedRolex, HeteroFL  # noqa: E402
 from .ist import IST  # noqa: E402
 
-__all__ = ["SubnetStrategy", "SubnetFedAvg", "IST", "Dropout", "MultiSampleDropout", "FederatedDropout"]
+__all__ = ["SubnetStrategy", "SubnetFedAvg", "IST", "Dropout", "MultiSampleDropout", "FederatedDropout",
+           "HeteroFL", "FedRolex"]
 from .registry import build_strategy  # noqa: E402
 
 __all__ += ["build_strategy"]

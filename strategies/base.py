@@ -214,6 +214,9 @@ class SubnetStrategy(FedAvg):
         self.node_wait_timeout = 300.0
         self.round_offset = 0
         self._rank: dict[int, int] = {}
+        self._capacity: dict[int, float] = {}  # capacities the nodes declared (node config "capacity")
+        self._order: list[int] = []
+        self.capacity_tiers: tuple[float, ...] = ()
         self._unranked: set[int] = set()
         self._sent: dict[int, Mask] = {}
         self._out: dict[int, Message] = {}
@@ -264,12 +267,15 @@ class SubnetStrategy(FedAvg):
                 [Message(content=ask, message_type=MessageType.QUERY, dst_node_id=n) for n in unknown],
                 timeout=self.query_timeout)
             for msg in replies:
-                pid = None
+                pid = cap = None
                 if not msg.has_error():
                     for record in msg.content.metric_records.values():
                         pid = record.get("partition-id", pid)
+                        cap = record.get("capacity", cap)
                 if isinstance(pid, int) and not isinstance(pid, bool):
                     self._rank[msg.metadata.src_node_id] = pid
+                if isinstance(cap, (int, float)) and not isinstance(cap, bool) and 0 < cap <= 1:
+                    self._capacity[msg.metadata.src_node_id] = float(cap)
             self._unranked.update(n for n in unknown if n not in self._rank)  # asked once only
             log.info("order_nodes: %d of %d nodes reported a partition-id%s",
                      sum(n in self._rank for n in nodes), len(nodes),
@@ -288,8 +294,20 @@ class SubnetStrategy(FedAvg):
         need = max(self.min_available_nodes, wanted)
         nodes = self.wait_for_nodes(grid, need)
         nodes = self.order_nodes(grid, nodes)
+        self._order = nodes
         order = torch.randperm(len(nodes), generator=generator_for(self.seed, server_round, -2))
         return [nodes[i] for i in order[:wanted].tolist()]
+
+    def capacity_of(self, node: int) -> float | None:
+        """The node's capacity: the one it declared (node config ``capacity``, reported to
+        the ordering query), else ``capacity_tiers[i mod len]`` for its position ``i`` in the
+        ordered node list (a simulation's distribution of tiers), else None (the sampler's
+        default)."""
+        if node in self._capacity:
+            return self._capacity[node]
+        if self.capacity_tiers and node in self._order:
+            return self.capacity_tiers[self._order.index(node) % len(self.capacity_tiers)]
+        return None
 
     def wait_for_nodes(self, grid: Grid, need: int) -> list[int]:
         """The connected node ids once at least ``need`` are connected.
@@ -337,7 +355,11 @@ class SubnetStrategy(FedAvg):
         if self.fraction_train == 0.0 and self.num_train_nodes is None:
             return []
         nodes = self.sample_train_nodes(server_round, grid)
-        masks = self.sampler.sample(self.groups, server_round, len(nodes))
+        if getattr(self.sampler, "node_aware", False):
+            masks = self.sampler.sample(self.groups, server_round, len(nodes),
+                                        capacities=[self.capacity_of(n) for n in nodes])
+        else:
+            masks = self.sampler.sample(self.groups, server_round, len(nodes))
         self._state = arrays_to_state(arrays)
         messages, self._bytes_down = [], 0
         for node_id, mask in zip(nodes, masks):

@@ -1,4 +1,5 @@
-"""Mask samplers: full (FedAvg), Bernoulli (dropout family) and partition (IST).
+"""Mask samplers: full (FedAvg), Bernoulli (dropout family), partition (IST), and the
+capacity-aware nested prefixes (HeteroFL) and rolling windows (FedRolex).
 
 Every mask comes from a ``torch.Generator`` seeded by (run seed, server round, client
 slot) only (docs/design.md, "Exact semantics"): never the global ``random``/``numpy`` state, never node ids.
@@ -6,6 +7,7 @@ slot) only (docs/design.md, "Exact semantics"): never the global ``random``/``nu
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -147,3 +149,78 @@ class PartitionSampler(MaskSampler):
                  {g.name: self.scale for g in groups})
             for slot in range(num_masks)
         ]
+
+
+def prefix_size(size: int, capacity: float) -> int:
+    """Units a sub-model of width ``capacity`` keeps of a group of ``size``: ``⌈capacity·size⌉``,
+    at least 1 (HeteroFL's ``int(np.ceil(rate * size))``)."""
+    return max(1, min(size, math.ceil(float(capacity) * size - 1e-9)))
+
+
+class CapacitySampler(MaskSampler):
+    """Base of the width-heterogeneous samplers: one mask per slot from that node's capacity.
+
+    ``sample(groups, server_round, num_masks, capacities)`` takes one capacity
+    ``r ∈ (0, 1]`` per slot (the share of every group's units the node can train);
+    a missing one (``None``) is ``default_capacity``.
+
+    Parameters
+    ----------
+    default_capacity : float
+        Capacity of a node that declared none.
+    scale : bool
+        Multiply kept units' output by ``1/r`` while training (HeteroFL's "scaler").
+    seed : int
+        Run seed (unused by deterministic windows).
+
+    Raises
+    ------
+    ValueError
+        If a capacity is outside (0, 1] (naming ``capacity``).
+    """
+
+    node_aware = True
+
+    def __init__(self, default_capacity: float = 1.0, scale: bool = False, seed: int = 0) -> None:
+        super().__init__(seed)
+        self.default_capacity = check_keep_prob(default_capacity, "capacity")
+        self.scale = bool(scale)
+
+    def capacities(self, num_masks: int, capacities: Sequence[float | None] | None) -> list[float]:
+        caps = list(capacities) if capacities is not None else [None] * num_masks
+        if len(caps) != num_masks:
+            raise ValueError(f"got {len(caps)} capacities for {num_masks} masks")
+        return [self.default_capacity if c is None else check_keep_prob(c, "capacity") for c in caps]
+
+    def window(self, group: UnitGroup, server_round: int, k: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def sample(self, groups, server_round, num_masks, capacities=None):
+        masks = []
+        for r in self.capacities(num_masks, capacities):
+            idx = {g.name: self.window(g, server_round, prefix_size(g.size, r)) for g in groups}
+            masks.append(Mask(idx, {g.name: (1.0 / r if self.scale else 1.0) for g in groups}))
+        return masks
+
+
+class NestedPrefixSampler(CapacitySampler):
+    """The first ``⌈r·size⌉`` units of every group for a node of capacity ``r``.
+
+    HeteroFL (Diao et al., ICLR 2021, §3.1): a fixed sub-model per capacity level, the
+    smaller ones nested in the larger (``scale=True``: the 1/r scaler of §3.2).
+    """
+
+    def window(self, group, server_round, k):
+        return torch.arange(k)
+
+
+class RollingWindowSampler(CapacitySampler):
+    """A window of ``k = ⌈r·size⌉`` units that rolls by one unit per server round.
+
+    FedRolex (Alam et al., NeurIPS 2022, Eq. 3): the sub-model of round ``t`` keeps units
+    ``(t + j) mod size`` for ``j < k`` (``roll(arange(size), -t)[:k]``, sorted), so over
+    ``size`` consecutive rounds every unit is trained exactly ``k`` times.
+    """
+
+    def window(self, group, server_round, k):
+        return torch.sort((torch.arange(k) + int(server_round)) % group.size).values

@@ -1,0 +1,63 @@
+"""HeteroFL and FedRolex: width-heterogeneous nodes, each training the share of every
+group its capacity allows."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from fl_subnet.core.samplers import NestedPrefixSampler, RollingWindowSampler
+
+from .base import SubnetStrategy
+
+
+class HeteroFL(SubnetStrategy):
+    """HeteroFL (Diao, Ding & Tarokh, ICLR 2021): a node of capacity ``r`` trains the
+    first ``⌈r·size⌉`` units of every group (nested sub-models), its kept outputs scaled
+    by ``1/r`` while training (§3.2 "scaler"); the server averages each entry over the
+    nodes that held it, unweighted (count mean, §3.1).
+
+    Parameters
+    ----------
+    model_factory : Callable[[], nn.Module]
+        The full model (see :class:`SubnetStrategy`).
+    capacity_tiers : Sequence[float]
+        Capacities for nodes that declare none: node ``i`` of the ordered node list gets
+        ``capacity_tiers[i mod len]`` (a simulation's distribution of tiers). A node
+        declares its own with ``--node-config "capacity=0.25"``, reported to the node
+        query (fl-subnet's ClientApp, or :func:`fl_subnet.clients.partition_reply`).
+    scale : bool
+        The 1/r scaler (default True).
+    **kwargs
+        :class:`SubnetStrategy` options; HeteroFL's paper also uses static BatchNorm
+        (``batchnorm="static"`` with ``calibration_batches``).
+
+    Raises
+    ------
+    ValueError
+        If a tier is outside (0, 1] (naming ``capacity``).
+    """
+
+    def __init__(self, model_factory, capacity_tiers: Sequence[float] = (1.0,), *, scale: bool = True,
+                 seed: int = 0, order_by_partition: bool = True, **kwargs):
+        sampler = NestedPrefixSampler(1.0, scale=scale, seed=seed)
+        kwargs.setdefault("weighted", False)
+        super().__init__(model_factory, sampler, seed=seed, order_by_partition=order_by_partition, **kwargs)
+        self.capacity_tiers = tuple(sampler.capacities(len(capacity_tiers), capacity_tiers))
+
+
+class FedRolex(SubnetStrategy):
+    """FedRolex (Alam et al., NeurIPS 2022): a node of capacity ``r`` trains a window of
+    ``⌈r·size⌉`` units of every group that rolls by one unit per server round (Eq. 3), so
+    every unit is trained as often as every other; the server averages each entry over the
+    nodes that held it, unweighted and independent of the nodes' order (the reference
+    code's order-dependent weights are not reproduced).
+
+    Parameters are those of :class:`HeteroFL` (``scale`` defaults to False, as in FedRolex).
+    """
+
+    def __init__(self, model_factory, capacity_tiers: Sequence[float] = (1.0,), *, scale: bool = False,
+                 seed: int = 0, order_by_partition: bool = True, **kwargs):
+        sampler = RollingWindowSampler(1.0, scale=scale, seed=seed)
+        kwargs.setdefault("weighted", False)
+        super().__init__(model_factory, sampler, seed=seed, order_by_partition=order_by_partition, **kwargs)
+        self.capacity_tiers = tuple(sampler.capacities(len(capacity_tiers), capacity_tiers))
