@@ -12,6 +12,7 @@ from .base import SubnetStrategy
 from .dropout import Dropout, MultiSampleDropout
 from .fedavg import SubnetFedAvg
 from .fedsubdrop import FederatedDropout
+from .heterofl import FedRolex, HeteroFL
 from .ist import IST
 
 
@@ -48,6 +49,10 @@ def _build(cfg, model_factory, example_input, calibration_batches, **fedavg_kwar
         return IST(model_factory, cfg.num_subnets, local_steps=max(steps, 1),
                    partition_mode=cfg.partition_mode, scaling=cfg.ist_scaling,
                    fraction_train=cfg.fraction_train, **common)
+    if cfg.strategy in ("heterofl", "fedrolex"):
+        tiers = tuple(float(t) for t in cfg.capacity_tiers.split(","))
+        cls = HeteroFL if cfg.strategy == "heterofl" else FedRolex
+        return cls(model_factory, tiers, local_steps=steps, fraction_train=cfg.fraction_train, **common)
     if cfg.strategy == "dropout":
         return Dropout(model_factory, cfg.keep_prob, local_steps=steps, **common)
     if cfg.strategy == "multisample-dropout":

@@ -137,7 +137,7 @@ from fl_subnet.experiments.config import RunConfig  # noqa: E402
     ({"num-nodes": True}, "num-nodes must be an integer in [1, 10000], got true"),
     ({"seed": 2**32}, "seed must be an integer in [0, 4294967295], got 4294967296"),
     ({"strategy": "fedavgg"}, "strategy must be one of ('fedavg', 'ist', 'dropout', 'multisample-dropout', "
-                              "'federated-dropout'), got 'fedavgg' (did you mean 'fedavg'?)"),
+                              "'federated-dropout', 'heterofl', 'fedrolex'), got 'fedavgg' (did you mean 'fedavg'?)"),
     ({"strategy": "ist", "num-nodes": 2}, "num-subnets (4) must not exceed num-nodes (2): IST trains one "
                                           "sub-network per node"),
     ({"dataset": "synthetic-sequence", "model": "transformer", "partitioning": "pathological",

@@ -42,6 +42,7 @@ KEY_CASES = [
     ("untouched-unknown", 'untouched = "drop"', "untouched"),
     ("loss-unknown", 'loss = "hinge"', "loss"),
     ("aggregation-unknown", 'aggregation = "krum"', "aggregation"),
+    ("capacity-tiers-above-one", 'capacity-tiers = "0.5,2"', "capacity-tiers"),
     ("screen-unknown", 'screen = "drop"', "screen"),
     ("trim-fraction-half", "trim-fraction = 0.5", "trim-fraction"),
     ("max-update-ratio-negative", "max-update-ratio = -1.0", "max-update-ratio"),

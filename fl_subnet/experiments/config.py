@@ -28,7 +28,7 @@ from pydantic.dataclasses import dataclass
 
 # --- Choices: one Literal per key; the public tuples are derived from them -------------------
 
-Strategy = Literal["fedavg", "ist", "dropout", "multisample-dropout", "federated-dropout"]
+Strategy = Literal["fedavg", "ist", "dropout", "multisample-dropout", "federated-dropout", "heterofl", "fedrolex"]
 ImageDataset = Literal["digits", "mnist", "fashion-mnist", "cifar10"]
 Dataset = Literal[ImageDataset, "synthetic-regression", "synthetic-sequence"]
 Partitioning = Literal["iid", "dirichlet", "pathological"]
@@ -130,6 +130,21 @@ def _check_path(value: str) -> str:
     return value
 
 
+_TIERS = re.compile(r"\s*(0?\.[0-9]+|1(\.0*)?)\s*(,\s*(0?\.[0-9]+|1(\.0*)?)\s*)*")
+
+
+def _check_tiers(value: str) -> str:
+    if not _TIERS.fullmatch(value) or not all(0 < float(t) <= 1 for t in value.split(",")):
+        raise ValueError("bad capacity tiers")
+    return value
+
+
+CapacityTiers = Annotated[
+    str, AfterValidator(_check_tiers),
+    _Allowed('a string of comma-separated capacities in (0, 1], e.g. "0.25,0.5,1.0"'),
+    Field(strict=True, description="HeteroFL/FedRolex: capacities of the nodes that declare none, by node "
+                                   "order (node i gets tier i mod len), e.g. ``\"0.25,0.5,1.0\"``."),
+]
 HiddenWidths = Annotated[
     str, AfterValidator(_check_hidden),
     _Allowed(f"a string of comma-separated widths, each an integer in [1, {MAX_WIDTH}] "
@@ -187,6 +202,7 @@ class RunConfig:
                          "image data sets, read as ``(C, H, W)`` images; ``transformer`` (encoder with "
                          "``nn.MultiheadAttention``) on ``synthetic-sequence``.") = "mlp"
     hidden: HiddenWidths = "128,64"
+    capacity_tiers: CapacityTiers = "1.0"
     batchnorm: Choice(BatchNormPolicy, "BatchNorm policy (:mod:`fl_subnet.core.batchnorm`): ``averaged`` "
                                        "running statistics, or ``static`` (HeteroFL): batch statistics on the "
                                        "nodes, running statistics recomputed by the server after each "
