@@ -107,6 +107,8 @@ class SubnetStrategy(FedAvg):
         (with ≥ 3 replies): catches a scaled update among honest ones.
     screen : {"reject", "clip"}
         What screening does to a reply over the bound.
+    node_wait_timeout : float
+        Seconds to wait for enough connected nodes before :class:`NotEnoughNodes`.
     max_failed_rounds : int, optional
         Stop the run (:class:`TrainingStalled`) after this many consecutive rounds
         without a valid reply (default 3; ``None``: never).
@@ -156,6 +158,7 @@ class SubnetStrategy(FedAvg):
         screen: str = "reject",
         max_num_examples: float | None = None,
         max_failed_rounds: int | None = 3,
+        node_wait_timeout: float = 300.0,
         **fedavg_kwargs,
     ) -> None:
         if num_train_nodes is not None:
@@ -211,7 +214,7 @@ class SubnetStrategy(FedAvg):
         self.seed = int(seed)
         self.order_by_partition = order_by_partition
         self.query_timeout = 600.0
-        self.node_wait_timeout = 300.0
+        self.node_wait_timeout = float(node_wait_timeout)
         self.round_offset = 0
         self._rank: dict[int, int] = {}
         self._capacity: dict[int, float] = {}  # capacities the nodes declared (node config "capacity")
@@ -397,7 +400,7 @@ class SubnetStrategy(FedAvg):
         server_round += self.round_offset
         agg = self._aggregator()
         by_id = {m.metadata.message_id: n for n, m in self._out.items() if m.metadata.message_id}
-        parsed: list[tuple[int, Message, Mask, dict, float, int, float]] = []
+        parsed: list[tuple[int, Message, Mask, dict, float, int, float, dict | None]] = []
         rejected, clipped, seen = 0, 0, set()
         full_size: list[int] = []
         reasons: list[str] = []
@@ -425,24 +428,24 @@ class SubnetStrategy(FedAvg):
                 if self._is_full_size(compact, mask):
                     full_size.append(node)
                 agg.check(compact, mask)
-                ratio = update_ratio(compact, self.slicer.gather(self._state, mask)) if self._screening else 0.0
+                base = self.slicer.gather(self._state, mask) if self._screening else None
+                ratio = update_ratio(compact, base) if base is not None else 0.0
             except Exception as err:  # noqa: BLE001 — a reply must never crash the ServerApp
                 reject(node, err)
                 continue
             seen.add(node)
-            parsed.append((node, msg, mask, compact, weight, size, ratio))
+            parsed.append((node, msg, mask, compact, weight, size, ratio, base))
         bound = self.max_update_ratio
         if self.max_ratio_to_median is not None and len(parsed) >= 3:
-            median = float(torch.tensor([p[-1] for p in parsed]).median())
+            median = float(torch.tensor([p[6] for p in parsed]).median())
             bound = min(bound if bound is not None else float("inf"), self.max_ratio_to_median * median)
         valid: list[RecordDict] = []
         used: list[Mask] = []
         bytes_up = 0
-        for node, msg, mask, compact, weight, size, ratio in parsed:
+        for node, msg, mask, compact, weight, size, ratio, base in parsed:
             try:
                 if bound is not None and ratio > bound:
-                    compact, _, was_clipped = screen_update(compact, self.slicer.gather(self._state, mask),
-                                                            bound, self.screen)
+                    compact, _, was_clipped = screen_update(compact, base, bound, self.screen)
                     clipped += int(was_clipped)
                     log.warning("aggregate_train: round %d: clipped the update of node %d (norm ratio %.3g > %.3g)",
                                 server_round, node, ratio, bound)

@@ -27,16 +27,12 @@ def build_strategy(cfg: RunConfig, model_factory: Callable[[], nn.Module], *, ex
     the defences (``aggregation``, ``max-update-ratio``, ...; 0 = off) and
     ``node-wait-timeout`` come from the config.
     """
-    return _with_timeouts(_build(cfg, model_factory, example_input, calibration_batches, **fedavg_kwargs), cfg)
-
-
-def _build(cfg, model_factory, example_input, calibration_batches, **fedavg_kwargs) -> SubnetStrategy:
     common = dict(seed=cfg.seed, untouched=cfg.untouched, example_input=example_input,
                   batchnorm=cfg.batchnorm, calibration_batches=calibration_batches,
                   aggregation=cfg.aggregation, trim_fraction=cfg.trim_fraction,
                   max_update_ratio=cfg.max_update_ratio or None, max_ratio_to_median=cfg.max_ratio_to_median or None,
                   screen=cfg.screen, max_num_examples=cfg.max_num_examples or None,
-                  max_failed_rounds=cfg.max_failed_rounds or None,
+                  max_failed_rounds=cfg.max_failed_rounds or None, node_wait_timeout=cfg.node_wait_timeout,
                   order_by_partition=True,  # fl-subnet's ClientApp answers the partition-id query
                   fraction_evaluate=cfg.fraction_evaluate, **fedavg_kwargs)
     steps = cfg.local_steps
@@ -60,7 +56,3 @@ def _build(cfg, model_factory, example_input, calibration_batches, **fedavg_kwar
                                   loss_average=cfg.loss_average, local_steps=steps, **common)
     raise ValueError(f"strategy must be one of {STRATEGIES}, got {cfg.strategy!r}")
 
-
-def _with_timeouts(strategy: SubnetStrategy, cfg: RunConfig) -> SubnetStrategy:
-    strategy.node_wait_timeout = float(cfg.node_wait_timeout)
-    return strategy

@@ -107,7 +107,8 @@ class CentralEvaluation:
     """
 
     def __init__(self, cfg: RunConfig, strategy, on_round: Callable[[dict], None] | None = None, *,
-                 checkpoint_dir: str | Path | None = None, resume_meta: dict | None = None):
+                 checkpoint_dir: str | Path | None = None, resume_meta: dict | None = None,
+                 train_set: TensorDataset | None = None):
         from .data import load_centralized_test
 
         self.cfg = cfg
@@ -120,7 +121,7 @@ class CentralEvaluation:
         self.factory = factory_for(cfg)
         kw = data_kwargs(cfg)
         self.test = _dataset(cfg, *load_centralized_test(cfg.dataset, data_seed=cfg.seed, **kw))
-        self.train = self.train_set(cfg)
+        self.train = train_set if train_set is not None else self.train_set(cfg)
         self.t0 = time.perf_counter() - float((resume_meta or {}).get("seconds", 0.0))
         self.cumulative = int((resume_meta or {}).get("cumulative-bytes", 0))
 
@@ -252,11 +253,12 @@ def run_server(grid: Grid, cfg: RunConfig, on_round: Callable[[dict], None] | No
     if first_round > cfg.num_server_rounds:
         log.info("nothing to do: the checkpoint holds round %d of %d", first_round - 1, cfg.num_server_rounds)
         return None
-    calibration = None
-    if cfg.batchnorm == "static":  # the server recomputes BatchNorm statistics on the training data
-        calibration = _batches(CentralEvaluation.train_set(cfg), cfg.batch_size)
+    train = CentralEvaluation.train_set(cfg)
+    # static BatchNorm: the server recomputes the statistics on the training data
+    calibration = _batches(train, cfg.batch_size) if cfg.batchnorm == "static" else None
     strategy = build_strategy(cfg, factory, example_input=example_input(cfg), calibration_batches=calibration)
-    evaluate = CentralEvaluation(cfg, strategy, on_round, checkpoint_dir=checkpoint_dir, resume_meta=meta)
+    evaluate = CentralEvaluation(cfg, strategy, on_round, checkpoint_dir=checkpoint_dir, resume_meta=meta,
+                                 train_set=train)
     from fl_subnet.strategies.base import NotEnoughNodes, TrainingStalled
 
     try:
