@@ -10,6 +10,11 @@ Layout of a checkpoint folder::
                         :func:`load_model` or ``safetensors.torch.load_file``), with the
                         checkpoint's metadata in its header (one atomic file)
     checkpoint.json     the same metadata, readable: {"server-round": r, ...}
+    server-optimizer-<r>.safetensors
+                        the masked server optimizer's state after round r (only with a
+                        ``server-optimizer``); written BEFORE the model file of round r,
+                        and the one of round r-1 removed after it, so the model file's
+                        round always names an optimizer file that exists
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import torch
 
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "checkpoint.json"
+OPTIMIZER_STEM = "server-optimizer-"
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -80,14 +86,31 @@ def load_model(path: str | Path) -> dict[str, torch.Tensor]:
         raise ValueError(f"{path}: not a safetensors model file ({err})") from None
 
 
-def save_checkpoint(folder: str | Path, state: Mapping[str, torch.Tensor], meta: Mapping[str, object]) -> None:
+def save_checkpoint(folder: str | Path, state: Mapping[str, torch.Tensor], meta: Mapping[str, object],
+                    optimizer_state: Mapping[str, torch.Tensor] | None = None) -> None:
     """Save the model with ``meta`` (must hold ``server-round``) in one atomic file, then
-    a readable copy of ``meta`` as ``checkpoint.json``."""
+    a readable copy of ``meta`` as ``checkpoint.json``.
+
+    ``optimizer_state`` (the server optimizer's flat ``state_dict``) goes to
+    ``server-optimizer-<round>.safetensors``, written before the model file; older
+    optimizer files are removed after it.
+    """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    int(meta["server-round"])
+    rnd = int(meta["server-round"])
+    if optimizer_state is not None:
+        save_model(folder / f"{OPTIMIZER_STEM}{rnd}.safetensors", optimizer_state, {"server-round": rnd})
     save_model(folder / MODEL_FILE, state, meta)
     atomic_write_text(folder / STATE_FILE, json.dumps(dict(meta), indent=2))
+    for old in folder.glob(f"{OPTIMIZER_STEM}*.safetensors"):
+        if old.name != f"{OPTIMIZER_STEM}{rnd}.safetensors":
+            old.unlink(missing_ok=True)
+
+
+def load_optimizer_state(folder: str | Path, server_round: int) -> dict[str, torch.Tensor] | None:
+    """The server optimizer state saved with round ``server_round`` (None if there is none)."""
+    path = Path(folder) / f"{OPTIMIZER_STEM}{int(server_round)}.safetensors"
+    return load_model(path) if path.is_file() else None
 
 
 def load_checkpoint(folder: str | Path) -> tuple[dict[str, torch.Tensor], dict]:

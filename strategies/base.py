@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import logging
 import time
+from logging import INFO
 from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
+from flwr.supercore import log as flwr_log
 from torch import nn
 
 from fl_subnet.core.aggregate import MaskedAggregator
@@ -21,6 +23,9 @@ from fl_subnet.core.masks import Mask, coverage
 from fl_subnet.wire import BATCHNORM_KEY, arrays_to_state, example_to_config, mask_to_config, state_to_arrays
 from fl_subnet.core.samplers import MaskSampler, generator_for
 
+from fl_subnet.core.server_opt import MaskedServerOptimizer
+
+from .compose import check_composition, refuse_dp_wrapper, server_optimizer_of
 from .replies import ReplyError, parse_reply, payload_bytes
 
 log = logging.getLogger(__name__)
@@ -118,6 +123,13 @@ class SubnetStrategy(FedAvg):
         With every defence at its default (off) the aggregation is exactly Flower's
         FedAvg rule on the held entries; with defences on, a run in which nothing is
         screened or capped is bit-identical to one without them.
+    server_optimizer : MaskedServerOptimizer, optional
+        A server optimizer applied to the masked pseudo-gradient after aggregation
+        (:mod:`fl_subnet.core.server_opt`: FedAvgM, FedAdam, FedYogi, FedAdagrad; Reddi
+        et al., ICLR 2021): entries no valid reply held keep their value and optimizer
+        state. Also set by composing with Flower's optimizer strategies,
+        ``class X(FederatedDropout, FedAdam)`` (:mod:`strategies.compose`), which then
+        take their hyperparameters (``eta``, ``beta_1``, ...) as keyword arguments.
     **fedavg_kwargs
         Flower FedAvg options: ``fraction_train``, ``fraction_evaluate``,
         ``min_train_nodes``, ``min_evaluate_nodes``, ``min_available_nodes``,
@@ -159,6 +171,7 @@ class SubnetStrategy(FedAvg):
         max_num_examples: float | None = None,
         max_failed_rounds: int | None = 3,
         node_wait_timeout: float = 300.0,
+        server_optimizer: MaskedServerOptimizer | None = None,
         **fedavg_kwargs,
     ) -> None:
         if num_train_nodes is not None:
@@ -167,6 +180,11 @@ class SubnetStrategy(FedAvg):
             fedavg_kwargs.setdefault("min_train_nodes", num_train_nodes)
             fedavg_kwargs.setdefault("min_available_nodes", num_train_nodes)
         super().__init__(**fedavg_kwargs)
+        composed = server_optimizer_of(self)
+        if composed is not None and server_optimizer is not None:
+            raise ValueError(f"{type(self).__name__} is already a {composed.name} strategy (Flower base class); "
+                             f"do not pass server_optimizer={server_optimizer!r} too")
+        self.server_optimizer = server_optimizer if server_optimizer is not None else composed
         self.spec = analyze(model_factory, example_input, include=include, exclude=exclude, seed=seed)
         self.groups = self.spec.groups
         self.slicer = self.spec.slicer
@@ -227,6 +245,39 @@ class SubnetStrategy(FedAvg):
         self._bytes_down = 0
         self._t_round = 0.0
         self.last_train_metrics: MetricRecord | None = None
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        check_composition(cls, SubnetStrategy)
+
+    def summary(self) -> None:
+        """Log the protocol's settings (sampler, local steps, aggregation, defences,
+        server optimizer), then Flower's (``super().summary()``)."""
+        flwr_log(INFO, "\t├──> fl-subnet %s:", type(self).__name__)
+        for key, value in self.settings().items():
+            flwr_log(INFO, "\t│\t├── %s: %s", key, value)
+        super().summary()
+
+    def settings(self) -> dict[str, object]:
+        """The protocol's knobs, as logged by :meth:`summary`."""
+        sampler = self.sampler
+        knobs = {k: v for k, v in vars(sampler).items() if not k.startswith("_")}
+        out: dict[str, object] = {
+            "sampler": f"{type(sampler).__name__}({', '.join(f'{k}={v}' for k, v in knobs.items())})",
+            "unit groups": f"{len(self.groups)} ({sum(g.size for g in self.groups)} units)",
+            "depth blocks": len(self.spec.blocks),
+            "local steps": self.local_steps if self.local_steps is not None else "local-epochs",
+            "weighted": self.weighted, "aggregation": self.aggregation, "batchnorm": self.batchnorm,
+        }
+        if self.capacity_tiers:
+            out["capacity tiers"] = ",".join(f"{t:g}" for t in self.capacity_tiers)
+        if self._screening:
+            out["screening"] = (f"{self.screen}: max-update-ratio={self.max_update_ratio}, "
+                                f"max-ratio-to-median={self.max_ratio_to_median}")
+        if self.max_num_examples is not None:
+            out["max num-examples"] = self.max_num_examples
+        out["server optimizer"] = repr(self.server_optimizer) if self.server_optimizer is not None else "none (FedAvg)"
+        return out
 
     def start(self, *, first_round: int = 1, num_rounds: int = 3, **kwargs):
         """Flower's ``Strategy.start``, optionally continuing a run from ``first_round``.
@@ -351,6 +402,7 @@ class SubnetStrategy(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """One Message per sampled node with its own compact slice and mask."""
+        refuse_dp_wrapper(self)
         server_round += self.round_offset
         self._t_round = time.perf_counter()
         self._sent = {}
@@ -490,6 +542,8 @@ class SubnetStrategy(FedAvg):
             return None, metrics
         self._failed_rounds = 0
         new_state = agg.finalize()
+        if self.server_optimizer is not None:
+            new_state = self.server_optimizer.step(self._state, new_state, agg.held())
         if self.batchnorm == "static" and self.calibration_batches is not None:
             new_state = self._recalibrate(new_state)
         return state_to_arrays(new_state), metrics

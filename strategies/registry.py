@@ -8,6 +8,8 @@ from torch import nn
 
 from fl_subnet.experiments.config import STRATEGIES, RunConfig
 
+from fl_subnet.core.server_opt import make_server_optimizer
+
 from .base import SubnetStrategy
 from .dropout import Dropout, MultiSampleDropout
 from .fedavg import SubnetFedAvg
@@ -33,6 +35,8 @@ def build_strategy(cfg: RunConfig, model_factory: Callable[[], nn.Module], *, ex
                   max_update_ratio=cfg.max_update_ratio or None, max_ratio_to_median=cfg.max_ratio_to_median or None,
                   screen=cfg.screen, max_num_examples=cfg.max_num_examples or None,
                   max_failed_rounds=cfg.max_failed_rounds or None, node_wait_timeout=cfg.node_wait_timeout,
+                  server_optimizer=make_server_optimizer(cfg.server_optimizer, lr=cfg.server_lr or None,
+                                                         momentum=cfg.server_momentum),
                   order_by_partition=True,  # fl-subnet's ClientApp answers the partition-id query
                   fraction_evaluate=cfg.fraction_evaluate, **fedavg_kwargs)
     steps = cfg.local_steps

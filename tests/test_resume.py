@@ -24,11 +24,11 @@ VALUES = {"strategy": "federated-dropout", "num-nodes": 3, "num-server-rounds": 
           "hidden": "32", "lr": 0.1, "seed": 3, "partitioning": "iid"}
 
 
-def run(out: Path, rounds: int, resume: bool = False) -> None:
+def run(out: Path, rounds: int, resume: bool = False, **over) -> None:
     """``fl-subnet run`` in-process: results and checkpoints in ``out``."""
     import fl_subnet.client_app
 
-    values = {**VALUES, "num-server-rounds": rounds, "out-dir": str(out)}
+    values = {**VALUES, **over, "num-server-rounds": rounds, "out-dir": str(out)}
     cfg = RunConfig.from_mapping(values)
     recorder = RunRecorder(out, cfg)
     if resume:
@@ -77,6 +77,22 @@ def test_resumed_run_ends_with_the_uninterrupted_model(uninterrupted, tmp_path):
     assert [r["server-round"] for r in rows_b] == [0, 1, 2, 3, 4]
     assert [r["eval-acc"] for r in rows_a] == [r["eval-acc"] for r in rows_b]
     assert [r["cumulative-bytes"] for r in rows_a] == [r["cumulative-bytes"] for r in rows_b]
+
+
+def test_resume_restores_the_server_optimizer_state(tmp_path):
+    """With FedAdam on the masked pseudo-gradient the optimizer's moments are part of the
+    run state: a run resumed after round 2 ends with the uninterrupted run's model."""
+    adam = {"server-optimizer": "fedadam", "server-lr": 0.01}
+    run(tmp_path / "full", 4, **adam)
+    run(tmp_path / "cut", 2, **adam)
+    assert sorted(p.name for p in (tmp_path / "cut").glob("server-optimizer-*")) == ["server-optimizer-2.safetensors"]
+    run(tmp_path / "cut", 4, resume=True, **adam)
+    a, b = load_model(tmp_path / "full" / "model.safetensors"), load_model(tmp_path / "cut" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    plain = tmp_path / "plain"
+    run(plain, 4)
+    c = load_model(plain / "model.safetensors")
+    assert not all(torch.equal(a[k], c[k]) for k in a)  # the optimizer changed the model
 
 
 def test_resume_refuses_another_config(uninterrupted, tmp_path):

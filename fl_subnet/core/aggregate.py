@@ -207,6 +207,22 @@ class MaskedAggregator:
             view[d] = size
         return den.reshape(view)
 
+    def held(self) -> dict[str, torch.Tensor]:
+        """Which entries some added reply held, per float tensor key.
+
+        Returns
+        -------
+        dict[str, torch.Tensor]
+            Key → bool tensor broadcastable to the key's shape (e.g. ``(out, 1)`` for a
+            matrix whose rows are units, ``()`` for an uncoupled tensor): True where at
+            least one reply held the entry. A depth block no reply carried is all False.
+            Used by the masked server optimizers (:mod:`fl_subnet.core.server_opt`),
+            which must move only held entries.
+        """
+        ones = torch.ones(len(self._weights), dtype=self.precision)
+        return {key: self._denominator(key, full, ones) > 0
+                for key, full in self.state.items() if full.is_floating_point()}
+
     def finalize(self) -> dict[str, torch.Tensor]:
         """The new global state ``W_{k+1}`` (new tensors; ``W_k`` if no reply was added)."""
         if not self._weights:

@@ -88,6 +88,10 @@ class _RobustAggregator:
         self._replies.append(({k: compact[k] for k, full in self.state.items()
                                if full.is_floating_point() and k in compact}, mask))
 
+    def held(self) -> dict[str, torch.Tensor]:
+        """Which entries some added reply held (:meth:`MaskedAggregator.held`)."""
+        return self._inner.held()
+
     def _stack(self, key: str) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The holders' values of every entry of ``key``, sorted.
 

@@ -42,6 +42,7 @@ PartitionMode = Literal["equal", "iid"]
 Untouched = Literal["keep", "zero"]
 Aggregation = Literal["mean", "median", "trimmed-mean"]  # = strategies.base.AGGREGATIONS (tested)
 ScreenMode = Literal["reject", "clip"]  # = fl_subnet.core.robust.SCREEN_MODES (tested)
+ServerOptimizer = Literal["none", "fedavgm", "fedadam", "fedyogi", "fedadagrad"]  # core.server_opt (tested)
 
 STRATEGIES: tuple[str, ...] = get_args(Strategy)
 DATASETS: tuple[str, ...] = get_args(Dataset)
@@ -228,6 +229,13 @@ class RunConfig:
     max_num_examples: Int(0, 10**12, "Cap on a reply's self-reported ``num-examples`` weight; 0: no cap.") = 0
     max_failed_rounds: Int(0, 100_000, "Stop the run after this many consecutive rounds without a valid "
                                        "reply; 0: never.") = 3
+    server_optimizer: Choice(ServerOptimizer, "Server optimizer on the masked pseudo-gradient (Reddi et al. "
+                                              "2021; :mod:`fl_subnet.core.server_opt`): entries no node held keep "
+                                              "their value and optimizer state; ``none``: the aggregate itself "
+                                              "(FedAvg).") = "none"
+    server_lr: Number("Server learning rate η of ``server-optimizer``; 0: Flower's default for it (FedAvgM 1, "
+                      "FedAdam 0.1, FedYogi 0.01, FedAdagrad 0.1).", ge=0.0) = 0.0
+    server_momentum: Number("μ of FedAvgM, β₁ of FedAdam/FedYogi.", ge=0.0, lt=1.0) = 0.9
     round_timeout: Number("Seconds a round waits for the nodes' replies (Flower's timeout).", gt=0.0) = 3600.0
     node_wait_timeout: Number("Seconds to wait for enough connected nodes before giving up with an error.",
                               gt=0.0) = 60.0

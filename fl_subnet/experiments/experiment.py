@@ -170,9 +170,10 @@ class CentralEvaluation:
         if self.on_round is not None:
             self.on_round(row)  # the metrics first: a kill before the checkpoint redoes this round
         if self.checkpoint_dir is not None:
+            opt = getattr(self.strategy, "server_optimizer", None)
             save_checkpoint(self.checkpoint_dir, state, {
                 "server-round": server_round, "cumulative-bytes": self.cumulative, "seconds": row["seconds"],
-                "config": config_dict(self.cfg)})
+                "config": config_dict(self.cfg)}, optimizer_state=opt.state_dict() if opt is not None else None)
         return metrics
 
     def check_outcome(self) -> None:
@@ -257,6 +258,13 @@ def run_server(grid: Grid, cfg: RunConfig, on_round: Callable[[dict], None] | No
     # static BatchNorm: the server recomputes the statistics on the training data
     calibration = _batches(train, cfg.batch_size) if cfg.batchnorm == "static" else None
     strategy = build_strategy(cfg, factory, example_input=example_input(cfg), calibration_batches=calibration)
+    if resume and strategy.server_optimizer is not None:
+        from fl_subnet.checkpoint import load_optimizer_state
+
+        saved_opt = load_optimizer_state(checkpoint_dir, first_round - 1)
+        if saved_opt is None:
+            raise ValueError(f"cannot resume {checkpoint_dir}: no server-optimizer state of round {first_round - 1}")
+        strategy.server_optimizer.load_state_dict(saved_opt)
     evaluate = CentralEvaluation(cfg, strategy, on_round, checkpoint_dir=checkpoint_dir, resume_meta=meta,
                                  train_set=train)
     from fl_subnet.strategies.base import NotEnoughNodes, TrainingStalled
