@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Callable
 
@@ -13,7 +14,7 @@ from torch.utils.data import Dataset
 
 from fl_subnet.wire import METRICS_KEY, arrays_to_state, read_train
 
-from .compact import receive, reply_arrays
+from .compact import receive, reply_arrays, width_schedule
 
 from .train import TrainConfig, evaluate_model, train_local
 
@@ -44,6 +45,14 @@ def partition_reply(msg: Message, context: Context) -> Message:
     return Message(content=RecordDict({METRICS_KEY: metrics}), reply_to=msg)
 
 
+def _takes_before_step(fn: Callable) -> bool:
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return True  # no signature to read: try the call
+    return "before_step" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
 def make_client_app(model_factory: Callable[[], nn.Module] | None, load_data: DataFn,
                     train_fn: TrainFn = train_local, *,
                     context_factory: Callable[[Context], Callable[[], nn.Module]] | None = None) -> ClientApp:
@@ -60,7 +69,9 @@ def make_client_app(model_factory: Callable[[], nn.Module] | None, load_data: Da
     train_fn : Callable, optional
         ``train_fn(model, train_set, cfg, seed) -> (num_examples, train_loss)``;
         defaults to :func:`~fl_subnet.clients.train.train_local` (SGD, τ steps or E
-        epochs).
+        epochs). For FjORD messages (``fjord-widths``) it is also passed
+        ``before_step=``, the per-batch width sampler (:func:`width_schedule`), to call
+        with the step index before each batch.
     context_factory : Callable[[Context], Callable[[], nn.Module]], optional
         Returns the model factory for a message's context (e.g. from its run config).
 
@@ -89,8 +100,23 @@ def make_client_app(model_factory: Callable[[], nn.Module] | None, load_data: Da
         cfg = TrainConfig.from_config(config)
         train_set, _ = load_data(context)
         round_ = int(config.get("server-round", 0))
-        seed = hash((cfg.seed, round_, int(context.node_config.get("partition-id", 0)))) & 0x7FFFFFFF
-        n, loss = train_fn(model, train_set, cfg, seed)
+        partition = int(context.node_config.get("partition-id", 0))
+        seed = hash((cfg.seed, round_, partition)) & 0x7FFFFFFF
+        log.info("node %d round %d: received %d bytes of arrays, widths %s", context.node_id, round_,
+                 sum(len(a.data) for a in read_train(msg.content)[1].values()),  # what this node got, per group
+                 ",".join(f"{g}={len(i)}" for g, i in sorted(got.mask.indices.items())))
+        with width_schedule(got, partition) as schedule:  # FjORD's per-batch widths, else inactive
+            if schedule.active:
+                if not _takes_before_step(train_fn):
+                    raise TypeError(f"the server runs FjORD (train config 'fjord-widths') but train_fn "
+                                    f"{getattr(train_fn, '__name__', train_fn)!r} takes no before_step= "
+                                    "argument: call before_step(step) before each batch's forward")
+                n, loss = train_fn(model, train_set, cfg, seed, before_step=schedule)
+            else:
+                n, loss = train_fn(model, train_set, cfg, seed)
+        if schedule.active:
+            log.info("node %d round %d: FjORD widths %s, %d steps", context.node_id, round_, schedule.widths,
+                     len(schedule.history))
         log.info("node %d round %d: %d examples, train-loss %.4f", context.node_id, round_, n, loss)
         content = RecordDict({
             **reply_arrays(got, model),

@@ -10,6 +10,9 @@ already the compact reply the strategy expects (same keys, compact shapes)::
     reply = RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": ...})
 
 A message without mask keys (a plain FedAvg message) gives the full model.
+
+A FjORD message (train config key ``fjord-widths``) gives a model whose width can be
+lowered per batch; :func:`width_schedule` samples the widths in the user's own loop.
 """
 
 from __future__ import annotations
@@ -22,9 +25,10 @@ from torch import nn
 
 from fl_subnet.core.batchnorm import check_policy, use_batch_statistics
 from fl_subnet.core.masks import Mask, full_mask
+from fl_subnet.core.ordered import WidthSchedule, build_ordered, width_generator
 from fl_subnet.core.spec import SubnetSpec, cached_spec
-from fl_subnet.wire import (BATCHNORM_KEY, MASK_PREFIX, SKIP_KEY, arrays_to_state, example_from_config, mask_from_config,
-                            read_train)
+from fl_subnet.wire import (BATCHNORM_KEY, MASK_PREFIX, SKIP_KEY, arrays_to_state, example_from_config,
+                            mask_from_config, read_train, widths_from_config)
 
 
 @dataclass
@@ -43,6 +47,9 @@ class Received:
         Name of the message's ArrayRecord: reply under the same key.
     config : Mapping[str, object]
         The message's ConfigRecord (``lr``, ``local-steps``, ``server-round``, mask bits…).
+    widths : tuple[float, ...]
+        FjORD's allowed per-batch widths (``fjord-widths``), empty otherwise; when set,
+        ``model`` was built by :func:`fl_subnet.core.ordered.build_ordered`.
     """
 
     model: nn.Module
@@ -50,6 +57,7 @@ class Received:
     spec: SubnetSpec
     arrays_key: str
     config: Mapping[str, object]
+    widths: tuple[float, ...] = ()
 
 
 def receive(msg: Message | RecordDict, model_factory: Callable[[], nn.Module]) -> Received:
@@ -87,10 +95,14 @@ def receive(msg: Message | RecordDict, model_factory: Callable[[], nn.Module]) -
     has_mask = any(str(k).startswith(MASK_PREFIX) or k == SKIP_KEY for k in config)
     mask = mask_from_config(config, spec.all_groups) if has_mask else full_mask(spec.all_groups)
     spec.slicer.skipped_keys(mask)  # a depth block this model lacks: ValueError naming it
-    model = spec.build(arrays_to_state(arrays), mask)
+    widths = widths_from_config(config)  # FjORD: ValueError naming 'fjord-widths'
+    state = arrays_to_state(arrays)
+    # FjORD gates the groups the server masked (none for a message without mask keys)
+    model = build_ordered(spec, state, mask, gated=mask.indices if has_mask else ()) if widths \
+        else spec.build(state, mask)
     if check_policy(str(config.get(BATCHNORM_KEY, "averaged"))) == "static":
         use_batch_statistics(model)
-    return Received(model, mask, spec, arrays_key, config)
+    return Received(model, mask, spec, arrays_key, config, widths)
 
 
 def compact_model(msg: Message | RecordDict, model_factory: Callable[[], nn.Module]) -> nn.Module:
@@ -103,6 +115,49 @@ def compact_model(msg: Message | RecordDict, model_factory: Callable[[], nn.Modu
     return receive(msg, model_factory).model
 
 
+def width_schedule(received: Received, partition: int = 0) -> WidthSchedule:
+    """FjORD's per-batch width sampler for a received train message (Horváth et al.,
+    NeurIPS 2021, §3: ``p ~ U`` over the allowed widths up to the node's ``p_max``).
+
+    The draws come from a generator seeded by the config's ``seed``, its
+    ``server-round`` and ``partition`` only (:func:`fl_subnet.core.ordered.width_generator`).
+    For a message without ``fjord-widths`` the schedule is inactive (calling it does
+    nothing), so the same loop serves every strategy. In your own ClientApp::
+
+        got = receive(msg, Net)
+        model = got.model
+        with width_schedule(got, context.node_config["partition-id"]) as next_width:
+            for step, (x, y) in enumerate(trainloader):
+                next_width(step)            # before the forward: this batch's width
+                loss = criterion(model(x), y)
+                ...
+        # after the block the model is back at its max width: reply with model.state_dict()
+
+    fl-subnet's ClientApp passes it as ``before_step`` to
+    :func:`~fl_subnet.clients.train.train_local`.
+
+    Parameters
+    ----------
+    received : Received
+        From :func:`receive`.
+    partition : int
+        This node's partition id (node config ``partition-id``).
+
+    Returns
+    -------
+    WidthSchedule
+        Call it with the step index before each batch; use it as a context manager.
+
+    Raises
+    ------
+    ValueError
+        If an allowed width exceeds the slice the node received (naming the group).
+    """
+    gen = width_generator(int(received.config.get("seed", 0)), int(received.config.get("server-round", 0)),
+                          int(partition))
+    return WidthSchedule(received.model, received.widths, gen)
+
+
 def reply_arrays(received: Received, model: nn.Module | None = None) -> dict[str, ArrayRecord]:
     """``{arrays_key: ArrayRecord(compact state)}`` for the reply's RecordDict."""
     from fl_subnet.wire import state_to_arrays
@@ -110,4 +165,4 @@ def reply_arrays(received: Received, model: nn.Module | None = None) -> dict[str
     return {received.arrays_key: state_to_arrays((received.model if model is None else model).state_dict())}
 
 
-__all__ = ["Received", "receive", "compact_model", "reply_arrays"]
+__all__ = ["Received", "receive", "compact_model", "reply_arrays", "width_schedule"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -91,7 +91,8 @@ def make_loader(data: Dataset, batch_size: int, shuffle: bool, seed: int) -> Dat
     return DataLoader(data, batch_size=max(size, 1), shuffle=shuffle, generator=gen)
 
 
-def train_local(model: nn.Module, data: Dataset, cfg: TrainConfig, seed: int = 0) -> tuple[int, float]:
+def train_local(model: nn.Module, data: Dataset, cfg: TrainConfig, seed: int = 0, *,
+                before_step: Callable[[int], object] | None = None) -> tuple[int, float]:
     """Train ``model`` in place on ``data``.
 
     Parameters
@@ -104,6 +105,9 @@ def train_local(model: nn.Module, data: Dataset, cfg: TrainConfig, seed: int = 0
         τ steps if ``cfg.local_steps`` > 0 (cycling through the data), else E epochs.
     seed : int
         Batch-order seed (e.g. derived from run seed, server round and partition).
+    before_step : Callable[[int], object], optional
+        Called with the step index (0, 1, …) before each batch's forward, e.g. FjORD's
+        per-batch width (:func:`fl_subnet.clients.compact.width_schedule`).
 
     Returns
     -------
@@ -121,6 +125,8 @@ def train_local(model: nn.Module, data: Dataset, cfg: TrainConfig, seed: int = 0
     model.train()
     total, steps = 0.0, 0
     for x, y in batches:
+        if before_step is not None:
+            before_step(steps)
         loss = loss_fn(cfg.loss, model(x), y)
         opt.zero_grad()
         loss.backward()

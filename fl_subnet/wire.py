@@ -30,6 +30,7 @@ EXAMPLE_SHAPE = "example-shape"
 EXAMPLE_DTYPE = "example-dtype"
 METRICS_KEY = "metrics"
 BATCHNORM_KEY = "batchnorm"  # BatchNorm policy (fl_subnet.core.batchnorm), absent = "averaged"
+FJORD_WIDTHS = "fjord-widths"  # FjORD: comma-separated widths the node samples per batch; absent = off
 
 
 def example_to_config(example) -> dict[str, str]:
@@ -62,6 +63,36 @@ def example_from_config(config: Mapping[str, object]) -> tuple[tuple[int, ...] |
     return shape, dtype
 
 
+def widths_to_config(widths: Sequence[float]) -> str:
+    """FjORD's allowed widths as the ``fjord-widths`` value, e.g. ``"0.2,0.4"`` (``repr``
+    of each float, so they round-trip exactly)."""
+    return ",".join(repr(float(w)) for w in widths)
+
+
+def widths_from_config(config: Mapping[str, object]) -> tuple[float, ...]:
+    """FjORD's allowed widths (sorted, unique) from ``fjord-widths``; ``()`` when absent.
+
+    Raises
+    ------
+    ValueError
+        Naming ``fjord-widths``, unless it is a non-empty comma-separated string of
+        numbers in (0, 1].
+    """
+    raw = config.get(FJORD_WIDTHS)
+    if raw is None:
+        return ()
+    try:
+        if not isinstance(raw, str):
+            raise ValueError
+        widths = [float(w) for w in raw.split(",")]
+    except ValueError:
+        raise ValueError(f"config key '{FJORD_WIDTHS}' must be comma-separated numbers in (0, 1], "
+                         f"got {raw!r}") from None
+    if not all(0 < w <= 1 for w in widths):
+        raise ValueError(f"config key '{FJORD_WIDTHS}' must hold widths in (0, 1], got {raw!r}")
+    return tuple(sorted(set(widths)))
+
+
 def read_train(content) -> tuple[str, ArrayRecord, Mapping[str, object]]:
     """``(arrays key, ArrayRecord, config)`` of a train/evaluate message, whatever the
     records are called.
@@ -81,14 +112,27 @@ def read_train(content) -> tuple[str, ArrayRecord, Mapping[str, object]]:
 
 
 def mask_to_config(mask: Mask, groups: Sequence[UnitGroup]) -> dict[str, bytes | float]:
-    """Encode ``mask`` as ``{"mask.<group>": bitmask bytes, "scale.<group>": float}``
-    plus ``"skip"``: the skipped depth blocks, comma-separated (only if any)."""
+    """Encode ``mask`` as ``{"mask.<group>": bitmask bytes, "scale.<group>": scale}``
+    plus ``"skip"``: the skipped depth blocks, comma-separated (only if any).
+
+    A group's scale travels as a float, or — for a per-unit scale (a 1-D tensor of
+    ``k_g`` values, one per kept unit in index order) — as ``4·k_g`` bytes of
+    little-endian float32.
+
+    Raises
+    ------
+    ValueError
+        Naming ``scale.<group>``, if a per-unit scale has the wrong length or a value
+        that is not finite and > 0.
+    """
     out: dict[str, bytes | float] = {}
     for g in groups:
+        kept = mask.kept(g)
         bits = np.zeros(g.size, dtype=bool)
-        bits[mask.kept(g).numpy()] = True
+        bits[kept.numpy()] = True
         out[MASK_PREFIX + g.name] = np.packbits(bits, bitorder="little").tobytes()
-        out[SCALE_PREFIX + g.name] = float(mask.scale_of(g))
+        out[SCALE_PREFIX + g.name] = _scale_value(SCALE_PREFIX + g.name, mask.scale.get(g.name, 1.0),
+                                                  int(kept.numel()))
     if mask.skip:
         out[SKIP_KEY] = ",".join(sorted(mask.skip))
     return out
@@ -101,7 +145,8 @@ def mask_from_config(config: Mapping[str, object], groups: Sequence[UnitGroup]) 
     ------
     ValueError
         Naming the key, if a group's bitmask is missing, not bytes, or of the wrong
-        length, or a scale is not a positive number.
+        length, or a scale is not a finite positive number nor ``4·k_g`` bytes of
+        finite positive float32 values (returned as a ``(k_g,)`` float32 tensor).
     """
     idx, scale = {}, {}
     for g in groups:
@@ -117,14 +162,48 @@ def mask_from_config(config: Mapping[str, object], groups: Sequence[UnitGroup]) 
         if bits[g.size:].any():
             raise ValueError(f"config key '{key}' sets bits beyond the group size {g.size}")
         idx[g.name] = torch.from_numpy(np.flatnonzero(bits[: g.size]).astype(np.int64))
-        s = config.get(SCALE_PREFIX + g.name, 1.0)
-        if isinstance(s, bool) or not isinstance(s, (int, float)) or not s > 0:
-            raise ValueError(f"config key '{SCALE_PREFIX + g.name}' must be a number > 0, got {s!r}")
+        skey = SCALE_PREFIX + g.name
+        s = config.get(skey, 1.0)
+        if isinstance(s, bytes):
+            k = int(idx[g.name].numel())
+            if len(s) != 4 * k:
+                raise ValueError(f"config key '{skey}' has {len(s)} bytes, expected {4 * k} "
+                                 f"(one float32 per kept unit of '{key}')")
+            scale[g.name] = _check_unit_scales(skey, torch.from_numpy(np.frombuffer(s, dtype="<f4").astype(np.float32)))
+            continue
+        if isinstance(s, bool) or not isinstance(s, (int, float)) or not (s > 0 and math.isfinite(s)):
+            raise ValueError(f"config key '{skey}' must be a finite number > 0 or per-unit float32 bytes, "
+                             f"got {s!r}")
         scale[g.name] = float(s)
     skip = config.get(SKIP_KEY, "")
     if not isinstance(skip, str):
         raise ValueError(f"config key '{SKIP_KEY}' must be a comma-separated string of depth blocks, got {skip!r}")
     return Mask(idx, scale, frozenset(s for s in skip.split(",") if s))
+
+
+def _check_unit_scales(key: str, v: torch.Tensor) -> torch.Tensor:
+    """``v`` if every per-unit scale is finite and > 0 (a unit that contributes nothing is
+    left out of the mask instead), else ``ValueError`` naming ``key``."""
+    bad = ~(torch.isfinite(v) & (v > 0))
+    if bool(bad.any()):
+        i = int(torch.nonzero(bad)[0])
+        raise ValueError(f"config key '{key}': per-unit scales must be finite and > 0, "
+                         f"got {float(v[i])!r} at kept unit {i}")
+    return v
+
+
+def _scale_value(key: str, s, k: int) -> float | bytes:
+    """A mask scale as a ConfigRecord value: a float, or float32 bytes for a 1-D tensor."""
+    if isinstance(s, torch.Tensor) and s.dim() > 0:
+        if s.dim() != 1 or s.numel() != k:
+            raise ValueError(f"config key '{key}': a per-unit scale must have shape ({k},) (one per kept "
+                             f"unit), got {tuple(s.shape)}")
+        v = _check_unit_scales(key, s.detach().cpu().to(torch.float32))
+        return v.numpy().astype("<f4").tobytes()
+    value = float(s)
+    if not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"config key '{key}' must be a finite number > 0, got {value!r}")
+    return value
 
 
 def state_to_arrays(state: Mapping[str, torch.Tensor]) -> ArrayRecord:

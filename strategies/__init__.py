@@ -12,9 +12,15 @@ from .fedavg import SubnetFedAvg  # noqa: E402
 from .fedsubdrop import FederatedDropout  # noqa: E402
 from .heterofl import FedRolex, HeteroFL  # noqa: E402
 from .ist import IST  # noqa: E402
+from .depth import RandomPath  # noqa: E402
+from .fjord import FjORD  # noqa: E402
+from .core import CoreAlternation  # noqa: E402
 
 __all__ = ["SubnetStrategy", "SubnetFedAvg", "IST", "Dropout", "MultiSampleDropout", "FederatedDropout",
            "HeteroFL", "FedRolex"]
+__all__ += ["RandomPath"]
+__all__ += ["FjORD"]
+__all__ += ["CoreAlternation"]
 from .registry import build_strategy  # noqa: E402
 
 __all__ += ["build_strategy"]

@@ -423,7 +423,8 @@ class SubnetStrategy(FedAvg):
             node_config["server-round"] = server_round
             if self.local_steps is not None:
                 node_config["local-steps"] = int(self.local_steps)
-            for key, value in {**self._example_config, **mask_to_config(mask, self.groups)}.items():
+            extra = {**self._example_config, **mask_to_config(mask, self.groups), **self.node_config(node_id, mask)}
+            for key, value in extra.items():
                 node_config[key] = value
             self._bytes_down += payload_bytes(slice_arrays, node_config)
             content = RecordDict({self.arrayrecord_key: slice_arrays,
@@ -435,6 +436,11 @@ class SubnetStrategy(FedAvg):
         log.info("configure_train: round %d, %d nodes, coverage %.3f, %.2f MB down",
                  server_round, len(nodes), coverage(masks, self.groups), self._bytes_down / 1e6)
         return messages
+
+    def node_config(self, node: int, mask: Mask) -> dict[str, object]:
+        """Protocol-specific train-config entries for ``node`` (sent with its mask and
+        counted in ``bytes-down``); none by default. FjORD sends the node's widths."""
+        return {}
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]

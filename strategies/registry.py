@@ -15,7 +15,11 @@ from .dropout import Dropout, MultiSampleDropout
 from .fedavg import SubnetFedAvg
 from .fedsubdrop import FederatedDropout
 from .heterofl import FedRolex, HeteroFL
+from .core import CoreAlternation
+from .fjord import FjORD
 from .ist import IST
+from .depth import RandomPath
+from fl_subnet.core.paths import progressive_schedule
 
 
 def build_strategy(cfg: RunConfig, model_factory: Callable[[], nn.Module], *, example_input=None,
@@ -53,10 +57,21 @@ def build_strategy(cfg: RunConfig, model_factory: Callable[[], nn.Module], *, ex
         tiers = tuple(float(t) for t in cfg.capacity_tiers.split(","))
         cls = HeteroFL if cfg.strategy == "heterofl" else FedRolex
         return cls(model_factory, tiers, local_steps=steps, fraction_train=cfg.fraction_train, **common)
+    if cfg.strategy == "fjord":  # nodes' max widths from the tiers
+        tiers = tuple(float(t) for t in cfg.capacity_tiers.split(","))
+        widths = tuple(float(w) for w in cfg.fjord_widths.split(","))
+        return FjORD(model_factory, tiers, widths, local_steps=steps, fraction_train=cfg.fraction_train, **common)
     if cfg.strategy == "dropout":
         return Dropout(model_factory, cfg.keep_prob, local_steps=steps, **common)
     if cfg.strategy == "multisample-dropout":
         return MultiSampleDropout(model_factory, cfg.keep_prob, cfg.num_subnets,
                                   loss_average=cfg.loss_average, local_steps=steps, **common)
+    if cfg.strategy == "random-path":  # RaPTr: equal stages over the rounds, one per path-length fraction
+        schedule = progressive_schedule(cfg.path_lengths(), cfg.num_server_rounds)
+        return RandomPath(model_factory, schedule=schedule, local_steps=steps, fraction_train=cfg.fraction_train,
+                          **common)
+    if cfg.strategy == "core-alternation":  # a fixed core (nested prefix) in core rounds, the full model else
+        return CoreAlternation(model_factory, cfg.core_fraction, cfg.core_period, local_steps=steps,
+                               fraction_train=cfg.fraction_train, **common)
     raise ValueError(f"strategy must be one of {STRATEGIES}, got {cfg.strategy!r}")
 

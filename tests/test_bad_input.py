@@ -127,7 +127,7 @@ import typing  # noqa: E402
 from hypothesis import given, settings, strategies as st  # noqa: E402
 
 from fl_subnet.experiments import config as run_config  # noqa: E402
-from fl_subnet.experiments.config import RunConfig  # noqa: E402
+from fl_subnet.experiments.config import STRATEGIES, RunConfig  # noqa: E402
 
 
 @pytest.mark.parametrize("mapping,message", [
@@ -136,8 +136,7 @@ from fl_subnet.experiments.config import RunConfig  # noqa: E402
     ({"num-nodes": "3"}, "num-nodes must be an integer in [1, 10000], got '3'"),
     ({"num-nodes": True}, "num-nodes must be an integer in [1, 10000], got true"),
     ({"seed": 2**32}, "seed must be an integer in [0, 4294967295], got 4294967296"),
-    ({"strategy": "fedavgg"}, "strategy must be one of ('fedavg', 'ist', 'dropout', 'multisample-dropout', "
-                              "'federated-dropout', 'heterofl', 'fedrolex'), got 'fedavgg' (did you mean 'fedavg'?)"),
+    ({"strategy": "fedavgg"}, f"strategy must be one of {STRATEGIES}, got 'fedavgg' (did you mean 'fedavg'?)"),
     ({"strategy": "ist", "num-nodes": 2}, "num-subnets (4) must not exceed num-nodes (2): IST trains one "
                                           "sub-network per node"),
     ({"dataset": "synthetic-sequence", "model": "transformer", "partitioning": "pathological",

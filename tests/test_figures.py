@@ -144,3 +144,15 @@ def test_make_figures_writes_the_images(tmp_path):
         assert f"wrote {path}" in proc.stdout
     assert (runs / "paper-msd" / "sweep.json").is_file()
     assert (runs / "transformer" / "summary.json").is_file()
+
+
+def test_tiers_plot_shows_every_runs_full_model_and_tiers(tmp_path):
+    from fl_subnet.experiments.plots import plot_tiers, tier_columns
+
+    summaries = [{"out-dir": "runs/heterofl", "total-mb": 3.0, "final-eval-acc": 0.9, "tier-0.25-acc": 0.5,
+                  "tier-0.5-acc": 0.7, "tier-1-acc": 0.9},
+                 {"out-dir": "runs/fedavg", "total-mb": 9.0, "final-eval-acc": 0.95}]
+    assert tier_columns(summaries) == [0.25, 0.5, 1.0]
+    path = plot_tiers(summaries, tmp_path / "tiers.png")
+    assert path.stat().st_size > 10_000
+    assert plot_tiers([summaries[1]], tmp_path / "none.png") is None and not (tmp_path / "none.png").exists()

@@ -95,6 +95,19 @@ def test_resume_restores_the_server_optimizer_state(tmp_path):
     assert not all(torch.equal(a[k], c[k]) for k in a)  # the optimizer changed the model
 
 
+def test_a_checkpoint_older_than_a_config_key_resumes(tmp_path):
+    """A checkpoint written before a run-config key existed resumes: the key counts with
+    its default (here ``fjord-widths`` is removed from the saved config)."""
+    from fl_subnet.checkpoint import save_checkpoint
+
+    run(tmp_path, 1)
+    state, meta = load_checkpoint(tmp_path)
+    del meta["config"]["fjord-widths"]
+    save_checkpoint(tmp_path, state, meta)
+    run(tmp_path, 2, resume=True)
+    assert load_checkpoint(tmp_path)[1]["server-round"] == 2
+
+
 def test_resume_refuses_another_config(uninterrupted, tmp_path):
     run(tmp_path, 1)
     import fl_subnet.client_app

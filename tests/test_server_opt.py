@@ -324,8 +324,13 @@ def test_summary_logs_the_protocols_knobs_then_flowers(caplog):
         pass
 
     s = DropoutAdam(factory, 0.5, eta=0.05, local_steps=3)
-    with caplog.at_level(logging.INFO):
-        s.summary()
+    flwr_logger = logging.getLogger("flwr")  # Flower's logger (it may not propagate to the root)
+    flwr_logger.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.INFO, logger="flwr"):
+            s.summary()
+    finally:
+        flwr_logger.removeHandler(caplog.handler)
     text = "\n".join(r.getMessage() for r in caplog.records)
     assert "BernoulliSampler(" in text and "keep_prob=0.5" in text
     assert "MaskedFedAdam(eta=0.05" in text

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -36,7 +37,12 @@ def apply_output_scale(model: nn.Module, groups: Sequence[UnitGroup], mask: Mask
     """
     handles = []
     for g in groups:
-        s = mask.scale_of(g)
+        s = mask.scale.get(g.name, 1.0)
+        if isinstance(s, torch.Tensor) and s.dim() > 0:
+            raise NotImplementedError(
+                f"per-unit output scales (mask scale['{g.name}'] of shape {tuple(s.shape)}) need a traced "
+                "model (fl_subnet.analyze); a model declaring unit_groups() takes one float scale per group")
+        s = float(s)
         if s != 1.0:
             for c in g.consumers:
                 handles.append(model.get_submodule(c).register_forward_pre_hook(_scale_hook(s)))
@@ -91,7 +97,8 @@ def build_compact_module(
 
 
 def build_compact_graph(gm: "fx.GraphModule", resolved, compact_state: Mapping[str, torch.Tensor],
-                        slicer, mask: Mask, *, full: bool = False, blocks=None) -> nn.Module:
+                        slicer, mask: Mask, *, full: bool = False, blocks=None,
+                        dynamic: Collection[str] = ()) -> nn.Module:
     """The compact sub-model as a copy of the traced graph (``fx.GraphModule``).
 
     Every parameter and buffer is replaced by its compact tensor, the size attributes of
@@ -116,23 +123,34 @@ def build_compact_graph(gm: "fx.GraphModule", resolved, compact_state: Mapping[s
     slicer : Slicer
         Over every group a mask may name.
     mask : Mask
-        Kept units and output scales.
+        Kept units and output scales (a float or a ``(k_g,)`` tensor per group).
+    dynamic : Collection[str]
+        Groups whose output scales may change after the build (:func:`set_unit_scales`;
+        FjORD's per-batch widths, :mod:`fl_subnet.core.ordered`): a :class:`UnitScale` is
+        inserted at every layer that mixes their units even where the scale is 1.
 
     Returns
     -------
     nn.Module
         On the CPU, in training mode, with ``state_dict`` keys equal to the full model's.
+        Every inserted :class:`UnitScale` carries the :class:`ScalePlan` its vector is
+        derived from, and every :class:`SubnetMultiheadAttention` its head group.
 
     Raises
     ------
     ValueError
-        If ``compact_state`` lacks a parameter or buffer of the model, or has extra keys.
+        If ``compact_state`` lacks a parameter or buffer of the model, or has extra keys,
+        or ``dynamic`` names a group the slicer does not know.
     """
     import copy
 
     from .attention import SubnetMultiheadAttention
     from .groups import dim_keep, dim_scale
 
+    dynamic = frozenset(dynamic)
+    unknown = sorted(dynamic - set(slicer.by_name))
+    if unknown:
+        raise ValueError(f"dynamic names unknown unit group(s) {unknown}; groups: {sorted(slicer.by_name)}")
     model = copy.deepcopy(gm)
     if mask.skip:
         _skip_blocks(model, [blocks[name] for name in sorted(mask.skip)])
@@ -147,6 +165,7 @@ def build_compact_graph(gm: "fx.GraphModule", resolved, compact_state: Mapping[s
         keep = keep_units[gname]
         scale = unit_scale[gname] * keep if full else unit_scale[gname][keep]
         new = SubnetMultiheadAttention.like(old, g.size if full else int(keep.sum()), scale)
+        new.fl_subnet_heads = HeadPlan(gname, keep.clone(), unit_scale[gname].clone(), full)
         parent, _, leaf = path.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, leaf, new)
     expected = set(model.state_dict(keep_vars=True))
@@ -171,10 +190,12 @@ def build_compact_graph(gm: "fx.GraphModule", resolved, compact_state: Mapping[s
                 continue
             node.args = (node.args[0], *[s if s is not None else o for s, o in zip(sizes, old)])
     for i, (name, arg, dim, length, ent) in enumerate(resolved.consumers):
+        keep_pos = None if full else dim_keep(length, ent, keep_units)
         vec = dim_scale(length, ent, keep_units, unit_scale)
-        if not full:
-            vec = vec[dim_keep(length, ent, keep_units)]
-        if bool((vec == 1).all()) or name not in nodes:
+        if keep_pos is not None:
+            vec = vec[keep_pos]
+        forced = any(g in dynamic for g, _, _ in ent)
+        if (bool((vec == 1).all()) and not forced) or name not in nodes:
             continue
         node = nodes[name]
         src = node.args[arg]
@@ -182,7 +203,10 @@ def build_compact_graph(gm: "fx.GraphModule", resolved, compact_state: Mapping[s
         shape = [1] * ndim
         shape[dim] = -1
         name = f"_fl_subnet_scale_{i}"
-        model.add_submodule(name, UnitScale(vec.view(shape)))
+        names = {g for g, _, _ in ent}
+        plan = ScalePlan(length, list(ent), {g: keep_units[g].clone() for g in names},
+                         {g: unit_scale[g].clone() for g in names}, keep_pos, shape)
+        model.add_submodule(name, UnitScale(vec.view(shape), plan))
         with model.graph.inserting_before(node):
             scaled = model.graph.call_module(name, (src,))
         args = list(node.args)
@@ -197,10 +221,64 @@ def _skip_blocks(model, blocks) -> None:
     """Drop skipped residual branches: each add becomes its identity operand, then the
     branch's nodes and modules (and so their state keys) are removed."""
     nodes = {n.name: n for n in model.graph.nodes}
+    gone: dict[str, str] = {}  # add already replaced -> its identity (consecutive skipped blocks)
     for block in blocks:
-        nodes[block.node].replace_all_uses_with(nodes[block.identity])
+        identity = block.identity
+        while identity in gone:
+            identity = gone[identity]
+        nodes[block.node].replace_all_uses_with(nodes[identity])
+        gone[block.node] = identity
     model.graph.eliminate_dead_code()
     model.delete_all_unused_submodules()
+
+
+@dataclass(eq=False)
+class ScalePlan:
+    """How a :class:`UnitScale`'s vector derives from its groups' per-unit scales.
+
+    Attributes
+    ----------
+    length : int
+        Length of the consumer's input dim in the full model.
+    entries : DimEntries
+        ``(group, units, positions)`` index maps of that dim (:func:`groups.dim_scale`).
+    keep_units : dict[str, torch.Tensor]
+        Group → boolean keep vector ``(size,)`` of the mask the model was built with.
+    units : dict[str, torch.Tensor]
+        Group → current per-unit scale ``(size,)`` float (dropped units' values unused).
+    keep_pos : torch.Tensor or None
+        Boolean ``(length,)``: the dim's positions the compact model holds (None: a
+        full-size reference).
+    shape : list[int]
+        The vector's broadcast shape (``-1`` at the dim, 1 elsewhere).
+    """
+
+    length: int
+    entries: list
+    keep_units: dict[str, torch.Tensor]
+    units: dict[str, torch.Tensor]
+    keep_pos: torch.Tensor | None
+    shape: list[int]
+
+    def vector(self) -> torch.Tensor:
+        """The scale vector, shape ``shape`` (compact positions), float32."""
+        from .groups import dim_scale
+
+        vec = dim_scale(self.length, self.entries, self.keep_units, self.units)
+        return (vec if self.keep_pos is None else vec[self.keep_pos]).view(self.shape)
+
+
+@dataclass(eq=False)
+class HeadPlan:
+    """The head group of a :class:`SubnetMultiheadAttention` and its kept heads."""
+
+    group: str
+    keep: torch.Tensor  # bool (size,)
+    units: torch.Tensor  # float (size,) per-head scale
+    full: bool
+
+    def vector(self) -> torch.Tensor:
+        return self.units * self.keep if self.full else self.units[self.keep]
 
 
 class UnitScale(nn.Module):
@@ -214,14 +292,111 @@ class UnitScale(nn.Module):
     ----------
     scale : torch.Tensor
         Broadcastable to the input, e.g. ``(1, C, 1, 1)``.
+    plan : ScalePlan, optional
+        How ``scale`` derives from per-group unit scales (:func:`set_unit_scales`).
     """
 
-    def __init__(self, scale: torch.Tensor) -> None:
+    def __init__(self, scale: torch.Tensor, plan: ScalePlan | None = None) -> None:
         super().__init__()
         self.register_buffer("scale", scale, persistent=False)
+        self.plan = plan
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * self.scale
+
+
+def _sites(model: nn.Module):
+    """``(module, plan)`` of every UnitScale and attention layer with a plan."""
+    for module in model.modules():
+        plan = getattr(module, "plan", None) if isinstance(module, UnitScale) else \
+            getattr(module, "fl_subnet_heads", None)
+        if plan is not None:
+            yield module, plan
+
+
+def unit_scales(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The current per-kept-unit output scale of every group with a scale site in ``model``.
+
+    Returns
+    -------
+    dict[str, torch.Tensor]
+        Group → ``(k_g,)`` float, in the order of the kept units.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for _, plan in _sites(model):
+        if isinstance(plan, HeadPlan):
+            out.setdefault(plan.group, plan.units[plan.keep].clone())
+        else:
+            for g, units in plan.units.items():
+                out.setdefault(g, units[plan.keep_units[g]].clone())
+    return out
+
+
+@torch.no_grad()
+def set_unit_scales(model: nn.Module, scales: Mapping[str, torch.Tensor | float]) -> None:
+    """Set the output scale of each kept unit of the named groups on a built compact model.
+
+    Every :class:`UnitScale` whose input mixes a named group's units, and every
+    attention layer over a named head group, is recomputed from the new per-unit
+    values (docs/design.md, "Exact semantics": a unit's scale multiplies its output
+    where it is mixed; 0 removes its contribution, as in the reference model). Groups
+    not named keep their current scales. Build the model with ``dynamic=[group, ...]``
+    (:func:`build_compact_graph`) so that a site exists even where the mask's scale is 1.
+
+    Parameters
+    ----------
+    model : nn.Module
+        Built by :func:`build_compact_graph` (or :meth:`SubnetSpec.build`).
+    scales : Mapping[str, torch.Tensor or float]
+        Group → a float, or a ``(k_g,)`` tensor of finite values ≥ 0, one per kept unit
+        in the order of the mask's kept indices.
+
+    Raises
+    ------
+    ValueError
+        Naming the group, if it has no scale site in ``model``, or its vector has the
+        wrong shape or a non-finite or negative value.
+    """
+    sites = list(_sites(model))
+    known = {plan.group for _, plan in sites if isinstance(plan, HeadPlan)} | {
+        g for _, plan in sites if isinstance(plan, ScalePlan) for g in plan.units}
+    for g in scales:
+        if g not in known:
+            raise ValueError(f"unit group '{g}' has no output-scale site in this model; build it with "
+                             f"dynamic=['{g}'] (sites: {sorted(known)})")
+    checked: dict[str, torch.Tensor] = {}
+    for module, plan in sites:
+        touched = False
+        for g, keep in ([(plan.group, plan.keep)] if isinstance(plan, HeadPlan) else plan.keep_units.items()):
+            if g not in scales:
+                continue
+            touched = True
+            if g not in checked:
+                checked[g] = _check_units(g, scales[g], int(keep.sum()))
+            if isinstance(plan, HeadPlan):
+                plan.units[keep] = checked[g]
+            else:
+                plan.units[g][keep] = checked[g]
+        if not touched:
+            continue
+        old = module.scale if isinstance(module, UnitScale) else module.head_scale
+        new = plan.vector().to(device=old.device, dtype=old.dtype)
+        if isinstance(module, UnitScale):
+            module.scale = new
+        else:
+            module.head_scale = new
+
+
+def _check_units(group: str, value, k: int) -> torch.Tensor:
+    v = torch.as_tensor(value, dtype=torch.float32)
+    if v.dim() == 0:
+        v = v.expand(k)
+    if v.shape != (k,):
+        raise ValueError(f"scale of unit group '{group}' must have shape ({k},) (one per kept unit), "
+                         f"got {tuple(v.shape)}")
+    if not bool(torch.isfinite(v).all()) or bool((v < 0).any()):
+        raise ValueError(f"scale of unit group '{group}' must be finite and >= 0")
+    return v
 
 
 def _unit_scale(mask: Mask, group: UnitGroup) -> torch.Tensor:

@@ -19,9 +19,11 @@ class Mask:
     indices : dict[str, torch.Tensor]
         Group name → sorted, unique ``int64`` positions kept, shape ``(k_g,)``. A group
         that is absent is kept whole.
-    scale : dict[str, float]
+    scale : dict[str, float | torch.Tensor]
         Group name → factor applied to the kept units' output (``1/ξ`` for inverted
-        dropout, docs/design.md, "Exact semantics"); absent means 1.
+        dropout, docs/design.md, "Exact semantics"): one float for the group, or a 1-D
+        tensor of shape ``(k_g,)`` with one factor per kept unit (in the order of
+        ``indices``); absent means 1.
     skip : frozenset[str]
         Depth blocks (skippable residual branches, :attr:`SubnetSpec.blocks`) the
         sub-model leaves out: their tensors are not sent and the branch becomes the
@@ -37,8 +39,10 @@ class Mask:
         idx = self.indices.get(group.name)
         return torch.arange(group.size) if idx is None else idx
 
-    def scale_of(self, group: UnitGroup) -> float:
-        return float(self.scale.get(group.name, 1.0))
+    def scale_of(self, group: UnitGroup) -> float | torch.Tensor:
+        """The group's scale: a float, or the ``(k_g,)`` tensor of per-unit scales."""
+        s = self.scale.get(group.name, 1.0)
+        return s if isinstance(s, torch.Tensor) and s.dim() == 1 else float(s)
 
     def validate(self, groups: Iterable[UnitGroup]) -> None:
         """Check the mask against ``groups``.
@@ -65,6 +69,14 @@ class Mask:
             if idx.numel() > 1 and not bool((idx[1:] > idx[:-1]).all()):
                 raise ValueError(f"mask['{name}'] indices must be sorted and unique")
         for name, s in self.scale.items():
+            if isinstance(s, torch.Tensor) and s.dim() == 1:
+                k = len(self.kept(by_name[name]))
+                if s.numel() != k or not s.is_floating_point():
+                    raise ValueError(f"mask scale['{name}'] must be a float tensor of shape ({k},) (one per kept "
+                                     f"unit), got {s.dtype} {tuple(s.shape)}")
+                if not bool(torch.isfinite(s).all() & (s > 0).all()):
+                    raise ValueError(f"mask scale['{name}'] must be finite and > 0 for every unit")
+                continue
             if not (float(s) > 0 and float(s) < float("inf")):
                 raise ValueError(f"mask scale['{name}'] must be finite and > 0, got {s}")
 

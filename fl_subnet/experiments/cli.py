@@ -3,6 +3,7 @@
     fl-subnet run scenarios/digits-ist.toml [--rounds N] [--out DIR] [--set key=value ...]
     fl-subnet compare scenarios/a.toml scenarios/b.toml ... [--rounds N] [--out DIR]
     fl-subnet sweep scenarios/paper-msd.toml --vary num-subnets=1,2,4,8 [--out DIR]
+    fl-subnet extract runs/heterofl --capacity 0.25 [--out FILE] [--scale]
 
 A scenario is a TOML file of run-config keys (the same keys ``flwr run . --run-config``
 takes). Runs use :class:`~fl_subnet.experiments.inprocess_grid.InProcessGrid`: the real ServerApp
@@ -156,14 +157,19 @@ def _resume_scenario(folder: Path) -> dict:
 
 
 def _table(summaries: list[dict]) -> Table:
+    from .plots import tier_columns
+
+    caps = tier_columns(summaries)
     table = Table(title="fl-subnet results")
-    for col in ("run", "strategy", "rounds", "final acc", "final train loss", "total MB", "seconds"):
+    for col in ("run", "strategy", "rounds", "final acc", *(f"tier {r:g} acc" for r in caps),
+                "final train loss", "total MB", "seconds"):
         table.add_column(col, justify="left" if col in ("run", "strategy") else "right")
     for s in summaries:
         acc = s["final-eval-acc"]
+        tiers = [s.get(f"tier-{r:g}-acc") for r in caps]
         table.add_row(Path(s["out-dir"]).name, s["strategy"], str(s["rounds"]),
-                      "-" if acc is None else f"{acc:.3f}", f"{s['final-full-train-loss']:.4g}",
-                      f"{s['total-mb']:.1f}", f"{s['seconds']:.1f}")
+                      "-" if acc is None else f"{acc:.3f}", *("-" if t is None else f"{t:.3f}" for t in tiers),
+                      f"{s['final-full-train-loss']:.4g}", f"{s['total-mb']:.1f}", f"{s['seconds']:.1f}")
     return table
 
 
@@ -191,6 +197,62 @@ def _parse_set(items: list[str]) -> dict:
     return out
 
 
+def extract_run(run_dir: str | Path, capacity: float, out: str | Path | None = None,
+                scale: bool = False) -> tuple[Path, dict[str, float]]:
+    """Cut the tier of width ``capacity`` out of a run's saved global model.
+
+    Reads ``RUN_DIR/model.safetensors`` (its header holds the run config: model, data
+    set, seed), writes the sub-model with :func:`fl_subnet.submodel.save_submodel` to
+    ``out`` (default ``RUN_DIR/tier-<r>.safetensors``; load it with
+    :func:`fl_subnet.submodel.load_submodel` and the model factory alone) and evaluates it
+    on the run's test set. Static BatchNorm runs get the sub-model's statistics
+    recomputed on the training set.
+
+    Returns
+    -------
+    tuple[Path, dict[str, float]]
+        The file written and ``eval-loss`` (plus ``eval-acc`` for classification).
+
+    Raises
+    ------
+    FileNotFoundError, ValueError
+        Naming the folder: no saved model, or a capacity outside (0, 1].
+    """
+    from torch.utils.data import TensorDataset
+
+    from fl_subnet.checkpoint import load_checkpoint
+    from fl_subnet.clients.train import evaluate_model
+    from fl_subnet.submodel import save_submodel, tier_file
+
+    from .data import load_centralized_test
+    from .experiment import CentralEvaluation, _batches, as_model_input, data_kwargs, example_input, factory_for
+
+    state, meta = load_checkpoint(run_dir)
+    cfg = RunConfig.from_mapping(meta.get("config", {}), ignore_unknown=True)
+    x, y = load_centralized_test(cfg.dataset, data_seed=cfg.seed, **data_kwargs(cfg))
+    calib = _batches(CentralEvaluation.train_set(cfg), cfg.batch_size) if cfg.batchnorm == "static" else None
+    path = Path(out) if out else Path(run_dir) / tier_file(capacity)
+    tier = save_submodel(path, state, factory_for(cfg), capacity, example_input=example_input(cfg), scale=scale,
+                         calibration_batches=calib, meta={"config": meta.get("config", {}),
+                                                          "server-round": meta.get("server-round")})
+    return path, evaluate_model(tier.module(), TensorDataset(as_model_input(cfg, x), y), cfg.loss_name)
+
+
+def _extract_command(args) -> int:
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    log = logging.getLogger(__name__)
+    log.setLevel(logging.INFO)
+    try:
+        path, metrics = extract_run(args.run_dir, args.capacity, args.out, args.scale)
+    except (OSError, ValueError) as err:
+        _error(f"extract: {err}")
+        return 2
+    log.info("tier %g of %s: %s, eval-loss %.4g%s", args.capacity, args.run_dir, path, metrics["eval-loss"],
+             f", test accuracy {metrics['eval-acc']:.4f}" if "eval-acc" in metrics else "")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``fl-subnet`` command; returns the exit status."""
     parser = argparse.ArgumentParser(prog="fl-subnet", description=__doc__.split("\n\n")[0])
@@ -205,12 +267,20 @@ def main(argv: list[str] | None = None) -> int:
     p_sw.add_argument("scenario")
     p_sw.add_argument("--vary", required=True, metavar="KEY=V1,V2,...",
                       help="the key and its values, e.g. num-subnets=1,2,4,8")
+    p_ex = sub.add_parser("extract", help="cut a capacity tier (nested-prefix sub-model) out of a run's model")
+    p_ex.add_argument("run_dir", metavar="RUN_DIR", help="a run folder holding model.safetensors")
+    p_ex.add_argument("--capacity", type=float, required=True, help="the tier's width r in (0, 1]")
+    p_ex.add_argument("--out", help="the file to write (default RUN_DIR/tier-<r>.safetensors)")
+    p_ex.add_argument("--scale", action="store_true", help="keep HeteroFL's training-time 1/r scaler")
+    p_ex.add_argument("-v", "--verbose", action="store_true", help="show fl-subnet's logs")
     for p in (p_run, p_cmp, p_sw):
         p.add_argument("--rounds", type=int, help="override num-server-rounds")
         p.add_argument("--out", help="output folder (default runs/<name>)")
         p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override run-config keys")
         p.add_argument("-v", "--verbose", action="store_true", help="show Flower's and fl-subnet's logs")
     args = parser.parse_args(argv)
+    if args.command == "extract":
+        return _extract_command(args)
 
     # Validate every scenario first: a bad one fails in well under a second, before
     # Flower's logging, data loading or model building.
@@ -312,13 +382,16 @@ def main(argv: list[str] | None = None) -> int:
             console.print(f"{key} = {v}: loss floor {floor:.4g}")
         console.print(f"plots: {base / 'sweep-loss.png'}, {base / 'sweep-floor.png'}")
     if args.command == "compare":
-        from .plots import plot_runs
+        from .plots import plot_runs, plot_tiers
         from .results import load_rows
 
         runs = {Path(s["out-dir"]).name: load_rows(s["out-dir"]) for s in summaries}
         plot = plot_runs(runs, base / "compare.png", title="fl-subnet: " + " vs ".join(runs))
         (base / "summary.json").write_text(json.dumps(summaries, indent=2))
         console.print(f"comparison plot: {plot}")
+        tiers = plot_tiers(summaries, base / "compare-tiers.png", title="full model and capacity tiers vs MB")
+        if tiers is not None:
+            console.print(f"capacity tiers plot: {tiers}")
     console.print(f"results (metrics.json, metrics.csv, summary.json, plots.png) under {base.resolve()}")
     return 2 if invalid else 1 if failed else 0
 

@@ -28,7 +28,8 @@ from pydantic.dataclasses import dataclass
 
 # --- Choices: one Literal per key; the public tuples are derived from them -------------------
 
-Strategy = Literal["fedavg", "ist", "dropout", "multisample-dropout", "federated-dropout", "heterofl", "fedrolex"]
+Strategy = Literal["fedavg", "ist", "dropout", "multisample-dropout", "federated-dropout", "heterofl", "fedrolex",
+                   "random-path", "fjord", "core-alternation"]
 ImageDataset = Literal["digits", "mnist", "fashion-mnist", "cifar10"]
 Dataset = Literal[ImageDataset, "synthetic-regression", "synthetic-sequence"]
 Partitioning = Literal["iid", "dirichlet", "pathological"]
@@ -53,6 +54,8 @@ CONV_MODELS: tuple[str, ...] = get_args(ConvModel)
 DATA_SCOPES: tuple[str, ...] = get_args(DataScope)
 #: Strategies that train one sub-network per node: ``num-subnets`` must not exceed ``num-nodes``.
 ONE_SUBNET_PER_NODE = {"ist": "IST", "multisample-dropout": "multi-sample dropout"}
+#: Models with depth blocks (skippable residual branches), which ``random-path`` needs.
+DEPTH_MODELS = ("resnet", "transformer")
 
 
 class DatasetInfo(NamedTuple):
@@ -146,6 +149,31 @@ CapacityTiers = Annotated[
     Field(strict=True, description="HeteroFL/FedRolex: capacities of the nodes that declare none, by node "
                                    "order (node i gets tier i mod len), e.g. ``\"0.25,0.5,1.0\"``."),
 ]
+
+
+FjordWidths = Annotated[
+    str, AfterValidator(_check_tiers),
+    _Allowed('a string of comma-separated widths in (0, 1], e.g. "0.2,0.4,0.6,0.8,1.0"'),
+    Field(strict=True, description="FjORD: the discrete widths (FjORD's uniform grid by default); a node "
+                                   "trains, per batch, a width drawn from those at most its capacity."),
+]
+
+
+def _check_path_length(value: str) -> str:
+    _check_tiers(value)
+    stages = [float(t) for t in value.split(",")]
+    if any(b < a for a, b in zip(stages, stages[1:])):
+        raise ValueError("decreasing path lengths")
+    return value
+
+
+PathLength = Annotated[
+    str, AfterValidator(_check_path_length),
+    _Allowed('a string of comma-separated, non-decreasing fractions in (0, 1], e.g. "0.5" or "0.5,0.75,1.0"'),
+    Field(strict=True, description="random-path: fraction of the depth blocks each node keeps (⌈f·B⌉, the "
+                                   "first and last always); several values are RaPTr's progressive stages, "
+                                   "each over an equal share of the rounds, e.g. ``\"0.5,0.75,1.0\"``."),
+]
 HiddenWidths = Annotated[
     str, AfterValidator(_check_hidden),
     _Allowed(f"a string of comma-separated widths, each an integer in [1, {MAX_WIDTH}] "
@@ -204,6 +232,14 @@ class RunConfig:
                          "``nn.MultiheadAttention``) on ``synthetic-sequence``.") = "mlp"
     hidden: HiddenWidths = "128,64"
     capacity_tiers: CapacityTiers = "1.0"
+    fjord_widths: FjordWidths = "0.2,0.4,0.6,0.8,1.0"
+    core_fraction: Number("core-alternation: the core's share of every unit group (its first "
+                          "⌈f·size⌉ units), trained alone in core rounds.", gt=0.0, le=1.0) = 0.5
+    core_period: Int(2, 100_000, "core-alternation: period p of the schedule, p - 1 core rounds then "
+                                 "one full-model round (round k is a core round iff k mod p != 0).") = 2
+    path_length: PathLength = "0.5"
+    blocks_per_stage: Int(1, 64, "``resnet``: residual blocks per stage (1: one skippable block; "
+                                 "``random-path`` needs >= 2).") = 1
     batchnorm: Choice(BatchNormPolicy, "BatchNorm policy (:mod:`fl_subnet.core.batchnorm`): ``averaged`` "
                                        "running statistics, or ``static`` (HeteroFL): batch statistics on the "
                                        "nodes, running statistics recomputed by the server after each "
@@ -307,6 +343,22 @@ class RunConfig:
         if self.strategy in ONE_SUBNET_PER_NODE and self.num_subnets > self.num_nodes:
             raise ValueError(f"num-subnets ({self.num_subnets}) must not exceed num-nodes ({self.num_nodes}): "
                              f"{ONE_SUBNET_PER_NODE[self.strategy]} trains one sub-network per node")
+        if self.strategy == "random-path":
+            if self.model not in DEPTH_MODELS:
+                raise ValueError(f"strategy 'random-path' needs a model with depth blocks (skippable residual "
+                                 f"branches) {DEPTH_MODELS}; model {self.model!r} has none")
+            if self.model == "resnet" and self.blocks_per_stage < 2:
+                raise ValueError("strategy 'random-path' with model 'resnet' needs blocks-per-stage >= 2, got 1: "
+                                 "the ResNet then has a single skippable block and every path is the full model")
+            if len(self.path_lengths()) > self.num_server_rounds:
+                raise ValueError(f"path-length has {len(self.path_lengths())} stages but num-server-rounds is "
+                                 f"{self.num_server_rounds}: every stage needs at least one round")
+        if self.strategy == "fjord":
+            widths = [float(w) for w in self.fjord_widths.split(",")]
+            low = min(float(t) for t in self.capacity_tiers.split(","))
+            if low < min(widths):
+                raise ValueError(f"capacity-tiers ({self.capacity_tiers}) has a tier {low:g} below the smallest of "
+                                 f"fjord-widths ({self.fjord_widths}): no FjORD sub-model fits it")
         rows = self.num_samples if info.train_rows is None else info.train_rows
         if self.data_scope == "local" and self.num_nodes > rows:
             source = "num-samples" if info.train_rows is None else f"dataset {self.dataset!r}"
@@ -316,6 +368,10 @@ class RunConfig:
     def hidden_widths(self) -> list[int]:
         """``hidden`` as a list of positive ints."""
         return [int(w) for w in self.hidden.split(",")]
+
+    def path_lengths(self) -> list[float]:
+        """``path-length`` as a list of fractions in (0, 1], one per RaPTr stage."""
+        return [float(f) for f in self.path_length.split(",")]
 
     @property
     def loss_name(self) -> str:

@@ -167,6 +167,8 @@ class CentralEvaluation:
         log.info("round %d: full-train-loss %.4g, eval-loss %.4g, eval-acc %.4f, %.2f MB so far",
                  server_round, row["full-train-loss"], row["eval-loss"], row["eval-acc"],
                  self.cumulative / 1e6)
+        if server_round == self.cfg.num_server_rounds:
+            row.update(self.tier_metrics(state))
         if self.on_round is not None:
             self.on_round(row)  # the metrics first: a kill before the checkpoint redoes this round
         if self.checkpoint_dir is not None:
@@ -175,6 +177,24 @@ class CentralEvaluation:
                 "server-round": server_round, "cumulative-bytes": self.cumulative, "seconds": row["seconds"],
                 "config": config_dict(self.cfg)}, optimizer_state=opt.state_dict() if opt is not None else None)
         return metrics
+
+    def tier_metrics(self, state: dict) -> dict[str, float]:
+        """``tier-<r>-acc``/``-loss``/``-params`` of each capacity tier of the strategy
+        (HeteroFL, FedRolex, core alternation; :mod:`fl_subnet.submodel`), each sub-model
+        evaluated alone on the test set and, with a checkpoint folder, saved there as
+        ``tier-<r>.safetensors``; ``{}`` for a strategy without tiers."""
+        from fl_subnet.submodel import capacity_tiers, evaluate_tiers
+
+        from .results import config_dict
+
+        tiers = capacity_tiers(self.strategy)
+        if not tiers:
+            return {}
+        calibration = _batches(self.train, self.cfg.batch_size) if self.cfg.batchnorm == "static" else None
+        return evaluate_tiers(state, self.factory, tiers, self.test, loss=self.cfg.loss_name,
+                              example_input=example_input(self.cfg), spec=getattr(self.strategy, "spec", None),
+                              calibration_batches=calibration, out_dir=self.checkpoint_dir,
+                              meta={"config": config_dict(self.cfg)})
 
     def check_outcome(self) -> None:
         """Raise :class:`RunFailed` if no round had a valid reply or the loss diverged."""
@@ -243,7 +263,8 @@ def run_server(grid: Grid, cfg: RunConfig, on_round: Callable[[dict], None] | No
         if checkpoint_dir is None:
             raise ValueError("resume needs a checkpoint_dir")
         initial_state, meta = load_checkpoint(checkpoint_dir)
-        saved, now = meta.get("config", {}), config_dict(cfg)
+        # a key the checkpoint predates counts with its default (new keys never change old runs)
+        saved, now = {**config_dict(RunConfig()), **meta.get("config", {})}, config_dict(cfg)
         differ = sorted(k for k in set(saved) | set(now)
                         if k not in ("num-server-rounds", "out-dir") and saved.get(k) != now.get(k))
         if differ:

@@ -129,3 +129,60 @@ def plot_runs(runs: Mapping[str, Sequence[dict]], path: str | Path, title: str =
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def tier_columns(summaries: Sequence[Mapping[str, object]]) -> list[float]:
+    """The capacities ``r`` of the ``tier-<r>-acc`` keys found in any summary, sorted."""
+    caps = {float(k[len("tier-"):-len("-acc")]) for s in summaries for k in s
+            if k.startswith("tier-") and k.endswith("-acc")}
+    return sorted(caps)
+
+
+def plot_tiers(summaries: Sequence[Mapping[str, object]], path: str | Path, title: str = "") -> Path | None:
+    """Accuracy of the full model and of each capacity tier's sub-model against the MB
+    a run communicated: one colour per run, one marker per tier (full model: a star).
+
+    Parameters
+    ----------
+    summaries : Sequence[Mapping[str, object]]
+        Run summaries (``summary.json``): ``total-mb``, ``final-eval-acc``,
+        ``tier-<r>-acc`` (:func:`fl_subnet.submodel.evaluate_tiers`), ``out-dir``.
+    path : str or Path
+        PNG file to write.
+
+    Returns
+    -------
+    Path or None
+        ``path``, or None (nothing written) when no summary has tier accuracies.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    caps = tier_columns(summaries)
+    if not caps:
+        return None
+    markers = ["v", "s", "D", "^", "P", "X"]
+    fig, ax = plt.subplots(figsize=(8, 5.5), constrained_layout=True)
+    for i, s in enumerate(summaries):
+        color = f"C{i % 10}"
+        label = Path(str(s["out-dir"])).name
+        mb = float(s["total-mb"])
+        ax.scatter([mb], [s["final-eval-acc"]], marker="*", s=160, color=color, label=f"{label}: full model")
+        for j, r in enumerate(caps):
+            acc = s.get(f"tier-{r:g}-acc")
+            if acc is not None:
+                ax.scatter([mb], [acc], marker=markers[j % len(markers)], s=50, color=color, alpha=0.8)
+    for j, r in enumerate(caps):  # legend entries for the tier markers
+        ax.scatter([], [], marker=markers[j % len(markers)], color="grey", label=f"sub-model of capacity {r:g}")
+    ax.set_xlabel("total MB sent (down + up)")
+    ax.set_ylabel("test accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    if title:
+        ax.set_title(title)
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -70,13 +70,15 @@ class RunRecorder:
 
     def add_row(self, row: dict) -> None:
         """Append one round's metrics and rewrite the metrics files."""
-        self.rows.append({k: _clean(row.get(k)) for k in COLUMNS})
+        self.rows.append({**{k: _clean(row.get(k)) for k in COLUMNS},  # + capacity tiers' final metrics
+                          **{k: _clean(v) for k, v in row.items() if k.startswith("tier-")}})
         self._write()
 
     def _write(self) -> None:
         atomic_write_text(self.out_dir / "metrics.json", json.dumps(self.rows, indent=1))
         buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
+        extra = dict.fromkeys(k for r in self.rows for k in r if k not in COLUMNS)  # tier-<r>-acc, ...
+        writer = csv.DictWriter(buf, fieldnames=[*COLUMNS, *extra], lineterminator="\n")
         writer.writeheader()
         writer.writerows(self.rows)
         atomic_write_text(self.out_dir / "metrics.csv", buf.getvalue())
@@ -90,6 +92,7 @@ class RunRecorder:
             "final-full-train-loss": last.get("full-train-loss"),
             "total-mb": (last.get("cumulative-bytes") or 0) / 1e6, "seconds": last.get("seconds"),
             "out-dir": str(self.out_dir),
+            **{k: v for k, v in last.items() if k.startswith("tier-")},  # fl_subnet.submodel.evaluate_tiers
         }
 
     def finish(self, plot: bool = True) -> dict:

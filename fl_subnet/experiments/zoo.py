@@ -26,7 +26,7 @@ def model_factory(cfg: RunConfig, d_in: int | tuple[int, ...], d_out: int) -> Ca
     if cfg.model == "cnn-bn":
         return functools.partial(CNNBN, d_in[0], d_out)
     if cfg.model == "resnet":
-        return functools.partial(PreActResNet, d_in[0], d_out)
+        return functools.partial(PreActResNet, d_in[0], d_out, blocks_per_stage=cfg.blocks_per_stage)
     if cfg.model == "transformer":
         from .data import SEQUENCE_VOCAB
 

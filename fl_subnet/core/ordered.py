@@ -1,0 +1,297 @@
+"""Ordered dropout: train a node's compact model at a smaller nested width, batch by batch.
+
+FjORD (Horváth et al., NeurIPS 2021, §3, Alg. 1): a node holds the nested sub-model of
+its maximum width ``p_max`` and, for every local batch, samples a width ``p ≤ p_max``
+from a discrete set and trains the sub-model of width ``p``, which keeps the first
+``⌈p·size_g⌉`` units of every group ``g`` (:func:`samplers.prefix_size`).
+
+Here the width-``p`` sub-model is the ``p_max`` compact model with the other units
+silenced: their output scale is set to 0 wherever they are mixed (the
+:class:`~fl_subnet.core.compact.UnitScale` sites of a model built with ``dynamic``
+groups), so one batch computes exactly the width-``p`` compact model's forward and
+gradients (tested against it), and the units beyond ``p`` get zero gradient. Buffers
+that belong to them (BatchNorm running statistics) are restored when the width changes,
+so they end as the width-``p`` model would leave them. Parameters beyond ``p`` only see
+a zero gradient: momentum and weight decay still act on them, as in FjORD's slicing
+implementation. BatchNorm layers are shared by all widths (FjORD's code keeps one per
+width; here the statistics are the averaged/static policies of
+:mod:`fl_subnet.core.batchnorm`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Collection, Iterator, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .compact import set_unit_scales, unit_scales
+from .groups import dim_keep
+from .masks import Mask
+from .samplers import prefix_size
+
+_HOLDER = "fl_subnet_ordered"
+_TAG = 0x466A4F5244  # "FjORD": keeps the width draws apart from the mask and batch-order streams
+
+
+class OrderedWidths(nn.Module):
+    """Holder of what a width change needs (no parameters or buffers; survives ``deepcopy``).
+
+    Attributes
+    ----------
+    sizes : dict[str, int]
+        Full size of every gated group.
+    kept : dict[str, torch.Tensor]
+        Kept unit indices ``(k_g,)`` int64 of the max-width mask.
+    base : dict[str, torch.Tensor]
+        Per-kept-unit output scale ``(k_g,)`` of the max-width mask.
+    keep_units : dict[str, torch.Tensor]
+        Boolean ``(size,)`` keep vector of every group (gated or not) of the mask.
+    buffers : list[tuple[str, int, int, list, torch.Tensor]]
+        ``(key, dim, full length, index map entries, compact positions (bool))`` of every
+        floating buffer dim coupled to a gated group.
+    width : float or None
+        The current width (None: the max width).
+    """
+
+    def __init__(self, sizes, kept, base, keep_units, buffers) -> None:
+        super().__init__()
+        self.sizes, self.kept, self.base = sizes, kept, base
+        self.keep_units, self.buffers = keep_units, buffers
+        self.width: float | None = None
+        self.saved: list[tuple[str, int, torch.Tensor, torch.Tensor]] = []
+
+    def forward(self, *args):  # pragma: no cover — never called
+        raise RuntimeError("OrderedWidths holds state only")
+
+
+def build_ordered(spec, compact_state: Mapping[str, torch.Tensor], mask: Mask,
+                  gated: Collection[str] | None = None) -> nn.Module:
+    """The compact model of ``mask`` whose width can be lowered per batch (:func:`set_width`).
+
+    Parameters
+    ----------
+    spec : SubnetSpec
+        The architecture's analysis (traced; :func:`fl_subnet.analyze`).
+    compact_state : Mapping[str, torch.Tensor]
+        The slice of ``mask`` (:meth:`SubnetSpec.gather`, or what the server sent).
+    mask : Mask
+        The node's max-width mask (normally FjORD's nested prefix,
+        :class:`~fl_subnet.core.samplers.NestedPrefixSampler`).
+    gated : Collection[str], optional
+        The groups whose width follows :func:`set_width`; default: every group the mask
+        names (``mask.indices``).
+
+    Returns
+    -------
+    nn.Module
+        Computes the same function as :meth:`SubnetSpec.build` at the max width; in
+        training mode; ``state_dict`` keys and shapes as ``spec.build``'s.
+
+    Raises
+    ------
+    ValueError
+        If ``spec`` was not traced (a model declaring ``unit_groups()``), or the state
+        does not match the mask.
+    """
+    from .compact import build_compact_graph
+
+    if spec.graph is None:
+        raise ValueError("ordered dropout needs a traced model (fl_subnet.analyze); a model declaring "
+                         "unit_groups() has no per-layer output-scale sites")
+    names = set(mask.indices if gated is None else gated)
+    unknown = sorted(names - set(spec.slicer.by_name))
+    if unknown:
+        raise ValueError(f"gated names unknown unit group(s) {unknown}; groups: {sorted(spec.slicer.by_name)}")
+    gated = [g for g in spec.slicer.groups if g.name in names]
+    model = build_compact_graph(spec.graph, spec.resolved, compact_state, spec.slicer, mask,
+                                blocks={b.name: b for b in spec.blocks}, dynamic=[g.name for g in gated])
+    keep_units = spec.slicer.keep_units(mask)
+    full_shapes = {k: tuple(v.shape) for k, v in spec.graph.state_dict().items()}
+    params = {k for k, _ in model.named_parameters()}
+    buffers = []
+    for key, value in model.state_dict(keep_vars=True).items():
+        if key in params or not value.is_floating_point():
+            continue
+        for dim, entries in sorted(spec.slicer.coupled.get(key, {}).items()):
+            if any(g in names for g, _, _ in entries):
+                length = full_shapes[key][dim]
+                buffers.append((key, dim, length, list(entries), dim_keep(length, entries, keep_units)))
+    current = unit_scales(model)
+    holder = OrderedWidths({g.name: g.size for g in gated}, {g.name: mask.kept(g) for g in gated},
+                           {g.name: current[g.name] for g in gated if g.name in current}, keep_units, buffers)
+    model.add_submodule(_HOLDER, holder)
+    return model
+
+
+def _holder(model: nn.Module) -> OrderedWidths:
+    holder = getattr(model, _HOLDER, None)
+    if not isinstance(holder, OrderedWidths):
+        raise ValueError("this model cannot change its width: build it with "
+                         "fl_subnet.core.ordered.build_ordered (fl-subnet's receive() does when the train "
+                         "config carries 'fjord-widths')")
+    return holder
+
+
+def max_width_units(model: nn.Module) -> dict[str, int]:
+    """Kept units ``k_g`` of every gated group at the max width (the node's ``p_max``)."""
+    return {g: int(k.numel()) for g, k in _holder(model).kept.items()}
+
+
+@torch.no_grad()
+def set_width(model: nn.Module, width: float | None) -> None:
+    """Restrict a :func:`build_ordered` model to the nested sub-model of ``width``.
+
+    Every gated group ``g`` keeps its first ``⌈width·size_g⌉`` units (FjORD §3,
+    :func:`samplers.prefix_size`), the others are scaled by 0 where they are mixed.
+    Buffers of the silenced units changed while a smaller width was set are restored
+    first, so after ``set_width(model, None)`` they hold what the width-``p`` models
+    would have left. Call ``set_width(model, None)`` (or use :func:`ordered_width`)
+    before reading ``state_dict()``.
+
+    Parameters
+    ----------
+    model : nn.Module
+        Built by :func:`build_ordered`.
+    width : float or None
+        ``p`` in (0, 1], at most the node's max width (relative to the full model);
+        None: back to the max width.
+
+    Raises
+    ------
+    ValueError
+        If the model was not built by :func:`build_ordered`, ``width`` is outside
+        (0, 1], or its prefix of some group holds a unit the node's mask lacks (a width
+        above the node's max width), naming the group.
+    """
+    holder = _holder(model)
+    if width is not None and not (isinstance(width, (int, float)) and not isinstance(width, bool)
+                                  and 0 < width <= 1 and math.isfinite(width)):
+        raise ValueError(f"width must be a number in (0, 1] or None, got {width!r}")
+    gates: dict[str, torch.Tensor] = {}
+    if width is not None:
+        for g, kept in holder.kept.items():
+            k = prefix_size(holder.sizes[g], width)
+            if k > int((kept < k).sum()):
+                raise ValueError(f"width {width} keeps the first {k} units of group '{g}' but this node holds "
+                                 f"only {int(kept.numel())} of them (above its max width)")
+            gates[g] = (kept < k).to(torch.float32)
+    for key, dim, idx, values in holder.saved:  # restore the silenced units' buffers
+        model.get_buffer(key).index_copy_(dim, idx, values.to(model.get_buffer(key).device))
+    holder.saved = []
+    set_unit_scales(model, {g: holder.base[g] * gates[g] if width is not None else holder.base[g]
+                            for g in holder.base})
+    holder.width = None if width is None else float(width)
+    if width is None:
+        return
+    keep_p = dict(holder.keep_units)
+    for g, kept in holder.kept.items():
+        v = torch.zeros(holder.sizes[g], dtype=torch.bool)
+        v[kept[gates[g].bool()]] = True
+        keep_p[g] = v
+    for key, dim, length, entries, keep_pos in holder.buffers:
+        outside = torch.nonzero(~dim_keep(length, entries, keep_p)[keep_pos]).flatten()
+        if outside.numel():
+            buf = model.get_buffer(key)
+            holder.saved.append((key, dim, outside.to(buf.device), buf.index_select(dim, outside.to(buf.device))))
+
+
+@contextlib.contextmanager
+def ordered_width(model: nn.Module, width: float | None) -> Iterator[nn.Module]:
+    """``with ordered_width(model, p): ...`` — :func:`set_width` for the block, then back
+    to the width that was set before. Yields ``model``.
+
+    Raises
+    ------
+    ValueError
+        As :func:`set_width`.
+    """
+    before = _holder(model).width
+    set_width(model, width)
+    try:
+        yield model
+    finally:
+        set_width(model, before)
+
+
+def width_generator(seed: int, server_round: int, partition: int) -> torch.Generator:
+    """A CPU generator for a node's width draws, determined by ``(seed, server_round,
+    partition)`` alone and independent of the mask and batch-order streams."""
+    entropy = [int(v) % 2**64 for v in (seed, server_round, partition, _TAG)]
+    state = np.random.SeedSequence(entropy).generate_state(2)
+    return torch.Generator(device="cpu").manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+class WidthSchedule:
+    """Per-batch width sampling (FjORD §3: ``p ~ U(widths)``, the node's allowed widths).
+
+    Call it with the step index before each batch's forward (``train_local``'s
+    ``before_step``); use it as a context manager so that the model is back at its max
+    width (and its buffers restored) afterwards.
+
+    Parameters
+    ----------
+    model : nn.Module
+        Built by :func:`build_ordered` (any model when ``widths`` is empty).
+    widths : Sequence[float]
+        The allowed widths, each in (0, 1] and at most the node's max width; empty: an
+        inactive schedule (calls do nothing and return None), for messages without
+        FjORD's key.
+    generator : torch.Generator
+        E.g. :func:`width_generator`.
+
+    Attributes
+    ----------
+    history : list[float]
+        The width drawn for each step, in order.
+
+    Raises
+    ------
+    ValueError
+        If a width is invalid for ``model`` (:func:`set_width`), or ``model`` was not
+        built by :func:`build_ordered` while ``widths`` is not empty.
+    """
+
+    def __init__(self, model: nn.Module, widths: Sequence[float], generator: torch.Generator) -> None:
+        self.model = model
+        self.widths = tuple(float(w) for w in widths)
+        if self.widths:
+            _holder(model)
+            for w in self.widths:  # every allowed width must fit the node's slice
+                set_width(model, w)
+            set_width(model, None)
+        self.generator = generator
+        self.history: list[float] = []
+
+    @property
+    def active(self) -> bool:
+        """Whether widths are sampled (the message carried FjORD's key)."""
+        return bool(self.widths)
+
+    def __call__(self, step: int) -> float | None:
+        """Draw this step's width uniformly from :attr:`widths` and set it; returns it
+        (None, doing nothing, when inactive)."""
+        if not self.widths:
+            return None
+        width = self.widths[int(torch.randint(len(self.widths), (1,), generator=self.generator))]
+        set_width(self.model, width)
+        self.history.append(width)
+        return width
+
+    def close(self) -> None:
+        """Back to the max width (restores the silenced units' buffers)."""
+        if self.widths:
+            set_width(self.model, None)
+
+    def __enter__(self) -> "WidthSchedule":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+__all__ = ["OrderedWidths", "build_ordered", "set_width", "ordered_width", "max_width_units",
+           "width_generator", "WidthSchedule"]

@@ -1,0 +1,107 @@
+"""FjORD: ordered dropout, nested widths sampled per batch on each node."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+from fl_subnet.core.samplers import NestedPrefixSampler, check_keep_prob
+from fl_subnet.wire import FJORD_WIDTHS, widths_to_config
+
+from .base import SubnetStrategy
+
+log = logging.getLogger(__name__)
+
+DEFAULT_WIDTHS = (0.2, 0.4, 0.6, 0.8, 1.0)
+
+
+def check_widths(widths: Sequence[float], key: str = "widths") -> tuple[float, ...]:
+    """``widths`` sorted and unique; ``ValueError`` naming ``key`` unless a non-empty
+    sequence of numbers in (0, 1]."""
+    try:
+        out = tuple(sorted({check_keep_prob(w, key) for w in widths}))
+    except TypeError:
+        raise ValueError(f"{key} must be a sequence of numbers in (0, 1], got {widths!r}") from None
+    if not out:
+        raise ValueError(f"{key} must hold at least one width in (0, 1], got {widths!r}")
+    return out
+
+
+class FjORD(SubnetStrategy):
+    """FjORD (Horváth, Laskaridis, Almeida, Leontiadis, Venieris & Lane, "FjORD: Fair and
+    Accurate Federated Learning under heterogeneous targets with Ordered Dropout",
+    NeurIPS 2021).
+
+    Widths form a discrete set ``widths`` (the paper's uniform ``{0.2, 0.4, …, 1.0}``).
+    A node of capacity ``r`` has the max width ``p_max = max{p ∈ widths : p ≤ r}`` and
+    receives only the compact slice of that nested sub-model (the first
+    ``⌈p_max·size⌉`` units of every group, no rescaling: ordered dropout has no 1/p
+    scaler) plus its allowed widths ``{p ∈ widths : p ≤ p_max}`` in the train config
+    (``fjord-widths``). For every local batch the node draws ``p`` uniformly from them
+    and trains the width-``p`` sub-model (§3, "Ordered Dropout" and Alg. 1;
+    :mod:`fl_subnet.core.ordered`). The server averages each entry over the nodes whose
+    max-width slice holds it, weighted by ``num-examples`` (Alg. 1, aggregation per
+    width level: the entries of level ``s`` are averaged over the nodes with
+    ``p_max ≥ p_s``).
+
+    Parameters
+    ----------
+    model_factory : Callable[[], nn.Module]
+        The full model (see :class:`SubnetStrategy`).
+    capacity_tiers : Sequence[float]
+        Capacities for nodes that declare none: node ``i`` of the ordered node list gets
+        ``capacity_tiers[i mod len]``; a node declares its own with
+        ``--node-config "capacity=0.5"`` (as for :class:`HeteroFL`).
+    widths : Sequence[float]
+        The discrete widths in (0, 1] (relative to the full model).
+    **kwargs
+        :class:`SubnetStrategy` options (``weighted`` defaults to True).
+
+    Raises
+    ------
+    ValueError
+        If a width or tier is outside (0, 1] (naming ``widths`` / ``capacity``), or a
+        tier is below the smallest width (no sub-model fits it).
+    """
+
+    def __init__(self, model_factory, capacity_tiers: Sequence[float] = (1.0,),
+                 widths: Sequence[float] = DEFAULT_WIDTHS, *, seed: int = 0, order_by_partition: bool = True,
+                 **kwargs):
+        self.widths = check_widths(widths)
+        sampler = NestedPrefixSampler(1.0, scale=False, seed=seed)
+        kwargs.setdefault("weighted", True)
+        super().__init__(model_factory, sampler, seed=seed, order_by_partition=order_by_partition, **kwargs)
+        tiers = tuple(sampler.capacities(len(capacity_tiers), capacity_tiers))
+        for r in tiers:
+            if r < self.widths[0]:
+                raise ValueError(f"capacity tier {r} is below FjORD's smallest width {self.widths[0]}: "
+                                 f"no sub-model of widths {self.widths} fits it")
+        self.capacity_tiers = tiers
+
+    def max_width(self, capacity: float | None) -> float:
+        """``p_max``: the largest width ≤ ``capacity`` (None: 1.0). A declared capacity
+        below the smallest width gets the smallest width, with a warning."""
+        r = 1.0 if capacity is None else float(capacity)
+        fits = [w for w in self.widths if w <= r + 1e-9]
+        if not fits:
+            log.warning("FjORD: capacity %g is below the smallest width %g: the node trains width %g",
+                        r, self.widths[0], self.widths[0])
+            return self.widths[0]
+        return fits[-1]
+
+    def allowed_widths(self, capacity: float | None) -> tuple[float, ...]:
+        """The widths a node of ``capacity`` samples from: ``{p ∈ widths : p ≤ p_max}``."""
+        p_max = self.max_width(capacity)
+        return tuple(w for w in self.widths if w <= p_max)
+
+    def capacity_of(self, node: int) -> float:
+        """The node's max width ``p_max`` (from its declared capacity or its tier): the
+        nested prefix it receives."""
+        return self.max_width(super().capacity_of(node))
+
+    def node_config(self, node: int, mask) -> dict[str, object]:
+        """The node's allowed widths under ``fjord-widths``."""
+        return {FJORD_WIDTHS: widths_to_config(self.allowed_widths(self.capacity_of(node)))}
+
+
+__all__ = ["FjORD", "DEFAULT_WIDTHS", "check_widths"]
