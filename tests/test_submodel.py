@@ -231,6 +231,22 @@ def test_heterofl_run_reports_each_tiers_accuracy_and_writes_loadable_files(hete
     assert "tier-0.25-acc" not in rows[1]  # final round only
 
 
+def test_a_strategy_without_tiers_reports_the_configs_tiers(tmp_path):
+    """FedAvg in a run that names capacity tiers reports its own nested prefixes (what a
+    small node would be given), computed like HeteroFL's: a hand-sliced narrow MLP."""
+    from fl_subnet.experiments.cli import run_one
+    from fl_subnet.experiments.config import RunConfig
+    from fl_subnet.experiments.experiment import CentralEvaluation
+
+    values = {**HETEROFL, "strategy": "fedavg", "num-server-rounds": 1, "capacity-tiers": "0.5,1.0"}
+    summary = run_one(dict(values), tmp_path)
+    state = load_model(tmp_path / MODEL_FILE)
+    test = CentralEvaluation(RunConfig.from_mapping(values), None).test
+    assert summary["tier-0.5-acc"] == pytest.approx(evaluate_model(hand_mlp_run(state, 0.5), test,
+                                                                   "cross-entropy")["eval-acc"])
+    assert "tier-0.25-acc" not in summary and summary["tier-1-acc"] == pytest.approx(summary["final-eval-acc"])
+
+
 def hand_mlp_run(state, r):
     a, b = k(64, r), k(32, r)
     narrow = MLP(64, [a, b], 10)

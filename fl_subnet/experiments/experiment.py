@@ -180,14 +180,20 @@ class CentralEvaluation:
 
     def tier_metrics(self, state: dict) -> dict[str, float]:
         """``tier-<r>-acc``/``-loss``/``-params`` of each capacity tier of the strategy
-        (HeteroFL, FedRolex, core alternation; :mod:`fl_subnet.submodel`), each sub-model
-        evaluated alone on the test set and, with a checkpoint folder, saved there as
-        ``tier-<r>.safetensors``; ``{}`` for a strategy without tiers."""
+        (HeteroFL, FedRolex, FjORD, core alternation; :mod:`fl_subnet.submodel`), each
+        sub-model evaluated alone on the test set and, with a checkpoint folder, saved
+        there as ``tier-<r>.safetensors``. A strategy without tiers reports the
+        ``capacity-tiers`` of the run config if it names any (the nested prefixes of its
+        model), else ``{}``."""
         from fl_subnet.submodel import capacity_tiers, evaluate_tiers
 
         from .results import config_dict
 
         tiers = capacity_tiers(self.strategy)
+        if not tiers and self.cfg.capacity_tiers != "1.0":
+            # a strategy without tiers (FedAvg, IST, dropout) in a run that names capacity tiers: report
+            # the nested prefixes of its model too, the sub-models a small node would be given
+            tiers = tuple(sorted({float(t) for t in self.cfg.capacity_tiers.split(",")}))
         if not tiers:
             return {}
         calibration = _batches(self.train, self.cfg.batch_size) if self.cfg.batchnorm == "static" else None
