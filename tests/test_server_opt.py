@@ -351,3 +351,18 @@ def test_run_config_choices_equal_the_librarys_and_build_the_optimizer():
     assert (s.server_optimizer.eta, s.server_optimizer.beta_1) == (0.01, 0.5)
     with pytest.raises(ValueError, match="server-optimizer"):
         RunConfig.from_mapping({"server-optimizer": "adam"})
+
+
+def test_flowers_fedadam_float64_arrays_train_on_fl_subnets_client():
+    """Flower's FedAdam returns float64 arrays; fl-subnet's ClientApp builds the float32
+    model from them (as load_state_dict would) and trains, instead of failing on a dtype
+    mismatch, for two rounds of Flower's own FedAdam."""
+    strategy = _flower("fedadam")
+    g = grid(NODES)
+    arrays = initial_arrays()
+    for rnd in (1, 2):
+        replies = list(g.send_and_receive(list(strategy.configure_train(rnd, arrays, train_config(), g))))
+        assert not any(r.has_error() for r in replies), [r.error.reason for r in replies if r.has_error()]
+        assert all(a.dtype == "float32" for r in replies for a in r.content["arrays"].values())
+        arrays, _ = strategy.aggregate_train(rnd, replies)
+    assert all(a.dtype == "float64" for a in arrays.values())  # what Flower sent in round 2

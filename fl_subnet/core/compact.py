@@ -11,14 +11,23 @@ from torch import nn
 from .groups import UnitGroup
 from .masks import Mask
 
+
+def _as_dtype_of(old: torch.Tensor | None, value: torch.Tensor) -> torch.Tensor:
+    """``value`` in the model's own floating dtype: a server may send float64 arrays for a
+    float32 model (Flower's FedAdam returns float64), as ``load_state_dict`` would copy them."""
+    if old is not None and old.is_floating_point() and value.is_floating_point() and value.dtype != old.dtype:
+        return value.to(old.dtype)
+    return value
+
+
 def _set_tensor(model: nn.Module, key: str, value: torch.Tensor) -> None:
     path, _, leaf = key.rpartition(".")
     module = model.get_submodule(path) if path else model
     if leaf in module._parameters:
         old = module._parameters[leaf]
-        module._parameters[leaf] = nn.Parameter(value, requires_grad=old.requires_grad)
+        module._parameters[leaf] = nn.Parameter(_as_dtype_of(old, value), requires_grad=old.requires_grad)
     elif leaf in module._buffers:
-        module._buffers[leaf] = value
+        module._buffers[leaf] = _as_dtype_of(module._buffers[leaf], value)
     else:
         raise ValueError(f"'{key}' is neither a parameter nor a buffer of the model")
 
