@@ -8,6 +8,9 @@ from fl_subnet.clients import make_client_app
 
 from .experiments.config import RunConfig
 from .experiments.experiment import context_data, factory_for
+from .logs import use_flower_console
+
+use_flower_console()
 
 
 def _factory(context: Context):

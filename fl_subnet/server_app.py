@@ -10,8 +10,10 @@ from flwr.serverapp import Grid, ServerApp
 from .experiments.config import RunConfig
 from .experiments.experiment import run_server
 from .experiments.results import RunRecorder
+from .logs import use_flower_console
 
 log = logging.getLogger(__name__)
+use_flower_console()
 app = ServerApp()
 
 
