@@ -10,6 +10,8 @@ folder under the name the README uses:
     demo         fl-subnet compare scenarios/digits-{fedavg,ist,fedsubdrop}.toml   -> demo-digits.png
     cnn-bn       fl-subnet compare scenarios/digits-cnn-bn-*.toml                   -> cnn-bn-digits.png
     transformer  fl-subnet compare scenarios/sequence-transformer-*.toml            -> sequence-transformer.png
+    tiers        fl-subnet compare scenarios/tiers-cnn-*.toml
+                                  -> tiers-cnn-digits.png, tiers-cnn-submodels.png
     paper-msd    fl-subnet sweep scenarios/paper-msd.toml --vary num-subnets=1,2,4,8
                                                   -> paper-msd-loss.png, paper-msd-floor.png
     paper-ist    fl-subnet sweep scenarios/paper-ist.toml --vary num-subnets=2,4,8 -> paper-ist-floor.png
@@ -59,6 +61,8 @@ def figures() -> dict[str, Figure]:
                          (("compare.png", "cnn-bn-digits.png"),)),
         "transformer": Figure(("compare", *_scenarios("scenarios/sequence-transformer-*.toml")),
                               (("compare.png", "sequence-transformer.png"),)),
+        "tiers": Figure(("compare", *_scenarios("scenarios/tiers-cnn-*.toml")),
+                        (("compare.png", "tiers-cnn-digits.png"), ("compare-tiers.png", "tiers-cnn-submodels.png"))),
         "paper-msd": Figure(("sweep", "scenarios/paper-msd.toml", "--vary", "num-subnets=1,2,4,8"),
                             (("sweep-loss.png", "paper-msd-loss.png"), ("sweep-floor.png", "paper-msd-floor.png"))),
         "paper-ist": Figure(("sweep", "scenarios/paper-ist.toml", "--vary", "num-subnets=2,4,8"),
