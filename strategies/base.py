@@ -309,7 +309,18 @@ class SubnetStrategy(FedAvg):
         return super().start(num_rounds=num_rounds - self.round_offset, **kwargs)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
+        """Flower's federated evaluation of the full model as deployed (:meth:`deployed_state`)."""
+        state = arrays_to_state(arrays)
+        deployed = self.deployed_state(state)
+        if deployed is not state:
+            arrays = state_to_arrays(deployed)
         return super().configure_evaluate(server_round + self.round_offset, arrays, config, grid)
+
+    def deployed_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The full model as evaluated and deployed, from the trained global ``state``:
+        ``state`` itself unless the protocol scales the full model at evaluation (IST with
+        ``scaling="eval"``)."""
+        return state
 
     # ------------------------------------------------------------------ sampling
     def order_nodes(self, grid: Grid, nodes: list[int]) -> list[int]:

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import torch
+from flwr.app import ArrayRecord, ConfigRecord
+from flwr.serverapp import Grid
+
+from fl_subnet.clients.train import TrainConfig
+from fl_subnet.core.fold import fold_output_scales
 from fl_subnet.core.samplers import PartitionSampler
 
 from .base import SubnetStrategy
 
-IST_SCALINGS = ("none", "p")
+IST_SCALINGS = ("none", "p", "p-lr", "eval")
 
 
 class IST(SubnetStrategy):
@@ -30,8 +36,20 @@ class IST(SubnetStrategy):
         τ ≥ 1.
     partition_mode : {"equal", "iid"}
         Equal blocks after a shuffle, or iid categorical (the paper's code).
-    scaling : {"none", "p"}
-        Output scale of kept units: none (IST's code) or p = 1/ξ (Liao & Kyrillidis).
+    scaling : {"none", "p", "p-lr", "eval"}
+        How the full model's output scale is handled (each node trains 1/p of the units;
+        the full model sums p times as many):
+
+        * ``none``: no scaling (IST's code, Yuan et al.), the full model as reassembled;
+        * ``p``: kept units' outputs scaled by p = 1/ξ while training (Liao & Kyrillidis
+          §3), at the nodes' learning rate;
+        * ``p-lr``: scaled by p and the nodes' ``lr`` multiplied by ξ = 1/p (Liao &
+          Kyrillidis shrink the step size with the scale);
+        * ``eval``: trained unscaled, and the full model multiplies the split units'
+          outputs by 1/p at evaluation only (ResIST, Dun et al. UAI 2022): the scale is
+          folded into the consuming layers' weights (:func:`fl_subnet.core.fold.fold_output_scales`)
+          for central and federated evaluation and the deployed model
+          (:meth:`deployed_state`).
     precision : {"float64", "float32"}
         Aggregation sums; float64 (default) makes reassembly bit-exact.
 
@@ -49,12 +67,42 @@ class IST(SubnetStrategy):
         if int(local_steps) < 1:
             raise ValueError(f"local-steps must be >= 1, got {local_steps!r}")
         sampler = PartitionSampler(num_subnets, mode=partition_mode,
-                                   scale=float(num_subnets) if scaling == "p" else 1.0, seed=seed)
+                                   scale=float(num_subnets) if scaling in ("p", "p-lr") else 1.0, seed=seed)
         if num_train_nodes is None:  # Flower's fraction rule, but never fewer than p nodes
             kwargs["min_train_nodes"] = max(kwargs.get("min_train_nodes", 2), sampler.num_subnets)
             kwargs.setdefault("min_available_nodes", sampler.num_subnets)
         super().__init__(model_factory, sampler, local_steps=local_steps, seed=seed,
                          num_train_nodes=num_train_nodes, precision=precision, **kwargs)
+
+        self.scaling = scaling
+        if scaling == "eval":  # refuse now a model whose scale cannot be folded
+            self.deployed_state({k: v for k, v in self._meta_state().items()})
+
+    def _meta_state(self) -> dict:
+        with torch.device("meta"):
+            return self.model_factory().state_dict()
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
+        """:meth:`SubnetStrategy.configure_train`; with ``scaling="p-lr"`` the nodes' ``lr``
+        is multiplied by ξ = 1/p."""
+        if self.scaling == "p-lr":
+            config = ConfigRecord(dict(config))
+            config["lr"] = float(config.get("lr", TrainConfig.lr)) / self.sampler.num_subnets
+        return super().configure_train(server_round, arrays, config, grid)
+
+    def deployed_state(self, state: dict) -> dict:
+        """With ``scaling="eval"``: ``state`` with 1/p folded into the layers that consume
+        every partitioned group (ResIST's evaluation-time scaling); else ``state``.
+
+        Raises
+        ------
+        ValueError
+            If a partitioned group is consumed where a scale cannot be folded (attention
+            heads, functional calls): use another ``scaling`` then.
+        """
+        if self.scaling != "eval":
+            return state
+        return fold_output_scales(self.spec, state, {g.name: 1.0 / self.sampler.num_subnets for g in self.groups})
 
     def _need_reason(self) -> str:
         return f"num-subnets={self.sampler.num_subnets}: one sub-network per node"

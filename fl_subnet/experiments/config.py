@@ -38,7 +38,7 @@ Model = Literal["mlp", "shallow-relu", ConvModel, "transformer"]
 DataScope = Literal["local", "all"]
 LossChoice = Literal["auto", "cross-entropy", "mse"]
 BatchNormPolicy = Literal["averaged", "static"]
-IstScaling = Literal["none", "p"]
+IstScaling = Literal["none", "p", "p-lr", "eval"]  # = strategies.ist.IST_SCALINGS (tested)
 PartitionMode = Literal["equal", "iid"]
 Untouched = Literal["keep", "zero"]
 Aggregation = Literal["mean", "median", "trimmed-mean"]  # = strategies.base.AGGREGATIONS (tested)
@@ -247,7 +247,10 @@ class RunConfig:
     fraction_train: Number("Fraction of the nodes trained per round (FedAvg, federated dropout, IST).",
                            ge=0.0, le=1.0) = 1.0
     fraction_evaluate: Number("Fraction of the nodes evaluating per round.", ge=0.0, le=1.0) = 0.0
-    ist_scaling: Choice(IstScaling, "IST output scaling: ``none`` or ``p``.") = "none"
+    ist_scaling: Choice(IstScaling, "IST output scaling: ``none`` (IST's code), ``p`` (outputs ×p while "
+                                    "training), ``p-lr`` (×p and the nodes' lr ×1/p), ``eval`` (trained unscaled, "
+                                    "the full model's split units ×1/p at evaluation, folded into the weights: "
+                                    "ResIST).") = "none"
     partition_mode: Choice(PartitionMode, "IST unit partition: ``equal`` sizes or ``iid`` assignment.") = "equal"
     loss_average: Annotated[bool, Field(strict=True, description="Multi-sample dropout: Inoue's 1/p loss "
                                         "average instead of the per-unit mean over holders.")] = False

@@ -28,6 +28,10 @@ DIMS = {"digits": (64, 10), "mnist": (784, 10), "fashion-mnist": (784, 10), "cif
 IMAGE_SHAPES = {"digits": (1, 8, 8), "mnist": (1, 28, 28), "fashion-mnist": (1, 28, 28), "cifar10": (3, 32, 32)}
 
 
+#: The full model as evaluated, for strategies that scale it at evaluation (IST ``ist-scaling = "eval"``).
+DEPLOYED_FILE = "model-deployed.safetensors"
+
+
 def data_dims(cfg: RunConfig) -> tuple[int, int]:
     """(input features, outputs) of the configured data set."""
     if cfg.dataset == "synthetic-sequence":
@@ -140,7 +144,8 @@ class CentralEvaluation:
 
         model = self.factory()
         state = arrays_to_state(arrays)
-        model.load_state_dict(state)
+        deployed = self.strategy.deployed_state(state) if self.strategy is not None else state
+        model.load_state_dict(deployed)  # the full model as evaluated (IST scaling "eval": 1/p folded in)
         loss = self.cfg.loss_name
         test = evaluate_model(model, self.test, loss)
         train = evaluate_model(model, self.train, loss)
@@ -172,6 +177,10 @@ class CentralEvaluation:
         if self.on_round is not None:
             self.on_round(row)  # the metrics first: a kill before the checkpoint redoes this round
         if self.checkpoint_dir is not None:
+            if deployed is not state:  # the model to use; model.safetensors holds the training state
+                from fl_subnet.checkpoint import save_model
+
+                save_model(Path(self.checkpoint_dir) / DEPLOYED_FILE, deployed, {"server-round": server_round})
             opt = getattr(self.strategy, "server_optimizer", None)
             save_checkpoint(self.checkpoint_dir, state, {
                 "server-round": server_round, "cumulative-bytes": self.cumulative, "seconds": row["seconds"],

@@ -1,0 +1,87 @@
+"""IST's output-scaling options (issue: IST as its authors use it)."""
+
+import functools
+
+import pytest
+import torch
+
+from fl_subnet.core.masks import full_mask
+from fl_subnet.strategies import IST
+from fl_subnet.strategies.ist import IST_SCALINGS
+from fl_subnet.wire import arrays_to_state
+
+from strategy_helpers import factory, grid, initial_arrays, train_config
+
+
+def test_choices_equal_the_run_configs():
+    from fl_subnet.experiments.config import CHOICES
+
+    assert CHOICES["ist-scaling"] == IST_SCALINGS
+
+
+def test_p_lr_scales_the_outputs_by_p_and_the_nodes_lr_by_one_over_p():
+    s = IST(factory, 4, scaling="p-lr", num_train_nodes=4, min_available_nodes=4, fraction_evaluate=0.0)
+    msgs = list(s.configure_train(1, initial_arrays(), train_config(lr=0.2), grid(4)))
+    assert {m.content["config"]["lr"] for m in msgs} == {0.05}
+    assert {m.content["config"][f"scale.{g.name}"] for m in msgs for g in s.groups} == {4.0}
+    plain = IST(factory, 4, scaling="p", num_train_nodes=4, min_available_nodes=4, fraction_evaluate=0.0)
+    msgs = list(plain.configure_train(1, initial_arrays(), train_config(lr=0.2), grid(4)))
+    assert {m.content["config"]["lr"] for m in msgs} == {0.2}
+
+
+def test_eval_scaling_trains_unscaled_and_deploys_the_one_over_p_model():
+    """Nodes train unscaled (scale 1 on the wire); the deployed state, loaded into the
+    user's own class, computes the reference model with every split unit ×1/p; federated
+    evaluation sends that deployed state."""
+    p = 2
+    s = IST(factory, p, scaling="eval", num_train_nodes=p, min_available_nodes=p, fraction_evaluate=1.0,
+            min_evaluate_nodes=p)
+    g = grid(p)
+    arrays = initial_arrays()
+    msgs = list(s.configure_train(1, arrays, train_config(), g))
+    assert {m.content["config"][f"scale.{gr.name}"] for m in msgs for gr in s.groups} == {1.0}
+    arrays, _ = s.aggregate_train(1, g.send_and_receive(msgs))
+    state = arrays_to_state(arrays)
+    deployed = s.deployed_state(state)
+    x = torch.randn(5, 8)
+    mask = full_mask(s.spec.all_groups)
+    ref = s.spec.reference(state, type(mask)(mask.indices, {gr.name: 1 / p for gr in s.groups})).eval()
+    model = factory()
+    model.load_state_dict(deployed)
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(x), ref(x), atol=1e-6, rtol=1e-5)
+    evals = list(s.configure_evaluate(1, arrays, train_config(), g))
+    sent = arrays_to_state(evals[0].content["arrays"])
+    assert all(torch.equal(sent[k], deployed[k]) for k in deployed)
+    assert any(not torch.equal(sent[k], state[k]) for k in state)
+
+
+def test_eval_scaling_refuses_a_model_whose_scale_cannot_be_folded():
+    from fl_subnet.models.transformer import MHATransformer
+
+    with pytest.raises(ValueError, match="cannot fold an output scale"):
+        IST(functools.partial(MHATransformer, 16, 20, num_classes=2), 2, scaling="eval",
+            example_input=torch.zeros(1, 20, dtype=torch.long))
+
+
+def test_eval_scaling_run_evaluates_and_saves_the_deployed_model(tmp_path):
+    """The harness evaluates the deployed model and writes it as model-deployed.safetensors;
+    its accuracy equals the metrics' final eval-acc."""
+    from fl_subnet.checkpoint import load_model
+    from fl_subnet.clients.train import evaluate_model
+    from fl_subnet.experiments.cli import run_one
+    from fl_subnet.experiments.config import RunConfig
+    from fl_subnet.experiments.experiment import DEPLOYED_FILE, CentralEvaluation, factory_for
+
+    values = {"strategy": "ist", "ist-scaling": "eval", "num-subnets": 2, "num-nodes": 2, "num-server-rounds": 2,
+              "hidden": "32", "local-steps": 5, "seed": 1}
+    summary = run_one(dict(values), tmp_path)
+    cfg = RunConfig.from_mapping(values)
+    model = factory_for(cfg)()
+    model.load_state_dict(load_model(tmp_path / DEPLOYED_FILE))
+    acc = evaluate_model(model, CentralEvaluation(cfg, None).test, "cross-entropy")["eval-acc"]
+    assert acc == summary["final-eval-acc"]
+    trained = factory_for(cfg)()
+    trained.load_state_dict(load_model(tmp_path / "model.safetensors"))
+    assert evaluate_model(trained, CentralEvaluation(cfg, None).test, "cross-entropy")["eval-loss"] != pytest.approx(
+        evaluate_model(model, CentralEvaluation(cfg, None).test, "cross-entropy")["eval-loss"])
