@@ -389,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
         plot = plot_runs(runs, base / "compare.png", title="fl-subnet: " + " vs ".join(runs))
         (base / "summary.json").write_text(json.dumps(summaries, indent=2))
         console.print(f"comparison plot: {plot}")
-        tiers = plot_tiers(summaries, base / "compare-tiers.png", title="full model and capacity tiers vs MB")
+        tiers = plot_tiers(summaries, base / "compare-tiers.png", title="each capacity tier's sub-model alone, and the full model")
         if tiers is not None:
             console.print(f"capacity tiers plot: {tiers}")
     console.print(f"results (metrics.json, metrics.csv, summary.json, plots.png) under {base.resolve()}")

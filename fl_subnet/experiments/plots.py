@@ -139,8 +139,8 @@ def tier_columns(summaries: Sequence[Mapping[str, object]]) -> list[float]:
 
 
 def plot_tiers(summaries: Sequence[Mapping[str, object]], path: str | Path, title: str = "") -> Path | None:
-    """Accuracy of the full model and of each capacity tier's sub-model against the MB
-    a run communicated: one colour per run, one marker per tier (full model: a star).
+    """Grouped bars: for each run (ordered by the MB it communicated, which labels it), the
+    test accuracy of each capacity tier's sub-model and of the full model.
 
     Parameters
     ----------
@@ -160,26 +160,26 @@ def plot_tiers(summaries: Sequence[Mapping[str, object]], path: str | Path, titl
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    caps = tier_columns(summaries)
+    caps = [r for r in tier_columns(summaries) if r < 1.0]  # tier 1 is the full model
     if not caps:
         return None
-    markers = ["v", "s", "D", "^", "P", "X"]
-    fig, ax = plt.subplots(figsize=(8, 5.5), constrained_layout=True)
-    for i, s in enumerate(summaries):
-        color = f"C{i % 10}"
-        label = Path(str(s["out-dir"])).name
-        mb = float(s["total-mb"])
-        ax.scatter([mb], [s["final-eval-acc"]], marker="*", s=160, color=color, label=f"{label}: full model")
-        for j, r in enumerate(caps):
-            acc = s.get(f"tier-{r:g}-acc")
-            if acc is not None:
-                ax.scatter([mb], [acc], marker=markers[j % len(markers)], s=50, color=color, alpha=0.8)
-    for j, r in enumerate(caps):  # legend entries for the tier markers
-        ax.scatter([], [], marker=markers[j % len(markers)], color="grey", label=f"sub-model of capacity {r:g}")
-    ax.set_xlabel("total MB sent (down + up)")
+    runs = sorted(summaries, key=lambda s: float(s["total-mb"]))
+    bars = [(f"sub-model of capacity {r:g}", f"tier-{r:g}-acc") for r in caps] + [("full model", "final-eval-acc")]
+    width = 0.8 / len(bars)
+    fig, ax = plt.subplots(figsize=(max(7.0, 1.5 * len(runs) + 2), 5), constrained_layout=True)
+    for j, (label, key) in enumerate(bars):
+        xs = [i + (j - (len(bars) - 1) / 2) * width for i in range(len(runs))]
+        ys = [s.get(key) if s.get(key) is not None else 0.0 for s in runs]
+        ax.bar(xs, ys, width, label=label, color=f"C{j}")
+        for x, y in zip(xs, ys):
+            ax.text(x, y + 0.01, f"{y:.2f}", ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(range(len(runs)))
+    ax.set_xticklabels([f"{s.get('strategy') or Path(str(s['out-dir'])).name}\n{float(s['total-mb']):.1f} MB"
+                        for s in runs])
     ax.set_ylabel("test accuracy")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
+    ax.set_ylim(0, 1.08)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left", ncol=len(bars))
     if title:
         ax.set_title(title)
     path = Path(path)
