@@ -113,7 +113,8 @@ def train_local(model: nn.Module, data: Dataset, cfg: TrainConfig, seed: int = 0
     -------
     tuple[int, float]
         ``num-examples`` (size of the local set) and the mean training loss over the
-        steps taken.
+        steps taken. A batch of a single row is skipped (not counted as a step) when the
+        model has an ``nn.BatchNorm1d``, which cannot normalise one row in training.
     """
     loader = make_loader(data, cfg.batch_size, shuffle=True, seed=seed)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -124,7 +125,11 @@ def train_local(model: nn.Module, data: Dataset, cfg: TrainConfig, seed: int = 0
         batches = itertools.chain.from_iterable(itertools.repeat(loader, cfg.local_epochs))
     model.train()
     total, steps = 0.0, 0
+    # BatchNorm1d cannot normalise a batch of one row in training: skip such a trailing batch
+    singletons_fail = any(isinstance(m, nn.BatchNorm1d) for m in model.modules())
     for x, y in batches:
+        if singletons_fail and len(x) < 2:
+            continue
         if before_step is not None:
             before_step(steps)
         loss = loss_fn(cfg.loss, model(x), y)

@@ -85,3 +85,45 @@ def test_eval_scaling_run_evaluates_and_saves_the_deployed_model(tmp_path):
     trained.load_state_dict(load_model(tmp_path / "model.safetensors"))
     assert evaluate_model(trained, CentralEvaluation(cfg, None).test, "cross-entropy")["eval-loss"] != pytest.approx(
         evaluate_model(model, CentralEvaluation(cfg, None).test, "cross-entropy")["eval-loss"])
+
+
+def test_mlp_bn_is_ists_reference_model_and_its_batchnorm_follows_the_units():
+    """``mlp-bn``: Linear → BatchNorm1d (no running statistics) → ReLU; the BatchNorm's
+    affine parameters are sliced with their layer's units, and the compact model of a
+    part equals the full model restricted by hand (BatchNorm per unit is separable)."""
+    from fl_subnet.core.masks import Mask
+    from fl_subnet.core.spec import analyze
+    from fl_subnet.models import MLP
+
+    f = functools.partial(MLP, 6, [8], 3, norm=True)
+    spec = analyze(f)
+    (g,) = spec.groups
+    torch.manual_seed(0)
+    model = f()
+    keep = torch.tensor([1, 4, 6])
+    compact = spec.gather(model.state_dict(), Mask({g.name: keep}))
+    assert compact["2.weight"].shape == (3,) and "2.running_mean" not in compact
+    x = torch.randn(10, 6)
+    with torch.no_grad():
+        h = model[2](model[1](x))[:, keep].relu()  # BatchNorm of the full layer, then keep the units
+        want = h @ model[4].weight[:, keep].T + model[4].bias
+        got = spec.build(compact, Mask({g.name: keep}))(x)
+    torch.testing.assert_close(got, want)
+
+
+def test_a_single_row_batch_is_skipped_with_batchnorm1d():
+    """10 rows in batches of 3: the trailing batch of one row cannot be normalised; the
+    node skips it (3 steps per epoch, not 4) instead of failing."""
+    from torch.utils.data import TensorDataset
+
+    from fl_subnet.clients.train import TrainConfig, train_local
+    from fl_subnet.models import MLP
+
+    data = TensorDataset(torch.randn(10, 6), torch.randint(0, 3, (10,)))
+    steps = []
+    n, loss = train_local(MLP(6, [8], 3, norm=True), data, TrainConfig(local_steps=0, local_epochs=1, batch_size=3),
+                          before_step=steps.append)
+    assert n == 10 and steps == [0, 1, 2] and loss == loss
+    steps.clear()
+    train_local(MLP(6, [8], 3), data, TrainConfig(local_steps=0, local_epochs=1, batch_size=3), before_step=steps.append)
+    assert steps == [0, 1, 2, 3]  # without BatchNorm1d every batch counts

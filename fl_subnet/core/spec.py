@@ -238,7 +238,8 @@ def _real_example(example: Example, seed: int) -> Example:
 
 
 def default_example(model: nn.Module) -> torch.Tensor:
-    """``(1, in_features)`` for a model whose first ruled layer is an ``nn.Linear``.
+    """``(2, in_features)`` for a model whose first ruled layer is an ``nn.Linear`` (two
+    rows: a BatchNorm without running statistics normalises by the batch, even in eval).
 
     Raises
     ------
@@ -247,7 +248,7 @@ def default_example(model: nn.Module) -> torch.Tensor:
     """
     for m in model.modules():
         if isinstance(m, nn.Linear):
-            return torch.zeros(1, m.in_features, device="meta")
+            return torch.zeros(2, m.in_features, device="meta")
         if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding, nn.MultiheadAttention)):
             break
     raise ValueError(f"pass example_input= (one input batch) to analyze {type(model).__name__}")

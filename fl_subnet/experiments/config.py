@@ -34,7 +34,7 @@ ImageDataset = Literal["digits", "mnist", "fashion-mnist", "cifar10"]
 Dataset = Literal[ImageDataset, "synthetic-regression", "synthetic-sequence"]
 Partitioning = Literal["iid", "dirichlet", "pathological"]
 ConvModel = Literal["cnn", "cnn-bn", "resnet"]
-Model = Literal["mlp", "shallow-relu", ConvModel, "transformer"]
+Model = Literal["mlp", "mlp-bn", "shallow-relu", ConvModel, "transformer"]
 DataScope = Literal["local", "all"]
 LossChoice = Literal["auto", "cross-entropy", "mse"]
 BatchNormPolicy = Literal["averaged", "static"]
@@ -226,7 +226,8 @@ class RunConfig:
     num_samples: Int(1, 10_000_000, "Training rows of the synthetic data sets.") = 1000
     input_dim: Int(1, 100_000, "Input dimension (synthetic-regression) or sequence length "
                                "(synthetic-sequence).") = 20
-    model: Choice(Model, "``mlp``/``shallow-relu`` (any data set, flat features); ``cnn`` (Flower's template "
+    model: Choice(Model, "``mlp``/``shallow-relu`` (any data set, flat features); ``mlp-bn``: the MLP with a "
+                         "BatchNorm without running statistics after every hidden layer (IST's code); ``cnn`` (Flower's template "
                          "CNN), ``cnn-bn`` (CNN with BatchNorm), ``resnet`` (small pre-activation ResNet) on "
                          "image data sets, read as ``(C, H, W)`` images; ``transformer`` (encoder with "
                          "``nn.MultiheadAttention``) on ``synthetic-sequence``.") = "mlp"

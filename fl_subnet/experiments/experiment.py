@@ -57,8 +57,9 @@ def as_model_input(cfg: RunConfig, x: torch.Tensor) -> torch.Tensor:
 
 
 def example_input(cfg: RunConfig) -> torch.Tensor:
-    """A one-row input batch of the right shape and dtype (for the analysis)."""
-    return as_model_input(cfg, torch.zeros(1, data_dims(cfg)[0]))
+    """A two-row input batch of the right shape and dtype (for the analysis: a BatchNorm
+    without running statistics, as in ``mlp-bn``, needs more than one row)."""
+    return as_model_input(cfg, torch.zeros(2, data_dims(cfg)[0]))
 
 
 def data_kwargs(cfg: RunConfig) -> dict[str, int]:

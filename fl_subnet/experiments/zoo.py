@@ -34,4 +34,4 @@ def model_factory(cfg: RunConfig, d_in: int | tuple[int, ...], d_out: int) -> Ca
     widths = cfg.hidden_widths()
     if cfg.model == "shallow-relu":
         return functools.partial(ShallowReLU, d_in, widths[0], d_out, cfg.seed)
-    return functools.partial(MLP, d_in, widths, d_out)
+    return functools.partial(MLP, d_in, widths, d_out, norm=cfg.model == "mlp-bn")

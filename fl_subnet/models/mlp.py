@@ -77,12 +77,17 @@ class MLP(nn.Sequential):
         Hidden widths, one unit group each.
     d_out : int
         Output features (classes).
+    norm : bool
+        ``Linear → BatchNorm1d → ReLU`` in every hidden layer, the BatchNorm without
+        running statistics (it always normalises by the batch's): IST's reference code
+        (Yuan et al., VLDB 2022), where it makes the reassembled full model's pre-
+        activations independent of how many sub-networks contributed to them.
     """
 
-    def __init__(self, d_in: int, hidden: Sequence[int], d_out: int) -> None:
+    def __init__(self, d_in: int, hidden: Sequence[int], d_out: int, norm: bool = False) -> None:
         layers: list[nn.Module] = [nn.Flatten()]
         widths = [d_in, *hidden]
         for a, b in zip(widths, widths[1:]):
-            layers += [nn.Linear(a, b), nn.ReLU()]
+            layers += [nn.Linear(a, b), *([nn.BatchNorm1d(b, track_running_stats=False)] if norm else []), nn.ReLU()]
         layers.append(nn.Linear(widths[-1], d_out))
         super().__init__(*layers)
