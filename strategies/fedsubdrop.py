@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from fl_subnet.core.coverage import EvenCoverageSampler
 from fl_subnet.core.samplers import BernoulliSampler
+
+DROPOUT_SAMPLINGS = ("bernoulli", "even")
 
 from .base import SubnetStrategy
 
@@ -25,15 +28,24 @@ class FederatedDropout(SubnetStrategy):
     scale : bool
         Inverted-dropout 1/ξ scaling (default True; Caldas et al. evaluate the full
         model, which the scaling keeps consistent).
+    sampling : {"bernoulli", "even"}
+        ``bernoulli``: each unit kept independently per node (Binomial(size, ξ) units);
+        ``even``: FedEcover's even coverage (ICDE 2025; :class:`EvenCoverageSampler`):
+        ⌈ξ·size⌉ units per node, dealt without replacement across the round's nodes.
+        FedEcover's server step size is ``server_optimizer=MaskedFedAvgM(η, 0.0)``.
     **kwargs
         :class:`SubnetStrategy` / Flower FedAvg options (``fraction_train``, ...).
 
     Raises
     ------
     ValueError
-        If ``keep_prob`` is outside (0, 1] (names ``keep-prob``).
+        If ``keep_prob`` is outside (0, 1] (names ``keep-prob``) or ``sampling`` is
+        unknown (names ``dropout-sampling``).
     """
 
-    def __init__(self, model_factory, keep_prob: float, *, scale: bool = True, seed: int = 0, **kwargs):
-        super().__init__(model_factory, BernoulliSampler(keep_prob, scale=scale, seed=seed),
-                         seed=seed, **kwargs)
+    def __init__(self, model_factory, keep_prob: float, *, scale: bool = True, seed: int = 0,
+                 sampling: str = "bernoulli", **kwargs):
+        if sampling not in DROPOUT_SAMPLINGS:
+            raise ValueError(f"dropout-sampling must be one of {DROPOUT_SAMPLINGS}, got {sampling!r}")
+        cls = BernoulliSampler if sampling == "bernoulli" else EvenCoverageSampler
+        super().__init__(model_factory, cls(keep_prob, scale=scale, seed=seed), seed=seed, **kwargs)

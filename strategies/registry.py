@@ -47,7 +47,7 @@ def build_strategy(cfg: RunConfig, model_factory: Callable[[], nn.Module], *, ex
     if cfg.strategy == "fedavg":
         return SubnetFedAvg(model_factory, local_steps=steps, fraction_train=cfg.fraction_train, **common)
     if cfg.strategy == "federated-dropout":
-        return FederatedDropout(model_factory, cfg.keep_prob, local_steps=steps,
+        return FederatedDropout(model_factory, cfg.keep_prob, local_steps=steps, sampling=cfg.dropout_sampling,
                                 fraction_train=cfg.fraction_train, **common)
     if cfg.strategy == "ist":
         return IST(model_factory, cfg.num_subnets, local_steps=max(steps, 1),

@@ -53,6 +53,7 @@ KEY_CASES = [
     ("node-wait-timeout-inf", "node-wait-timeout = inf", "node-wait-timeout"),
     ("median-with-zeroed-units", 'aggregation = "median"\nuntouched = "zero"', "aggregation"),
     ("server-optimizer-unknown", 'server-optimizer = "adam"', "server-optimizer"),
+    ("dropout-sampling-unknown", 'dropout-sampling = "uniform"', "dropout-sampling"),
     ("server-lr-negative", "server-lr = -0.1", "server-lr"),
     ("server-momentum-one", "server-momentum = 1.0", "server-momentum"),
     ("fjord-widths-zero", 'fjord-widths = "0,0.5,1"', "fjord-widths"),

@@ -43,6 +43,7 @@ PartitionMode = Literal["equal", "iid"]
 Untouched = Literal["keep", "zero"]
 Aggregation = Literal["mean", "median", "trimmed-mean"]  # = strategies.base.AGGREGATIONS (tested)
 ScreenMode = Literal["reject", "clip"]  # = fl_subnet.core.robust.SCREEN_MODES (tested)
+DropoutSampling = Literal["bernoulli", "even"]  # = strategies.fedsubdrop.DROPOUT_SAMPLINGS (tested)
 ServerOptimizer = Literal["none", "fedavgm", "fedadam", "fedyogi", "fedadagrad"]  # core.server_opt (tested)
 
 STRATEGIES: tuple[str, ...] = get_args(Strategy)
@@ -269,6 +270,9 @@ class RunConfig:
     max_num_examples: Int(0, 10**12, "Cap on a reply's self-reported ``num-examples`` weight; 0: no cap.") = 0
     max_failed_rounds: Int(0, 100_000, "Stop the run after this many consecutive rounds without a valid "
                                        "reply; 0: never.") = 3
+    dropout_sampling: Choice(DropoutSampling, "Federated dropout's masks: ``bernoulli`` (each unit kept "
+                                              "independently per node) or ``even`` (FedEcover: ⌈ξ·size⌉ units per "
+                                              "node, dealt without replacement across the round's nodes).") = "bernoulli"
     server_optimizer: Choice(ServerOptimizer, "Server optimizer on the masked pseudo-gradient (Reddi et al. "
                                               "2021; :mod:`fl_subnet.core.server_opt`): entries no node held keep "
                                               "their value and optimizer state; ``none``: the aggregate itself "
