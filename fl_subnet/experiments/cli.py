@@ -253,6 +253,32 @@ def _extract_command(args) -> int:
     return 0
 
 
+def _write_frontier(base: Path, files: list[str], summaries: list[dict], reference: str | None,
+                    margin: float) -> None:
+    """Mean curves over the seeds of each scenario, the bytes-to-target table, the plot."""
+    from .frontier import curves_json, frontier_table, mean_curve, plot_frontier, table_markdown
+    from .results import load_rows
+
+    curves = []
+    for f in files:
+        stem = Path(f).stem
+        runs = [load_rows(s["out-dir"]) for s in summaries if Path(s["out-dir"]).name.startswith(f"{stem}-seed")]
+        if runs:
+            curves.append(mean_curve(stem, runs))
+    ref = Path(reference).stem if reference else curves[0].label
+    if ref not in [c.label for c in curves]:
+        _error(f"--reference {reference!r} is not one of the scenarios run ({', '.join(c.label for c in curves)})")
+        return
+    rows = frontier_table(curves, ref, margin)
+    (base / "frontier.json").write_text(json.dumps(curves_json(curves, rows), indent=1))
+    text = table_markdown(rows, ref, margin)
+    (base / "frontier.md").write_text(text)
+    plot = plot_frontier(curves, base / "frontier.png", title=f"accuracy against bytes ({curves[0].seeds} seeds)",
+                         target=rows[0]["target"])
+    console.print(text)
+    console.print(f"frontier plot: {plot}")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``fl-subnet`` command; returns the exit status."""
     parser = argparse.ArgumentParser(prog="fl-subnet", description=__doc__.split("\n\n")[0])
@@ -267,13 +293,20 @@ def main(argv: list[str] | None = None) -> int:
     p_sw.add_argument("scenario")
     p_sw.add_argument("--vary", required=True, metavar="KEY=V1,V2,...",
                       help="the key and its values, e.g. num-subnets=1,2,4,8")
+    p_fr = sub.add_parser("frontier", help="run scenarios with several seeds; accuracy against MB (mean, spread) "
+                                           "and the MB each needs to reach the reference's final accuracy")
+    p_fr.add_argument("scenarios", nargs="+")
+    p_fr.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
+    p_fr.add_argument("--reference", help="scenario whose final mean accuracy sets the target (default: the first)")
+    p_fr.add_argument("--margin", type=float, default=0.01, help="target = reference's final accuracy - margin "
+                      "(default 0.01: one point)")
     p_ex = sub.add_parser("extract", help="cut a capacity tier (nested-prefix sub-model) out of a run's model")
     p_ex.add_argument("run_dir", metavar="RUN_DIR", help="a run folder holding model.safetensors")
     p_ex.add_argument("--capacity", type=float, required=True, help="the tier's width r in (0, 1]")
     p_ex.add_argument("--out", help="the file to write (default RUN_DIR/tier-<r>.safetensors)")
     p_ex.add_argument("--scale", action="store_true", help="keep HeteroFL's training-time 1/r scaler")
     p_ex.add_argument("-v", "--verbose", action="store_true", help="show fl-subnet's logs")
-    for p in (p_run, p_cmp, p_sw):
+    for p in (p_run, p_cmp, p_sw, p_fr):
         p.add_argument("--rounds", type=int, help="override num-server-rounds")
         p.add_argument("--out", help="output folder (default runs/<name>)")
         p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override run-config keys")
@@ -284,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # Validate every scenario first: a bad one fails in well under a second, before
     # Flower's logging, data loading or model building.
-    files = args.scenarios if args.command == "compare" else [args.scenario]
+    files = args.scenarios if args.command in ("compare", "frontier") else [args.scenario]
     resume = getattr(args, "resume", None)
     if args.command == "run" and (resume is None) == (args.scenario is None):
         _error("run takes a scenario file or --resume DIR (one of the two)")
@@ -323,6 +356,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "sweep":
         stem = Path(files[0]).stem
         planned = [(f"{stem}-{key}-{v}", files[0], {key: v}, f"{key}={v}: ") for v in sweep_values]
+    elif args.command == "frontier":
+        try:
+            seeds = [int(v) for v in args.seeds.split(",") if v.strip()]
+            if not seeds:
+                raise ValueError
+        except ValueError:
+            _error(f"--seeds expects comma-separated integers, got {args.seeds!r}")
+            return 2
+        planned = [(f"{Path(f).stem}-seed{sd}", f, {"seed": sd}, f"seed={sd}: ") for f in files for sd in seeds]
     else:
         planned = [(Path(f).stem, f, {}, "") for f in files]
     scenarios, good_values, invalid, seen = [], [], 0, set()
@@ -352,7 +394,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from .experiment import RunFailed  # after validation: torch and Flower are loaded by now
 
-    default = {"run": scenarios[0][0], "compare": "compare", "sweep": Path(files[0]).stem + "-sweep"}
+    default = {"run": scenarios[0][0], "compare": "compare", "sweep": Path(files[0]).stem + "-sweep",
+               "frontier": "frontier"}
     base = Path(args.out or (Path("runs") / default[args.command]))
     summaries, ran_values, failed = [], [], 0
     try:
@@ -381,6 +424,8 @@ def main(argv: list[str] | None = None) -> int:
         for v, (label, floor) in zip(ran_values, result["floors"].items()):
             console.print(f"{key} = {v}: loss floor {floor:.4g}")
         console.print(f"plots: {base / 'sweep-loss.png'}, {base / 'sweep-floor.png'}")
+    if args.command == "frontier":
+        _write_frontier(base, files, summaries, args.reference, args.margin)
     if args.command == "compare":
         from .plots import plot_runs, plot_tiers
         from .results import load_rows
