@@ -7,6 +7,7 @@ from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
 
 from fl_subnet.clients.train import TrainConfig
+from fl_subnet.core.batchnorm import batchnorm_layers
 from fl_subnet.core.fold import fold_output_scales
 from fl_subnet.core.samplers import PartitionSampler
 
@@ -76,6 +77,12 @@ class IST(SubnetStrategy):
 
         self.scaling = scaling
         if scaling == "eval":  # refuse now a model whose scale cannot be folded
+            with torch.device("meta"):
+                bn = batchnorm_layers(self.model_factory())
+            if bn:
+                raise ValueError(f"ist-scaling 'eval' cannot be used with BatchNorm layers ({len(bn)} × {type(bn[0]).__name__}): they "
+                                 "normalise the folded scale away and their statistics were not taken under it; "
+                                 "use ist-scaling 'none' or 'p'")
             self.deployed_state({k: v for k, v in self._meta_state().items()})
 
     def _meta_state(self) -> dict:

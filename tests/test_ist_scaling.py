@@ -127,3 +127,12 @@ def test_a_single_row_batch_is_skipped_with_batchnorm1d():
     steps.clear()
     train_local(MLP(6, [8], 3), data, TrainConfig(local_steps=0, local_epochs=1, batch_size=3), before_step=steps.append)
     assert steps == [0, 1, 2, 3]  # without BatchNorm1d every batch counts
+
+
+def test_eval_scaling_refuses_batchnorm_models():
+    """The folded 1/p would be normalised away by the BatchNorm (and its statistics were
+    not taken under it): measured on digits with the CNN+BN, accuracy fell to 0.20."""
+    from fl_subnet.models import CNNBN
+
+    with pytest.raises(ValueError, match=r"ist-scaling 'eval' cannot be used with BatchNorm layers \(3 × BatchNorm2d"):
+        IST(functools.partial(CNNBN, 1, 10), 2, scaling="eval", example_input=torch.zeros(2, 1, 8, 8))
