@@ -374,7 +374,7 @@ def capacity_tiers(strategy) -> tuple[float, ...]:
     strategy without tiers."""
     tiers = [float(t) for t in getattr(strategy, "capacity_tiers", ()) or ()]
     if tiers:  # nodes that declared `capacity` in their node config (SubnetStrategy.capacity_of)
-        tiers += [float(c) for c in getattr(strategy, "_capacity", {}).values()]
+        tiers += [float(c) for c in getattr(strategy, "declared_capacities", {}).values()]
     core = getattr(strategy, "core_fraction", None)
     if core is not None:
         tiers.append(float(core))

@@ -21,11 +21,12 @@ from fl_subnet.core.batchnorm import batchnorm_layers, check_policy, recompute_b
 from fl_subnet.core.spec import analyze
 from fl_subnet.core.masks import Mask, coverage
 from fl_subnet.wire import BATCHNORM_KEY, arrays_to_state, example_to_config, mask_to_config, state_to_arrays
-from fl_subnet.core.samplers import MaskSampler, generator_for
+from fl_subnet.core.samplers import MaskSampler
 
 from fl_subnet.core.server_opt import MaskedServerOptimizer
 
 from .compose import check_composition, refuse_dp_wrapper, server_optimizer_of
+from .nodes import NodeSampling, NotEnoughNodes  # noqa: F401  (NotEnoughNodes: part of this module's API)
 from .replies import ReplyError, parse_reply, payload_bytes
 
 log = logging.getLogger(__name__)
@@ -41,11 +42,7 @@ class TrainingStalled(RuntimeError):
     """No node produced a valid train reply for ``max_failed_rounds`` consecutive rounds."""
 
 
-class NotEnoughNodes(RuntimeError):
-    """Fewer nodes connected than a round needs, for longer than ``node_wait_timeout``."""
-
-
-class SubnetStrategy(FedAvg):
+class SubnetStrategy(NodeSampling, FedAvg):
     """Flower strategy that trains a model through per-node sub-models.
 
     Each server round it samples nodes, gives node slot ``i`` the mask
@@ -234,11 +231,8 @@ class SubnetStrategy(FedAvg):
         self.query_timeout = 600.0
         self.node_wait_timeout = float(node_wait_timeout)
         self.round_offset = 0
-        self._rank: dict[int, int] = {}
-        self._capacity: dict[int, float] = {}  # capacities the nodes declared (node config "capacity")
-        self._order: list[int] = []
+        self._init_nodes()
         self.capacity_tiers: tuple[float, ...] = ()
-        self._unranked: set[int] = set()
         self._sent: dict[int, Mask] = {}
         self._out: dict[int, Message] = {}
         self._state: dict[str, torch.Tensor] = {}
@@ -321,92 +315,6 @@ class SubnetStrategy(FedAvg):
         ``state`` itself unless the protocol scales the full model at evaluation (IST with
         ``scaling="eval"``)."""
         return state
-
-    # ------------------------------------------------------------------ sampling
-    def order_nodes(self, grid: Grid, nodes: list[int]) -> list[int]:
-        """``nodes`` sorted by reported ``partition-id`` (asked once per node), then id."""
-        unknown = [n for n in nodes if n not in self._rank and n not in self._unranked]
-        if unknown and self.order_by_partition:
-            ask = RecordDict({self.configrecord_key: ConfigRecord({"fl-subnet-query": "partition-id"})})
-            replies = grid.send_and_receive(
-                [Message(content=ask, message_type=MessageType.QUERY, dst_node_id=n) for n in unknown],
-                timeout=self.query_timeout)
-            for msg in replies:
-                pid = cap = None
-                if not msg.has_error():
-                    for record in msg.content.metric_records.values():
-                        pid = record.get("partition-id", pid)
-                        cap = record.get("capacity", cap)
-                if isinstance(pid, int) and not isinstance(pid, bool):
-                    self._rank[msg.metadata.src_node_id] = pid
-                if isinstance(cap, (int, float)) and not isinstance(cap, bool) and 0 < cap <= 1:
-                    self._capacity[msg.metadata.src_node_id] = float(cap)
-            self._unranked.update(n for n in unknown if n not in self._rank)  # asked once only
-            log.info("order_nodes: %d of %d nodes reported a partition-id%s",
-                     sum(n in self._rank for n in nodes), len(nodes),
-                     "" if all(n in self._rank for n in nodes) else
-                     " (the others are ordered by node id; a ClientApp without fl-subnet's query "
-                     "handler cannot answer: leave order_by_partition off)")
-        big = 1 << 62
-        return sorted(nodes, key=lambda n: (self._rank.get(n, big), n))
-
-    def sample_train_nodes(self, server_round: int, grid: Grid) -> list[int]:
-        """Deterministic node sample: ordered nodes (:meth:`order_nodes`), permuted by (seed, round)."""
-        wanted = self.num_train_nodes
-        if wanted is None:
-            n = int(len(list(grid.get_node_ids())) * self.fraction_train)
-            wanted = max(n, self.min_train_nodes)
-        need = max(self.min_available_nodes, wanted)
-        nodes = self.wait_for_nodes(grid, need)
-        nodes = self.order_nodes(grid, nodes)
-        self._order = nodes
-        order = torch.randperm(len(nodes), generator=generator_for(self.seed, server_round, -2))
-        return [nodes[i] for i in order[:wanted].tolist()]
-
-    def capacity_of(self, node: int) -> float | None:
-        """The node's capacity: the one it declared (node config ``capacity``, reported to
-        the ordering query), else ``capacity_tiers[i mod len]`` for its position ``i`` in the
-        ordered node list (a simulation's distribution of tiers), else None (the sampler's
-        default)."""
-        if node in self._capacity:
-            return self._capacity[node]
-        if self.capacity_tiers and node in self._order:
-            return self.capacity_tiers[self._order.index(node) % len(self.capacity_tiers)]
-        return None
-
-    def wait_for_nodes(self, grid: Grid, need: int) -> list[int]:
-        """The connected node ids once at least ``need`` are connected.
-
-        Logs once what it waits for (and every 30 s), and gives up after
-        :attr:`node_wait_timeout` seconds.
-
-        Raises
-        ------
-        NotEnoughNodes
-            Naming the number of nodes needed and connected, after the timeout.
-        """
-        t0 = last = time.monotonic()
-        nodes = sorted(grid.get_node_ids())
-        if len(nodes) < need:
-            log.warning("%s needs %d nodes per round (%s); %d connected: waiting up to %.0f s "
-                        "(node-wait-timeout)", type(self).__name__, need, self._need_reason(), len(nodes),
-                        self.node_wait_timeout)
-        while len(nodes) < need:
-            now = time.monotonic()
-            if now - t0 >= self.node_wait_timeout:
-                raise NotEnoughNodes(
-                    f"{type(self).__name__} needs {need} nodes per round ({self._need_reason()}) but only "
-                    f"{len(nodes)} connected within {self.node_wait_timeout:.0f} s: start more SuperNodes, "
-                    f"raise options.num-supernodes of the simulation, or lower the requirement")
-            if now - last >= 30:
-                log.info("still waiting for nodes: %d of %d connected", len(nodes), need)
-                last = now
-            time.sleep(min(1.0, max(0.0, self.node_wait_timeout - (now - t0))))
-            nodes = sorted(grid.get_node_ids())
-        return nodes
-
-    def _need_reason(self) -> str:
-        return f"min_available_nodes={self.min_available_nodes}"
 
     # ------------------------------------------------------------------ training
     def configure_train(

@@ -1,0 +1,132 @@
+"""Which nodes train in a round, in which order, and with which capacity.
+
+A mixin of :class:`~strategies.base.SubnetStrategy` (not a Flower strategy itself): Flower
+node ids are random per run, so nodes are ordered by the ``partition-id`` they report to a
+one-off QUERY (when ``order_by_partition``), which makes the same seed pair the same data
+with the same mask in a simulation, a deployment and in-process; the same query learns a
+node's declared ``capacity`` (node config) for the width-heterogeneous protocols.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+
+from fl_subnet.core.samplers import generator_for
+
+log = logging.getLogger(__name__)
+
+
+class NotEnoughNodes(RuntimeError):
+    """Fewer nodes connected than a round needs, for longer than ``node_wait_timeout``."""
+
+
+class NodeSampling:
+    """Node ordering, sampling, capacities and the wait for enough nodes.
+
+    Expects the attributes :class:`~strategies.base.SubnetStrategy` sets:
+    ``order_by_partition``, ``query_timeout``, ``node_wait_timeout``, ``num_train_nodes``,
+    ``seed``, ``capacity_tiers``, ``configrecord_key`` and Flower's ``fraction_train``,
+    ``min_train_nodes``, ``min_available_nodes``.
+    """
+
+    def _init_nodes(self) -> None:
+        self._rank: dict[int, int] = {}
+        self._capacity: dict[int, float] = {}  # capacities the nodes declared (node config "capacity")
+        self._order: list[int] = []
+        self._unranked: set[int] = set()
+
+    @property
+    def declared_capacities(self) -> dict[int, float]:
+        """Node id → the capacity it declared in its node config (``capacity``)."""
+        return dict(self._capacity)
+
+    def order_nodes(self, grid: Grid, nodes: list[int]) -> list[int]:
+        """``nodes`` sorted by reported ``partition-id`` (asked once per node), then id."""
+        unknown = [n for n in nodes if n not in self._rank and n not in self._unranked]
+        if unknown and self.order_by_partition:
+            ask = RecordDict({self.configrecord_key: ConfigRecord({"fl-subnet-query": "partition-id"})})
+            replies = grid.send_and_receive(
+                [Message(content=ask, message_type=MessageType.QUERY, dst_node_id=n) for n in unknown],
+                timeout=self.query_timeout)
+            for msg in replies:
+                pid = cap = None
+                if not msg.has_error():
+                    for record in msg.content.metric_records.values():
+                        pid = record.get("partition-id", pid)
+                        cap = record.get("capacity", cap)
+                if isinstance(pid, int) and not isinstance(pid, bool):
+                    self._rank[msg.metadata.src_node_id] = pid
+                if isinstance(cap, (int, float)) and not isinstance(cap, bool) and 0 < cap <= 1:
+                    self._capacity[msg.metadata.src_node_id] = float(cap)
+            self._unranked.update(n for n in unknown if n not in self._rank)  # asked once only
+            log.info("order_nodes: %d of %d nodes reported a partition-id%s",
+                     sum(n in self._rank for n in nodes), len(nodes),
+                     "" if all(n in self._rank for n in nodes) else
+                     " (the others are ordered by node id; a ClientApp without fl-subnet's query "
+                     "handler cannot answer: leave order_by_partition off)")
+        big = 1 << 62
+        return sorted(nodes, key=lambda n: (self._rank.get(n, big), n))
+
+    def sample_train_nodes(self, server_round: int, grid: Grid) -> list[int]:
+        """Deterministic node sample: ordered nodes (:meth:`order_nodes`), permuted by (seed, round)."""
+        wanted = self.num_train_nodes
+        if wanted is None:
+            n = int(len(list(grid.get_node_ids())) * self.fraction_train)
+            wanted = max(n, self.min_train_nodes)
+        need = max(self.min_available_nodes, wanted)
+        nodes = self.wait_for_nodes(grid, need)
+        nodes = self.order_nodes(grid, nodes)
+        self._order = nodes
+        order = torch.randperm(len(nodes), generator=generator_for(self.seed, server_round, -2))
+        return [nodes[i] for i in order[:wanted].tolist()]
+
+    def capacity_of(self, node: int) -> float | None:
+        """The node's capacity: the one it declared (node config ``capacity``, reported to
+        the ordering query), else ``capacity_tiers[i mod len]`` for its position ``i`` in the
+        ordered node list (a simulation's distribution of tiers), else None (the sampler's
+        default)."""
+        if node in self._capacity:
+            return self._capacity[node]
+        if self.capacity_tiers and node in self._order:
+            return self.capacity_tiers[self._order.index(node) % len(self.capacity_tiers)]
+        return None
+
+    def wait_for_nodes(self, grid: Grid, need: int) -> list[int]:
+        """The connected node ids once at least ``need`` are connected.
+
+        Logs once what it waits for (and every 30 s), and gives up after
+        :attr:`node_wait_timeout` seconds.
+
+        Raises
+        ------
+        NotEnoughNodes
+            Naming the number of nodes needed and connected, after the timeout.
+        """
+        t0 = last = time.monotonic()
+        nodes = sorted(grid.get_node_ids())
+        if len(nodes) < need:
+            log.warning("%s needs %d nodes per round (%s); %d connected: waiting up to %.0f s "
+                        "(node-wait-timeout)", type(self).__name__, need, self._need_reason(), len(nodes),
+                        self.node_wait_timeout)
+        while len(nodes) < need:
+            now = time.monotonic()
+            if now - t0 >= self.node_wait_timeout:
+                raise NotEnoughNodes(
+                    f"{type(self).__name__} needs {need} nodes per round ({self._need_reason()}) but only "
+                    f"{len(nodes)} connected within {self.node_wait_timeout:.0f} s: start more SuperNodes, "
+                    f"raise options.num-supernodes of the simulation, or lower the requirement")
+            if now - last >= 30:
+                log.info("still waiting for nodes: %d of %d connected", len(nodes), need)
+                last = now
+            time.sleep(min(1.0, max(0.0, self.node_wait_timeout - (now - t0))))
+            nodes = sorted(grid.get_node_ids())
+        return nodes
+
+    def _need_reason(self) -> str:
+        return f"min_available_nodes={self.min_available_nodes}"
+
