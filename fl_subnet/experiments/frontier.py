@@ -116,6 +116,8 @@ def plot_frontier(curves: Sequence[Curve], path: str | Path, title: str = "", ta
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from .plots import save_figure
+
     fig, ax = plt.subplots(figsize=(8, 5.5), constrained_layout=True)
     for i, c in enumerate(curves):
         lo = [a - s for a, s in zip(c.acc, c.acc_std)]
@@ -129,12 +131,7 @@ def plot_frontier(curves: Sequence[Curve], path: str | Path, title: str = "", ta
     ax.set_ylabel("test accuracy (mean, ±1 std band)")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8, loc="lower right")
-    if title:
-        ax.set_title(title)
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, ax, path, title)
 
 
 def curves_json(curves: Sequence[Curve], rows: Sequence[Mapping[str, object]]) -> dict:

@@ -180,6 +180,13 @@ def plot_tiers(summaries: Sequence[Mapping[str, object]], path: str | Path, titl
     ax.set_ylim(0, 1.08)
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", ncol=len(bars))
+    return save_figure(fig, ax, path, title)
+
+
+def save_figure(fig, ax, path: str | Path, title: str = "") -> Path:
+    """Set ``ax``'s title (if any), write ``fig`` as a PNG at 110 dpi and close it."""
+    import matplotlib.pyplot as plt
+
     if title:
         ax.set_title(title)
     path = Path(path)
