@@ -304,7 +304,7 @@ class SubnetStrategy(NodeSampling, FedAvg):
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
         """Flower's federated evaluation of the full model as deployed (:meth:`deployed_state`)."""
-        state = arrays_to_state(arrays)
+        state = arrays_to_state(arrays, copy=False)  # read-only views: no copy when nothing changes
         deployed = self.deployed_state(state)
         if deployed is not state:
             arrays = state_to_arrays(deployed)

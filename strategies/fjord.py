@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from fl_subnet.core.samplers import NestedPrefixSampler, check_keep_prob
 from fl_subnet.wire import FJORD_WIDTHS, widths_to_config
 
-from .base import SubnetStrategy
+from .heterofl import CapacityStrategy
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +27,7 @@ def check_widths(widths: Sequence[float], key: str = "widths") -> tuple[float, .
     return out
 
 
-class FjORD(SubnetStrategy):
+class FjORD(CapacityStrategy):
     """FjORD (Horváth, Laskaridis, Almeida, Leontiadis, Venieris & Lane, "FjORD: Fair and
     Accurate Federated Learning under heterogeneous targets with Ordered Dropout",
     NeurIPS 2021).
@@ -65,18 +65,15 @@ class FjORD(SubnetStrategy):
     """
 
     def __init__(self, model_factory, capacity_tiers: Sequence[float] = (1.0,),
-                 widths: Sequence[float] = DEFAULT_WIDTHS, *, seed: int = 0, order_by_partition: bool = True,
-                 **kwargs):
+                 widths: Sequence[float] = DEFAULT_WIDTHS, *, seed: int = 0, **kwargs):
         self.widths = check_widths(widths)
-        sampler = NestedPrefixSampler(1.0, scale=False, seed=seed)
         kwargs.setdefault("weighted", True)
-        super().__init__(model_factory, sampler, seed=seed, order_by_partition=order_by_partition, **kwargs)
-        tiers = tuple(sampler.capacities(len(capacity_tiers), capacity_tiers))
-        for r in tiers:
+        super().__init__(model_factory, NestedPrefixSampler(1.0, scale=False, seed=seed), capacity_tiers,
+                         seed=seed, **kwargs)
+        for r in self.capacity_tiers:
             if r < self.widths[0]:
                 raise ValueError(f"capacity tier {r} is below FjORD's smallest width {self.widths[0]}: "
                                  f"no sub-model of widths {self.widths} fits it")
-        self.capacity_tiers = tiers
 
     def max_width(self, capacity: float | None) -> float:
         """``p_max``: the largest width ≤ ``capacity`` (None: 1.0). A declared capacity

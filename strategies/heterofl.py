@@ -5,12 +5,30 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from fl_subnet.core.samplers import NestedPrefixSampler, RollingWindowSampler
+from fl_subnet.core.samplers import CapacitySampler, NestedPrefixSampler, RollingWindowSampler
 
 from .base import SubnetStrategy
 
 
-class HeteroFL(SubnetStrategy):
+class CapacityStrategy(SubnetStrategy):
+    """Base of the width-heterogeneous protocols (HeteroFL, FedRolex, FjORD): a
+    :class:`~fl_subnet.core.samplers.CapacitySampler` draws each node's mask from its
+    capacity (declared in its node config, else ``capacity_tiers`` by node order), and
+    nodes are ordered by partition-id (the query that also learns declared capacities).
+
+    Raises
+    ------
+    ValueError
+        If a tier is outside (0, 1] (naming ``capacity``).
+    """
+
+    def __init__(self, model_factory, sampler: CapacitySampler, capacity_tiers: Sequence[float] = (1.0,), *,
+                 order_by_partition: bool = True, **kwargs):
+        super().__init__(model_factory, sampler, order_by_partition=order_by_partition, **kwargs)
+        self.capacity_tiers = tuple(sampler.capacities(len(capacity_tiers), capacity_tiers))
+
+
+class HeteroFL(CapacityStrategy):
     """HeteroFL (Diao, Ding & Tarokh, ICLR 2021): a node of capacity ``r`` trains the
     first ``⌈r·size⌉`` units of every group (nested sub-models), its kept outputs scaled
     by ``1/r`` while training (§3.2 "scaler"); the server averages each entry over the
@@ -38,14 +56,13 @@ class HeteroFL(SubnetStrategy):
     """
 
     def __init__(self, model_factory, capacity_tiers: Sequence[float] = (1.0,), *, scale: bool = True,
-                 seed: int = 0, order_by_partition: bool = True, **kwargs):
-        sampler = NestedPrefixSampler(1.0, scale=scale, seed=seed)
+                 seed: int = 0, **kwargs):
         kwargs.setdefault("weighted", False)
-        super().__init__(model_factory, sampler, seed=seed, order_by_partition=order_by_partition, **kwargs)
-        self.capacity_tiers = tuple(sampler.capacities(len(capacity_tiers), capacity_tiers))
+        super().__init__(model_factory, NestedPrefixSampler(1.0, scale=scale, seed=seed), capacity_tiers,
+                         seed=seed, **kwargs)
 
 
-class FedRolex(SubnetStrategy):
+class FedRolex(CapacityStrategy):
     """FedRolex (Alam et al., NeurIPS 2022): a node of capacity ``r`` trains a window of
     ``⌈r·size⌉`` units of every group that rolls by one unit per server round (Eq. 3), so
     every unit is trained as often as every other; the server averages each entry over the
@@ -56,8 +73,7 @@ class FedRolex(SubnetStrategy):
     """
 
     def __init__(self, model_factory, capacity_tiers: Sequence[float] = (1.0,), *, scale: bool = False,
-                 seed: int = 0, order_by_partition: bool = True, **kwargs):
-        sampler = RollingWindowSampler(1.0, scale=scale, seed=seed)
+                 seed: int = 0, **kwargs):
         kwargs.setdefault("weighted", False)
-        super().__init__(model_factory, sampler, seed=seed, order_by_partition=order_by_partition, **kwargs)
-        self.capacity_tiers = tuple(sampler.capacities(len(capacity_tiers), capacity_tiers))
+        super().__init__(model_factory, RollingWindowSampler(1.0, scale=scale, seed=seed), capacity_tiers,
+                         seed=seed, **kwargs)

@@ -78,16 +78,13 @@ class IST(SubnetStrategy):
         self.scaling = scaling
         if scaling == "eval":  # refuse now a model whose scale cannot be folded
             with torch.device("meta"):
-                bn = batchnorm_layers(self.model_factory())
+                model = self.model_factory()
+            bn = batchnorm_layers(model)
             if bn:
                 raise ValueError(f"ist-scaling 'eval' cannot be used with BatchNorm layers ({len(bn)} × {type(bn[0]).__name__}): they "
                                  "normalise the folded scale away and their statistics were not taken under it; "
                                  "use ist-scaling 'none' or 'p'")
-            self.deployed_state({k: v for k, v in self._meta_state().items()})
-
-    def _meta_state(self) -> dict:
-        with torch.device("meta"):
-            return self.model_factory().state_dict()
+            self.deployed_state(model.state_dict())
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
         """:meth:`SubnetStrategy.configure_train`; with ``scaling="p-lr"`` the nodes' ``lr``

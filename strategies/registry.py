@@ -54,13 +54,11 @@ def build_strategy(cfg: RunConfig, model_factory: Callable[[], nn.Module], *, ex
                    partition_mode=cfg.partition_mode, scaling=cfg.ist_scaling,
                    fraction_train=cfg.fraction_train, **common)
     if cfg.strategy in ("heterofl", "fedrolex"):
-        tiers = tuple(float(t) for t in cfg.capacity_tiers.split(","))
         cls = HeteroFL if cfg.strategy == "heterofl" else FedRolex
-        return cls(model_factory, tiers, local_steps=steps, fraction_train=cfg.fraction_train, **common)
+        return cls(model_factory, cfg.tiers(), local_steps=steps, fraction_train=cfg.fraction_train, **common)
     if cfg.strategy == "fjord":  # nodes' max widths from the tiers
-        tiers = tuple(float(t) for t in cfg.capacity_tiers.split(","))
-        widths = tuple(float(w) for w in cfg.fjord_widths.split(","))
-        return FjORD(model_factory, tiers, widths, local_steps=steps, fraction_train=cfg.fraction_train, **common)
+        return FjORD(model_factory, cfg.tiers(), cfg.widths(), local_steps=steps, fraction_train=cfg.fraction_train,
+                     **common)
     if cfg.strategy == "dropout":
         return Dropout(model_factory, cfg.keep_prob, local_steps=steps, **common)
     if cfg.strategy == "multisample-dropout":

@@ -80,6 +80,7 @@ class MaskedAggregator:
         self._masks: list[Mask] = []
         self._kept: list[dict[str, list[tuple[int, torch.Tensor]]]] = []  # per reply: key -> (dim, positions)
         self._weights: list[float] = []
+        self._held: dict[str, torch.Tensor] | None = None  # set by finalize(), for held()
 
     @property
     def num_replies(self) -> int:
@@ -149,6 +150,7 @@ class MaskedAggregator:
         self._masks.append(mask)
         self._kept.append(kept)
         self._weights.append(w)
+        self._held = None
 
     def _sum_key(self, key: str) -> torch.Tensor:
         """Σ_c n_c · W_c[key] scattered into full size, over every added reply."""
@@ -219,6 +221,8 @@ class MaskedAggregator:
             Used by the masked server optimizers (:mod:`fl_subnet.core.server_opt`),
             which must move only held entries.
         """
+        if self._held is not None:  # finalize() already computed them
+            return dict(self._held)
         ones = torch.ones(len(self._weights), dtype=self.precision)
         return {key: self._denominator(key, full, ones) > 0
                 for key, full in self.state.items() if full.is_floating_point()}
@@ -230,6 +234,7 @@ class MaskedAggregator:
         weights = torch.tensor(self._weights, dtype=self.precision)
         float_keys = sorted((k for k, v in self.state.items() if v.is_floating_point()),
                             key=lambda k: -self.state[k].numel())
+        self._held = {}
         # Keys are independent: scatter them on a few threads (torch releases the GIL).
         with ThreadPoolExecutor(max_workers=min(_WORKERS, max(len(float_keys), 1))) as pool:
             sums = dict(zip(float_keys, pool.map(self._sum_key, float_keys)))
@@ -239,7 +244,7 @@ class MaskedAggregator:
                 out[key] = self._num.get(key, full).clone()  # nobody held it: unchanged
                 continue
             den = self._denominator(key, full, weights)
-            held = den > 0
+            held = self._held[key] = den > 0
             if self.denominator == "all":
                 total = weights.sum()
                 num = sums[key].to(torch.float64)

@@ -253,8 +253,8 @@ def _extract_command(args) -> int:
     return 0
 
 
-def _write_frontier(base: Path, files: list[str], summaries: list[dict], reference: str | None,
-                    margin: float) -> None:
+def _write_frontier(base: Path, files: list[str], seeds: list[int], summaries: list[dict],
+                    reference: str | None, margin: float) -> None:
     """Mean curves over the seeds of each scenario, the bytes-to-target table, the plot."""
     from .frontier import curves_json, frontier_table, mean_curve, plot_frontier, table_markdown
     from .results import load_rows
@@ -262,7 +262,8 @@ def _write_frontier(base: Path, files: list[str], summaries: list[dict], referen
     curves = []
     for f in files:
         stem = Path(f).stem
-        runs = [load_rows(s["out-dir"]) for s in summaries if Path(s["out-dir"]).name.startswith(f"{stem}-seed")]
+        names = {f"{stem}-seed{sd}" for sd in seeds}  # the run folders planned for this scenario
+        runs = [load_rows(s["out-dir"]) for s in summaries if Path(s["out-dir"]).name in names]
         if runs:
             curves.append(mean_curve(stem, runs))
     ref = Path(reference).stem if reference else curves[0].label
@@ -425,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
             console.print(f"{key} = {v}: loss floor {floor:.4g}")
         console.print(f"plots: {base / 'sweep-loss.png'}, {base / 'sweep-floor.png'}")
     if args.command == "frontier":
-        _write_frontier(base, files, summaries, args.reference, args.margin)
+        _write_frontier(base, files, seeds, summaries, args.reference, args.margin)
     if args.command == "compare":
         from .plots import plot_runs, plot_tiers
         from .results import load_rows

@@ -144,37 +144,38 @@ def _check_tiers(value: str) -> str:
     return value
 
 
-CapacityTiers = Annotated[
-    str, AfterValidator(_check_tiers),
-    _Allowed('a string of comma-separated capacities in (0, 1], e.g. "0.25,0.5,1.0"'),
-    Field(strict=True, description="HeteroFL/FedRolex: capacities of the nodes that declare none, by node "
-                                   "order (node i gets tier i mod len), e.g. ``\"0.25,0.5,1.0\"``."),
-]
+def Fractions(allowed: str, doc: str, check=_check_tiers):  # noqa: N802  (a type factory)
+    """A string key of comma-separated fractions in (0, 1] (``check`` may add rules);
+    ``allowed`` is what an error message says is allowed."""
+    return Annotated[str, AfterValidator(check), _Allowed(allowed), Field(strict=True, description=doc)]
 
 
-FjordWidths = Annotated[
-    str, AfterValidator(_check_tiers),
-    _Allowed('a string of comma-separated widths in (0, 1], e.g. "0.2,0.4,0.6,0.8,1.0"'),
-    Field(strict=True, description="FjORD: the discrete widths (FjORD's uniform grid by default); a node "
-                                   "trains, per batch, a width drawn from those at most its capacity."),
-]
+def fractions(value: str) -> tuple[float, ...]:
+    """A validated :func:`Fractions` value as floats, in the given order."""
+    return tuple(float(t) for t in value.split(","))
+
+
+CapacityTiers = Fractions('a string of comma-separated capacities in (0, 1], e.g. "0.25,0.5,1.0"',
+                          "HeteroFL/FedRolex/FjORD: capacities of the nodes that declare none, by node "
+                          "order (node i gets tier i mod len), e.g. ``\"0.25,0.5,1.0\"``.")
+FjordWidths = Fractions('a string of comma-separated widths in (0, 1], e.g. "0.2,0.4,0.6,0.8,1.0"',
+                        "FjORD: the discrete widths (FjORD's uniform grid by default); a node trains, per "
+                        "batch, a width drawn from those at most its capacity.")
 
 
 def _check_path_length(value: str) -> str:
     _check_tiers(value)
-    stages = [float(t) for t in value.split(",")]
+    stages = fractions(value)
     if any(b < a for a, b in zip(stages, stages[1:])):
         raise ValueError("decreasing path lengths")
     return value
 
 
-PathLength = Annotated[
-    str, AfterValidator(_check_path_length),
-    _Allowed('a string of comma-separated, non-decreasing fractions in (0, 1], e.g. "0.5" or "0.5,0.75,1.0"'),
-    Field(strict=True, description="random-path: fraction of the depth blocks each node keeps (⌈f·B⌉, the "
-                                   "first and last always); several values are RaPTr's progressive stages, "
-                                   "each over an equal share of the rounds, e.g. ``\"0.5,0.75,1.0\"``."),
-]
+PathLength = Fractions('a string of comma-separated, non-decreasing fractions in (0, 1], e.g. "0.5" or '
+                       '"0.5,0.75,1.0"',
+                       "random-path: fraction of the depth blocks each node keeps (⌈f·B⌉, the first and last "
+                       "always); several values are RaPTr's progressive stages, each over an equal share of the "
+                       "rounds, e.g. ``\"0.5,0.75,1.0\"``.", check=_check_path_length)
 HiddenWidths = Annotated[
     str, AfterValidator(_check_hidden),
     _Allowed(f"a string of comma-separated widths, each an integer in [1, {MAX_WIDTH}] "
@@ -362,9 +363,8 @@ class RunConfig:
                 raise ValueError(f"path-length has {len(self.path_lengths())} stages but num-server-rounds is "
                                  f"{self.num_server_rounds}: every stage needs at least one round")
         if self.strategy == "fjord":
-            widths = [float(w) for w in self.fjord_widths.split(",")]
-            low = min(float(t) for t in self.capacity_tiers.split(","))
-            if low < min(widths):
+            low = min(self.tiers())
+            if low < min(self.widths()):
                 raise ValueError(f"capacity-tiers ({self.capacity_tiers}) has a tier {low:g} below the smallest of "
                                  f"fjord-widths ({self.fjord_widths}): no FjORD sub-model fits it")
         rows = self.num_samples if info.train_rows is None else info.train_rows
@@ -379,7 +379,15 @@ class RunConfig:
 
     def path_lengths(self) -> list[float]:
         """``path-length`` as a list of fractions in (0, 1], one per RaPTr stage."""
-        return [float(f) for f in self.path_length.split(",")]
+        return list(fractions(self.path_length))
+
+    def tiers(self) -> tuple[float, ...]:
+        """``capacity-tiers`` as floats, in node order."""
+        return fractions(self.capacity_tiers)
+
+    def widths(self) -> tuple[float, ...]:
+        """``fjord-widths`` as floats."""
+        return fractions(self.fjord_widths)
 
     @property
     def loss_name(self) -> str:

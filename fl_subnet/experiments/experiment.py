@@ -203,7 +203,7 @@ class CentralEvaluation:
         if not tiers and self.cfg.capacity_tiers != "1.0":
             # a strategy without tiers (FedAvg, IST, dropout) in a run that names capacity tiers: report
             # the nested prefixes of its model too, the sub-models a small node would be given
-            tiers = tuple(sorted({float(t) for t in self.cfg.capacity_tiers.split(",")}))
+            tiers = tuple(sorted(set(self.cfg.tiers())))
         if not tiers:
             return {}
         calibration = _batches(self.train, self.cfg.batch_size) if self.cfg.batchnorm == "static" else None
