@@ -20,12 +20,16 @@ Layout of a checkpoint folder::
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+
+log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "checkpoint.json"
@@ -45,6 +49,36 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+_TEMPORARY = re.compile(r"^\.(?P<name>.+)\.[A-Za-z0-9_]{8}$")
+
+
+def remove_stale_temporaries(folder: str | Path) -> list[str]:
+    """Delete the temporary files a killed writer left in ``folder`` (names
+    ``.<file>.<8 random characters>``, as :func:`atomic_write_bytes` makes them).
+
+    A SIGKILL between ``mkstemp`` and ``os.replace`` cannot be cleaned up by the dying
+    process; the final files are still complete. Call this when a run (re)starts in a
+    folder, never while another writer uses it.
+
+    Returns
+    -------
+    list of str
+        The names removed.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for p in folder.iterdir():
+        if p.is_file() and _TEMPORARY.match(p.name):
+            p.unlink(missing_ok=True)
+            removed.append(p.name)
+    if removed:
+        log.info("removed %d temporary file(s) left by an interrupted run in %s: %s", len(removed), folder,
+                 ", ".join(sorted(removed)))
+    return removed
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

@@ -38,8 +38,16 @@ def run(out: Path, rounds: int, resume: bool = False, **over) -> None:
     recorder.finish(plot=False)
 
 
-def assert_files_valid(out: Path) -> None:
-    """Every file there is complete: JSON parses, CSV has the JSON's rows, the model loads."""
+def temporaries(out: Path) -> list[str]:
+    return [p.name for p in out.iterdir() if p.name.startswith(".")]
+
+
+def assert_files_valid(out: Path, killed: bool = False) -> None:
+    """Every file there is complete: JSON parses, CSV has the JSON's rows, the model loads.
+
+    A writer SIGKILLed between its temporary file and the rename leaves that temporary
+    behind (nothing can remove it as the process dies); ``killed`` allows those, and the
+    next run in the folder removes them."""
     rows = json.loads((out / "metrics.json").read_text()) if (out / "metrics.json").exists() else []
     if (out / "metrics.csv").exists():
         with open(out / "metrics.csv", newline="") as f:
@@ -47,7 +55,8 @@ def assert_files_valid(out: Path) -> None:
     if (out / "model.safetensors").exists():
         state, meta = load_checkpoint(out)
         assert meta["server-round"] <= max((r["server-round"] for r in rows), default=0)
-    assert not [p.name for p in out.iterdir() if p.name.startswith(".")], "temporary files left"
+    if not killed:
+        assert not temporaries(out), "temporary files left"
 
 
 @pytest.fixture(scope="module")
@@ -165,7 +174,7 @@ def test_sigkill_at_any_moment_then_resume(uninterrupted, tmp_path, after_rows, 
     time.sleep(delay)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
-    assert_files_valid(tmp_path)
+    assert_files_valid(tmp_path, killed=True)
     if (tmp_path / "model.safetensors").exists():
         run(tmp_path, 4, resume=True)
     else:  # killed before the first checkpoint: start again
@@ -173,6 +182,16 @@ def test_sigkill_at_any_moment_then_resume(uninterrupted, tmp_path, after_rows, 
     a, b = load_model(uninterrupted / "model.safetensors"), load_model(tmp_path / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert [r["server-round"] for r in json.loads(metrics.read_text())] == [0, 1, 2, 3, 4]
+    assert_files_valid(tmp_path)  # the restart removed what the kill left
+
+
+def test_a_restart_removes_the_temporaries_a_kill_left(tmp_path):
+    (tmp_path / ".model.safetensors.70d_t985").write_bytes(b"half a model")
+    (tmp_path / ".metrics.json.ab12cd34").write_text("[{")
+    (tmp_path / ".hidden-by-the-user").write_text("keep")
+    run(tmp_path, 1)
+    assert temporaries(tmp_path) == [".hidden-by-the-user"]
+    assert_files_valid(tmp_path, killed=True)
 
 
 def test_cli_resume_continues_to_the_same_model(uninterrupted, tmp_path):

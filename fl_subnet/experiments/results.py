@@ -17,7 +17,7 @@ import os
 import time
 from pathlib import Path
 
-from fl_subnet.checkpoint import atomic_write_text
+from fl_subnet.checkpoint import atomic_write_text, remove_stale_temporaries
 
 from .config import RunConfig
 
@@ -51,6 +51,7 @@ class RunRecorder:
     def __init__(self, out_dir: str | Path, cfg: RunConfig) -> None:
         self.out_dir = Path(out_dir).resolve()
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(self.out_dir)
         self.cfg = cfg
         self.rows: list[dict] = []
         atomic_write_text(self.out_dir / "config.json", json.dumps(config_dict(cfg), indent=2))
