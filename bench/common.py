@@ -1,0 +1,116 @@
+"""What every benchmark under ``bench/`` shares: timing, the machine, one JSON line per
+measurement.
+
+A measurement is one JSON object on its own line of stdout::
+
+    {"bench": "server_round", "setting": {...}, "metric": "seconds",
+     "median": 0.081, "spread": {"min": ..., "max": ..., "iqr": ...}, "reps": 5,
+     "fedavg_median": 0.092, "ratio": 0.88, "target": 1.0, "meets_target": true,
+     "machine": {...}}
+
+``ratio`` is ``median / fedavg_median``: Flower's FedAvg measured in the same run and
+process, interleaved with fl-subnet's repetitions, because these machines are noisy.
+``bench/run_all.py`` collects the lines of every script into ``bench/results.json``
+and a Markdown table.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+
+
+def machine() -> dict[str, object]:
+    """Where a number was measured: CPU, cores, Python, torch and Flower versions."""
+    import torch
+
+    try:
+        import flwr
+
+        flwr_version = flwr.__version__
+    except Exception:  # noqa: BLE001 — a benchmark without Flower still runs
+        flwr_version = None
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "python": platform.python_version(), "torch": torch.__version__, "flwr": flwr_version}
+
+
+def spread(values: Sequence[float]) -> dict[str, float]:
+    """Min, max and interquartile range of repeated measurements."""
+    values = sorted(values)
+    if len(values) >= 2:
+        q = statistics.quantiles(values, n=4, method="inclusive")
+        iqr = q[2] - q[0]
+    else:
+        iqr = 0.0
+    return {"min": values[0], "max": values[-1], "iqr": iqr}
+
+
+def timed(fn: Callable[[], object]) -> float:
+    """Seconds one call of ``fn`` takes (``time.perf_counter``)."""
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def interleaved(ours: Callable[[], object], fedavg: Callable[[], object], reps: int,
+                warmup: int = 1) -> tuple[list[float], list[float]]:
+    """Seconds of ``reps`` calls of each, alternating so that drift hits both alike,
+    after ``warmup`` untimed calls of each."""
+    for _ in range(warmup):
+        fedavg()
+        ours()
+    a, b = [], []
+    for _ in range(reps):
+        b.append(timed(fedavg))
+        a.append(timed(ours))
+    return a, b
+
+
+def record(bench: str, setting: Mapping[str, object], values: Sequence[float], metric: str = "seconds",
+           fedavg: Sequence[float] | float | None = None, target: float | None = None,
+           **extra: object) -> dict[str, object]:
+    """One measurement: median and spread of ``values``, and their ratio to FedAvg's.
+
+    Parameters
+    ----------
+    bench : str
+        The script's name (``server_round``, ``bytes``, ...).
+    setting : mapping
+        What was measured (model, replies, keep probability, ...).
+    values : sequence of float
+        The repeated measurements, in ``metric`` units (seconds, bytes, ...).
+    fedavg : sequence of float or float, optional
+        Flower's FedAvg in the same run (repetitions, or one value).
+    target : float, optional
+        The ratio the issue asks for (``ratio <= target``).
+    """
+    med = statistics.median(values)
+    out: dict[str, object] = {"bench": bench, "setting": dict(setting), "metric": metric, "median": med,
+                              "spread": spread(values), "reps": len(values)}
+    if fedavg is not None:
+        fa = statistics.median(fedavg) if isinstance(fedavg, Sequence) else float(fedavg)
+        out["fedavg_median"] = fa
+        out["ratio"] = med / fa if fa else float("nan")
+        if target is not None:
+            out["target"] = target
+            out["meets_target"] = bool(out["ratio"] <= target)
+    out.update(extra)
+    out["machine"] = machine()
+    return out
+
+
+def emit(measurement: Mapping[str, object]) -> None:
+    """Print one measurement as a JSON line (and flush: run_all reads it as it comes)."""
+    sys.stdout.write(json.dumps(measurement) + "\n")
+    sys.stdout.flush()
