@@ -289,3 +289,29 @@ def test_sweep_of_a_bad_file_reports_it_once(tmp_path, capsys):
     assert cli.main(["sweep", str(base), "--vary", "num-subnets=1,2,3"]) == 2
     err = capsys.readouterr().err
     assert err.count("not valid TOML") == 1
+
+
+def test_sweep_varies_keys_together(tmp_path, capsys):
+    base = tmp_path / "ist.toml"
+    base.write_text(TINY.replace('"fedavg"', '"ist"') + "num-subnets = 2\n")
+    out = tmp_path / "sw"
+    assert cli.main(["sweep", str(base), "--vary", "num-subnets=2,3", "--vary", "num-nodes=2,3",
+                     "--out", str(out)]) == 0
+    result = json.loads((out / "sweep.json").read_text())
+    assert result["key"] == "num-subnets+num-nodes" and result["values"] == ["2/2", "3/3"]
+    for name, nodes in (("ist-num-subnets-2-num-nodes-2", 2), ("ist-num-subnets-3-num-nodes-3", 3)):
+        assert json.loads((out / name / "config.json").read_text())["num-nodes"] == nodes
+    assert set(result["flattened"]) == set(result["floors"]) == {"ist-num-subnets-2-num-nodes-2",
+                                                                 "ist-num-subnets-3-num-nodes-3"}
+
+
+@pytest.mark.parametrize("vary,message", [
+    (["num-subnets=1,2", "num-nodes=2"], "as many values each, got num-subnets: 2, num-nodes: 1"),
+    (["num-subnets=1,2", "num-subnets=3,4"], "num-subnets given twice"),
+    (["num-subnets"], "--vary expects KEY=V1,V2,..."),
+])
+def test_sweep_refuses_mismatched_vary(tmp_path, capsys, vary, message):
+    base = tmp_path / "ist.toml"
+    base.write_text(TINY)
+    assert cli.main(["sweep", str(base), *[a for v in vary for a in ("--vary", v)]]) == 2
+    assert message in capsys.readouterr().err

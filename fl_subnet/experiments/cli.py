@@ -280,6 +280,30 @@ def _write_frontier(base: Path, files: list[str], seeds: list[int], summaries: l
     console.print(f"frontier plot: {plot}")
 
 
+def _parse_vary(specs: list[str]) -> dict[str, list]:
+    """``["k=1,2", "j=a,b"]`` → ``{"k": [1, 2], "j": ["a", "b"]}`` (values as ``--set`` parses them).
+
+    Raises
+    ------
+    ValueError
+        For a spec without ``KEY=`` or values, a key given twice, or lists of unequal length.
+    """
+    varied: dict[str, list] = {}
+    for spec in specs:
+        key, _, raw = spec.partition("=")
+        key = key.strip()
+        values = [_parse_set([f"{key}={v}"])[key] for v in raw.split(",") if v.strip()] if key else []
+        if not key or not values:
+            raise ValueError(f"--vary expects KEY=V1,V2,..., got {spec!r}")
+        if key in varied:
+            raise ValueError(f"--vary: {key} given twice")
+        varied[key] = values
+    if len({len(v) for v in varied.values()}) > 1:
+        raise ValueError("--vary: keys varied together need as many values each, got "
+                         + ", ".join(f"{k}: {len(v)}" for k, v in varied.items()))
+    return varied
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``fl-subnet`` command; returns the exit status."""
     parser = argparse.ArgumentParser(prog="fl-subnet", description=__doc__.split("\n\n")[0])
@@ -292,8 +316,9 @@ def main(argv: list[str] | None = None) -> int:
     p_cmp.add_argument("scenarios", nargs="+")
     p_sw = sub.add_parser("sweep", help="run one scenario per value of a key; plot the loss floor")
     p_sw.add_argument("scenario")
-    p_sw.add_argument("--vary", required=True, metavar="KEY=V1,V2,...",
-                      help="the key and its values, e.g. num-subnets=1,2,4,8")
+    p_sw.add_argument("--vary", required=True, action="append", metavar="KEY=V1,V2,...",
+                      help="the key and its values, e.g. num-subnets=1,2,4,8; repeat it to vary keys together "
+                           "(the i-th run takes every key's i-th value)")
     p_fr = sub.add_parser("frontier", help="run scenarios with several seeds; accuracy against MB (mean, spread) "
                                            "and the MB each needs to reach the reference's final accuracy")
     p_fr.add_argument("scenarios", nargs="+")
@@ -339,16 +364,15 @@ def main(argv: list[str] | None = None) -> int:
         overrides = _parse_set(args.set)
         if args.rounds is not None:
             overrides["num-server-rounds"] = args.rounds
-        key, sweep_values = None, []
+        varied: dict[str, list] = {}
         if args.command == "sweep":
-            key, _, raw = args.vary.partition("=")
-            key = key.strip()
-            sweep_values = [_parse_set([f"{key}={v}"])[key] for v in raw.split(",") if v.strip()]
-            if not key or not sweep_values:
-                raise ValueError(f"--vary expects KEY=V1,V2,..., got {args.vary!r}")
-        for k in [*overrides, *([key] if key else [])]:
+            varied = _parse_vary(args.vary)
+        for k in [*overrides, *varied]:
             if k not in RunConfig.keys():
-                raise ValueError(f"{'--vary' if k == key else '--set'}: {unknown_key_message(k)}")
+                raise ValueError(f"{'--vary' if k in varied else '--set'}: {unknown_key_message(k)}")
+        key = "+".join(varied)
+        sweep_values = [v[0] if len(varied) == 1 else "/".join(map(str, v)) for v in zip(*varied.values())] \
+            if varied else []
         if args.command == "sweep":
             read_scenario_file(files[0])  # a file-level error once, not once per value
     except ValueError as err:
@@ -356,7 +380,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.command == "sweep":
         stem = Path(files[0]).stem
-        planned = [(f"{stem}-{key}-{v}", files[0], {key: v}, f"{key}={v}: ") for v in sweep_values]
+        planned = [(f"{stem}-" + "-".join(f"{k}-{v}" for k, v in run.items()), files[0], run,
+                    ", ".join(f"{k}={v}" for k, v in run.items()) + ": ")
+                   for run in (dict(zip(varied, vs)) for vs in zip(*varied.values()))]
     elif args.command == "frontier":
         try:
             seeds = [int(v) for v in args.seeds.split(",") if v.strip()]
@@ -421,9 +447,12 @@ def main(argv: list[str] | None = None) -> int:
         from .sweep import write_sweep
 
         runs = {Path(s["out-dir"]).name: load_rows(s["out-dir"]) for s in summaries}
-        result = write_sweep(base, key, ran_values, runs, title=f"{Path(files[0]).stem}: {key} sweep")
+        taus = [json.loads((Path(s["out-dir"]) / "config.json").read_text())["local-steps"] for s in summaries] \
+            if "local-steps" in varied else None
+        result = write_sweep(base, key, ran_values, runs, title=f"{Path(files[0]).stem}: {key} sweep", local_steps=taus)
         for v, (label, floor) in zip(ran_values, result["floors"].items()):
-            console.print(f"{key} = {v}: loss floor {floor:.4g}")
+            state = "flattened" if result["flattened"][label] else "still falling: an upper bound"
+            console.print(f"{key} = {v}: loss floor {floor:.4g} ({state})")
         console.print(f"plots: {base / 'sweep-loss.png'}, {base / 'sweep-floor.png'}")
     if args.command == "frontier":
         _write_frontier(base, files, seeds, summaries, args.reference, args.margin)
