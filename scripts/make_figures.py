@@ -18,6 +18,10 @@ folder under the name the README uses:
     paper-msd    fl-subnet sweep scenarios/paper-msd.toml --vary num-subnets=1,2,4,8
                                                   -> paper-msd-loss.png, paper-msd-floor.png
     paper-ist    fl-subnet sweep scenarios/paper-ist.toml --vary num-subnets=2,4,8 -> paper-ist-floor.png
+    paper-ist-ntk, paper-msd-ntk-xi, paper-msd-ntk-p, paper-ist-ntk-tau
+                 the sweeps of scenarios/paper-{ist,msd}-ntk.toml that the README quotes
+                                  -> paper-ist-ntk-{loss,floor}.png, paper-msd-ntk-{xi,p}-floor.png,
+                                     paper-ist-ntk-tau.png, paper-ist-ntk-tau-floor.png
 
 ``--rounds N`` overrides num-server-rounds of every run (a quick check, not the README's
 numbers); ``--out`` is where the runs go (default runs/figures/<name>), ``--docs`` where the
@@ -76,6 +80,20 @@ def figures() -> dict[str, Figure]:
                             (("sweep-loss.png", "paper-msd-loss.png"), ("sweep-floor.png", "paper-msd-floor.png"))),
         "paper-ist": Figure(("sweep", "scenarios/paper-ist.toml", "--vary", "num-subnets=2,4,8"),
                             (("sweep-floor.png", "paper-ist-floor.png"),)),
+        "paper-ist-ntk": Figure(("sweep", "scenarios/paper-ist-ntk.toml", "--vary", "num-subnets=1,2,4,8",
+                                 "--vary", "num-nodes=2,2,4,8"),
+                                (("sweep-loss.png", "paper-ist-ntk-loss.png"),
+                                 ("sweep-floor.png", "paper-ist-ntk-floor.png"))),
+        "paper-msd-ntk-xi": Figure(("sweep", "scenarios/paper-msd-ntk.toml", "--vary", "keep-prob=0.25,0.5,0.75,1.0",
+                                    "--vary", "lr=5.011,10.023,15.034,20.045"),
+                                   (("sweep-floor.png", "paper-msd-ntk-xi-floor.png"),)),
+        "paper-msd-ntk-p": Figure(("sweep", "scenarios/paper-msd-ntk.toml", "--vary", "num-subnets=1,2,4,8",
+                                   "--vary", "num-nodes=1,2,4,8"),
+                                  (("sweep-floor.png", "paper-msd-ntk-p-floor.png"),)),
+        "paper-ist-ntk-tau": Figure(("sweep", "scenarios/paper-ist-ntk.toml", "--vary", "local-steps=1,2,5,10",
+                                     "--vary", "num-server-rounds=200,100,40,20"),
+                                    (("sweep-steps.png", "paper-ist-ntk-tau.png"),
+                                     ("sweep-floor.png", "paper-ist-ntk-tau-floor.png"))),
     }
 
 
