@@ -168,7 +168,8 @@ def test_example_train_handler_replies_with_the_compact_slices():
 
 def test_run_config_local_epochs_reaches_the_users_train_function(monkeypatch):
     """The user's own train(net, loader, epochs, lr, device) gets the run config's
-    local-epochs and the compact model, with the handler's Context as in Flower's template."""
+    local-epochs, the message's lr (÷p under IST's default ``p-lr`` scaling) and the
+    compact model, with the handler's Context as in Flower's template."""
     from fl_subnet.experiments.inprocess_grid import InProcessGrid
     from fl_subnet.strategies import IST
     from fl_subnet.wire import state_to_arrays
@@ -189,7 +190,7 @@ def test_run_config_local_epochs_reaches_the_users_train_function(monkeypatch):
                                                  ConfigRecord({"lr": 0.03}), grid))
         replies = list(grid.send_and_receive(messages))
     assert all(not r.has_error() for r in replies)
-    assert [(e, lr) for e, lr, _ in seen] == [(7, 0.03), (7, 0.03)]
+    assert [(e, lr) for e, lr, _ in seen] == [(7, 0.03 / 2), (7, 0.03 / 2)]  # IST's default p-lr: lr/p
     assert all(width < 120 for _, _, width in seen)  # the compact model: fc1 has about half its 120 units
 
 

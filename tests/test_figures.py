@@ -15,6 +15,7 @@ import matplotlib.image  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import pytest  # noqa: E402
 
+from fl_subnet.experiments import cli  # noqa: E402
 from fl_subnet.experiments.cli import load_scenario  # noqa: E402
 from fl_subnet.experiments.plots import _log_ticks, runs_figure  # noqa: E402
 from fl_subnet.experiments.sweep import floor_figure  # noqa: E402
@@ -109,13 +110,12 @@ def test_figure_commands_name_valid_scenarios():
     for name, fig in _script().figures().items():
         files = [a for a in fig.command if a.endswith(".toml")]
         assert files, name
-        vary = fig.command[fig.command.index("--vary") + 1] if "--vary" in fig.command else None
+        vary = [fig.command[i + 1] for i, a in enumerate(fig.command) if a == "--vary"]
+        varied = cli._parse_vary(vary) if vary else {}
         for file in files:
             load_scenario(ROOT / file)  # raises on a missing or invalid scenario
-            if vary:
-                key, _, values = vary.partition("=")
-                for v in values.split(","):
-                    load_scenario(ROOT / file, {key: int(v)})
+            for values in zip(*varied.values()):  # keys varied together: the i-th run
+                load_scenario(ROOT / file, dict(zip(varied, values)))
 
 
 def test_only_rejects_an_unknown_figure(capsys):
