@@ -16,6 +16,7 @@ from flwr.supercore import log as flwr_log
 from torch import nn
 
 from fl_subnet.core.aggregate import MaskedAggregator
+from fl_subnet.core.slicing import SERVER_THREADS, torch_threads
 from fl_subnet.core.robust import MaskedMedian, MaskedTrimmedMean, cap_weight, screen_update, update_ratio
 from fl_subnet.core.batchnorm import batchnorm_layers, check_policy, recompute_bn_stats
 from fl_subnet.core.spec import analyze
@@ -236,9 +237,15 @@ class SubnetStrategy(NodeSampling, FedAvg):
         self._sent: dict[int, Mask] = {}
         self._out: dict[int, Message] = {}
         self._state: dict[str, torch.Tensor] = {}
+        self._decoded: tuple = (None, {}, {})  # (ArrayRecord, its Arrays and bytes, its state)
         self._bytes_down = 0
         self._t_round = 0.0
         self.last_train_metrics: MetricRecord | None = None
+
+    #: torch intra-op threads while the server cuts and folds slices (configure_train,
+    #: aggregate_train; restored after): see :data:`fl_subnet.core.slicing.SERVER_THREADS`.
+    #: ``None`` leaves torch's setting.
+    server_threads: int | None = SERVER_THREADS
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -304,7 +311,7 @@ class SubnetStrategy(NodeSampling, FedAvg):
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
         """Flower's federated evaluation of the full model as deployed (:meth:`deployed_state`)."""
-        state = arrays_to_state(arrays, copy=False)  # read-only views: no copy when nothing changes
+        state = self._decode(arrays)  # read-only views: no copy when nothing changes
         deployed = self.deployed_state(state)
         if deployed is not state:
             arrays = state_to_arrays(deployed)
@@ -322,6 +329,11 @@ class SubnetStrategy(NodeSampling, FedAvg):
     ) -> Iterable[Message]:
         """One Message per sampled node with its own compact slice and mask."""
         refuse_dp_wrapper(self)
+        with torch_threads(self.server_threads):
+            return self._configure_train(server_round, arrays, config, grid)
+
+    def _configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                         grid: Grid) -> list[Message]:
         server_round += self.round_offset
         self._t_round = time.perf_counter()
         self._sent = {}
@@ -334,20 +346,32 @@ class SubnetStrategy(NodeSampling, FedAvg):
                                         capacities=[self.capacity_of(n) for n in nodes])
         else:
             masks = self.sampler.sample(self.groups, server_round, len(nodes))
-        self._state = arrays_to_state(arrays)
+        self._state = self._decode(arrays)
         messages, self._bytes_down = [], 0
+        # A full mask's slice is the global model itself: nodes with one get the
+        # ArrayRecord as received (no gather, no re-serialization), and nodes whose
+        # config is also the same share one RecordDict, as Flower's FedAvg does (its
+        # objects are then serialized once for all of them).
+        shared: tuple[dict, RecordDict] | None = None
         for node_id, mask in zip(nodes, masks):
-            slice_arrays = state_to_arrays(self.slicer.gather(self._state, mask))
-            node_config = ConfigRecord(dict(config))  # Strategy.start reuses `config`
-            node_config["server-round"] = server_round
-            if self.local_steps is not None:
-                node_config["local-steps"] = int(self.local_steps)
+            self.slicer.validate(mask)
+            full = self.slicer.is_full(mask)
             extra = {**self._example_config, **mask_to_config(mask, self.groups), **self.node_config(node_id, mask)}
-            for key, value in extra.items():
-                node_config[key] = value
-            self._bytes_down += payload_bytes(slice_arrays, node_config)
-            content = RecordDict({self.arrayrecord_key: slice_arrays,
-                                  self.configrecord_key: node_config})
+            if full and shared is not None and shared[0] == extra:
+                content = shared[1]
+            else:
+                slice_arrays = arrays if full else state_to_arrays(self.slicer.gather(self._state, mask))
+                node_config = ConfigRecord(dict(config))  # Strategy.start reuses `config`
+                node_config["server-round"] = server_round
+                if self.local_steps is not None:
+                    node_config["local-steps"] = int(self.local_steps)
+                for key, value in extra.items():
+                    node_config[key] = value
+                content = RecordDict({self.arrayrecord_key: slice_arrays,
+                                      self.configrecord_key: node_config})
+                if full:
+                    shared = (extra, content)
+            self._bytes_down += payload_bytes(content[self.arrayrecord_key], content[self.configrecord_key])
             messages.append(Message(content=content, message_type=MessageType.TRAIN,
                                     dst_node_id=node_id))
             self._sent[node_id] = mask
@@ -374,6 +398,11 @@ class SubnetStrategy(NodeSampling, FedAvg):
         (``aggregation``) folds the rest in. Returns ``(None, metrics)`` when no reply is
         valid: Flower then keeps the model. Never raises because of a reply's content.
         """
+        with torch_threads(self.server_threads):
+            return self._aggregate_train(server_round, replies)
+
+    def _aggregate_train(self, server_round: int, replies: Iterable[Message]
+                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         server_round += self.round_offset
         agg = self._aggregator()
         by_id = {m.metadata.message_id: n for n, m in self._out.items() if m.metadata.message_id}
@@ -471,11 +500,29 @@ class SubnetStrategy(NodeSampling, FedAvg):
             new_state = self.server_optimizer.step(self._state, new_state, agg.held())
         if self.batchnorm == "static" and self.calibration_batches is not None:
             new_state = self._recalibrate(new_state)
-        return state_to_arrays(new_state), metrics
+        out = state_to_arrays(new_state)
+        self._remember(out, new_state)
+        return out, metrics
+
+    def _decode(self, arrays: ArrayRecord) -> dict[str, torch.Tensor]:
+        """The global state of ``arrays``: the state :meth:`aggregate_train` built it from
+        when ``arrays`` is that record, unchanged (no decoding), else read-only tensors
+        over the record's bytes (no copy; the strategy never writes to ``W_k``)."""
+        record, items, state = self._decoded
+        if arrays is record and len(arrays) == len(items) and all(
+                arrays.get(k) is a and a.data is data for k, (a, data) in items.items()):
+            return dict(state)
+        state = arrays_to_state(arrays, copy=False)
+        self._remember(arrays, state)
+        return state
+
+    def _remember(self, arrays: ArrayRecord, state: dict[str, torch.Tensor]) -> None:
+        self._decoded = (arrays, {k: (a, a.data) for k, a in arrays.items()}, state)
 
     def _is_full_size(self, compact: dict, mask: Mask) -> bool:
         """Whether a reply holds the full model although its mask cut a smaller slice."""
-        shapes = [(tuple(t.shape), tuple(full.shape), self.slicer.compact_shape(k, full.shape, mask))
+        wanted = self.slicer.compact_shapes(mask, {k: tuple(full.shape) for k, full in self._state.items()})
+        shapes = [(tuple(t.shape), tuple(full.shape), wanted[k])
                   for k, full in self._state.items() if isinstance(t := compact.get(k), torch.Tensor)]
         return bool(shapes) and all(got == full for got, full, _ in shapes) and any(
             want != full for _, full, want in shapes)

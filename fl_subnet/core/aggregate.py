@@ -21,7 +21,7 @@ from collections.abc import Mapping
 import torch
 
 from .masks import Mask
-from .slicing import Slicer, flat_positions
+from .slicing import Slicer, flat_positions, torch_threads
 
 UNTOUCHED_MODES = ("keep", "zero")
 DENOMINATORS = ("holders", "all")
@@ -81,6 +81,8 @@ class MaskedAggregator:
         self._kept: list[dict[str, list[tuple[int, torch.Tensor]]]] = []  # per reply: key -> (dim, positions)
         self._weights: list[float] = []
         self._held: dict[str, torch.Tensor] | None = None  # set by finalize(), for held()
+        self._indicators: dict[tuple, torch.Tensor] = {}  # holder indicators, per finalize
+        self._shapes: dict[str, tuple[int, ...]] | None = None
 
     @property
     def num_replies(self) -> int:
@@ -100,13 +102,16 @@ class MaskedAggregator:
         extra = sorted(set(compact) - expected)
         if missing or extra:
             raise ValueError(f"reply keys differ from the model: missing {missing}, extra {extra}")
+        if self._shapes is None:
+            self._shapes = {k: tuple(v.shape) for k, v in self.state.items()}
+        wanted = self.slicer.compact_shapes(mask, self._shapes)
         for key, full in self.state.items():
             if key not in expected:
                 continue
             t = compact[key]
             if not isinstance(t, torch.Tensor):
                 raise ValueError(f"'{key}' is not a tensor ({type(t).__name__})")
-            want = self.slicer.compact_shape(key, full.shape, mask)
+            want = wanted[key]
             if tuple(t.shape) != want:
                 raise ValueError(f"'{key}' has shape {tuple(t.shape)}, expected {want}")
             if t.dtype != full.dtype:
@@ -131,18 +136,17 @@ class MaskedAggregator:
         """
         if not (isinstance(weight, (int, float)) and math.isfinite(weight) and weight > 0):
             raise ValueError(f"weight (num-examples) must be finite and > 0, got {weight!r}")
-        mask.validate(self.slicer.groups)
+        self.slicer.validate(mask)
         self.check(compact, mask)
         w = float(weight)
-        # Check every float tensor now (finite values have a finite float64 sum), so a
-        # rejected reply leaves no trace; the scatter itself happens in finalize().
-        for key, full in self.state.items():
-            t = compact.get(key)
-            if t is not None and full.is_floating_point() and not math.isfinite(float(t.sum(dtype=torch.float64))):
-                raise ValueError(f"'{key}' contains NaN or Inf")
-        keep_units = self.slicer.keep_units(mask)
-        kept = {k: self.slicer.kept(mask, k, self.state[k].shape, keep_units)
-                for k in self.slicer.coupled if k in self.state}
+        # Check every float tensor now, so a rejected reply leaves no trace; the scatter
+        # itself happens in finalize().
+        with torch_threads():
+            for key, full in self.state.items():
+                t = compact.get(key)
+                if t is not None and full.is_floating_point() and not _all_finite(t):
+                    raise ValueError(f"'{key}' contains NaN or Inf")
+        kept = self.slicer.kept_all(mask, self._shapes)  # cached per mask
         for key, full in self.state.items():
             if not full.is_floating_point() and key in compact:
                 self._add_int(key, full, compact[key], mask, kept.get(key, []))
@@ -161,12 +165,31 @@ class MaskedAggregator:
                 continue
             t = compact[key].to(acc.dtype)
             kept = kept_of.get(key, [])
+            # Uncut dims need no index. Each shortcut does the arithmetic of the indexed
+            # op it replaces, rounding included: a multi-dim index_add_ adds slices
+            # with add_(alpha) (one fused multiply-add), a 1-D or flat index_add_ rounds
+            # w·t, then adds.
             if not kept:
                 acc.add_(t, alpha=w)
             elif len(kept) == 1:
-                acc.index_add_(kept[0][0], kept[0][1], t, alpha=w)
+                d, idx = kept[0]
+                if idx.numel() != full.shape[d] and acc.dim() > 1 and acc.numel() < 256 * full.shape[d]:
+                    # small slices (e.g. columns of a 10-row matrix): one index_add_ per
+                    # kept position is mostly call overhead; the same slice add_, done
+                    # on the gathered slices at once, gives the same bits
+                    part = acc.index_select(d, idx)
+                    part.add_(t, alpha=w)
+                    acc.index_copy_(d, idx, part)
+                elif idx.numel() != full.shape[d]:
+                    acc.index_add_(d, idx, t, alpha=w)
+                elif acc.dim() > 1:
+                    acc.add_(t, alpha=w)
+                else:
+                    acc.add_(t * w)
+            elif all(idx.numel() == full.shape[d] for d, idx in kept):
+                acc.add_(t * w)
             else:
-                acc.view(-1).index_add_(0, flat_positions(kept, full.shape),
+                acc.view(-1).index_add_(0, flat_positions(kept, full.shape, torch.int64),
                                         t.reshape(-1), alpha=w)
         return acc
 
@@ -197,9 +220,13 @@ class MaskedAggregator:
             return weights.sum()
         inds = []
         for d in dims:
-            ind = torch.zeros(len(self._kept), full.shape[d], dtype=self.precision)
-            for i, kept_of in enumerate(self._kept):
-                ind[i, dict(kept_of[key])[d]] = 1.0
+            positions = [dict(kept_of[key])[d] for kept_of in self._kept]
+            # keys coupled to the same group share their position tensors: build the
+            # holder indicator once per distinct list
+            cache_key = (int(full.shape[d]), tuple(id(p) for p in positions))
+            ind = self._indicators.get(cache_key)
+            if ind is None:
+                ind = self._indicators[cache_key] = _indicator(positions, int(full.shape[d]), self.precision)
             inds.append(ind)
         letters = string.ascii_letters[1:1 + len(dims)]
         spec = "a," + ",".join("a" + c for c in letters) + "->" + letters
@@ -223,6 +250,7 @@ class MaskedAggregator:
         """
         if self._held is not None:  # finalize() already computed them
             return dict(self._held)
+        self._indicators = {}
         ones = torch.ones(len(self._weights), dtype=self.precision)
         return {key: self._denominator(key, full, ones) > 0
                 for key, full in self.state.items() if full.is_floating_point()}
@@ -231,10 +259,15 @@ class MaskedAggregator:
         """The new global state ``W_{k+1}`` (new tensors; ``W_k`` if no reply was added)."""
         if not self._weights:
             return {k: v.clone() for k, v in self.state.items()}
+        with torch_threads():
+            return self._finalize()
+
+    def _finalize(self) -> dict[str, torch.Tensor]:
         weights = torch.tensor(self._weights, dtype=self.precision)
         float_keys = sorted((k for k, v in self.state.items() if v.is_floating_point()),
                             key=lambda k: -self.state[k].numel())
         self._held = {}
+        self._indicators = {}
         # Keys are independent: scatter them on a few threads (torch releases the GIL).
         with ThreadPoolExecutor(max_workers=min(_WORKERS, max(len(float_keys), 1))) as pool:
             sums = dict(zip(float_keys, pool.map(self._sum_key, float_keys)))
@@ -262,3 +295,18 @@ class MaskedAggregator:
             out[key] = torch.where(held, mean, fallback)
         return out
 
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    """Whether every entry of a float tensor is finite: its sum in its own dtype is
+    finite (a NaN or ±Inf entry makes any sum non-finite); only when that sum
+    overflows is it redone in float64, where finite entries cannot overflow."""
+    return math.isfinite(float(t.sum())) or math.isfinite(float(t.sum(dtype=torch.float64)))
+
+
+def _indicator(positions: list[torch.Tensor], length: int, dtype: torch.dtype) -> torch.Tensor:
+    """``(len(positions), length)`` 0/1 matrix: row ``i`` is 1 at ``positions[i]``."""
+    ind = torch.zeros(len(positions), length, dtype=dtype)
+    if positions:
+        ind.view(-1)[torch.cat([p + i * length for i, p in enumerate(positions)])] = 1.0
+    return ind

@@ -33,11 +33,23 @@ class Mask:
     indices: dict[str, torch.Tensor]
     scale: dict[str, float] = field(default_factory=dict)
     skip: frozenset[str] = frozenset()
+    # Per-slicer index maps (:meth:`Slicer.plan`), keyed by the slicer; each entry is
+    # checked against the mask's current indices before use. Not part of equality.
+    _plans: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def kept(self, group: UnitGroup) -> torch.Tensor:
         """Kept positions of ``group``, shape ``(k,)`` int64 (all if absent)."""
         idx = self.indices.get(group.name)
         return torch.arange(group.size) if idx is None else idx
+
+    def signature(self) -> tuple:
+        """What the mask's cached index maps depend on: identity, in-place version and
+        size of every index tensor, the scales and the skipped blocks (a changed mask
+        gets new maps)."""
+        return (tuple((n, id(t), getattr(t, "_version", None), getattr(t, "numel", lambda: None)())
+                      for n, t in self.indices.items()),
+                tuple((n, (id(s), s._version) if isinstance(s, torch.Tensor) else s) for n, s in self.scale.items()),
+                self.skip)
 
     def scale_of(self, group: UnitGroup) -> float | torch.Tensor:
         """The group's scale: a float, or the ``(k_g,)`` tensor of per-unit scales."""

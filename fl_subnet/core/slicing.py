@@ -2,13 +2,37 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 
 from .groups import UnitGroup, couplings_by_key, dim_keep
 from .masks import Mask
+
+
+#: torch intra-op threads for the server's gathers and scatters (None: leave torch's
+#: setting). They are many memory-bound copies, which gain little from intra-op threads
+#: and lose much when the cores are shared (the threads wait for each other); the
+#: aggregator runs tensors on threads of its own instead.
+SERVER_THREADS: int | None = 1
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None = -1) -> Iterator[None]:
+    """Run the block with ``n`` torch intra-op threads, restored after (default:
+    :data:`SERVER_THREADS`; ``None``: unchanged). Nested uses cost nothing."""
+    n = SERVER_THREADS if n == -1 else n
+    old = torch.get_num_threads()
+    if n is None or n == old:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
 
 
 class Slicer:
@@ -28,6 +52,47 @@ class Slicer:
         self.by_name = {g.name: g for g in self.groups}
         self.coupled = couplings_by_key(self.groups)
         self.blocks = {name: tuple(keys) for name, keys in (blocks or {}).items()}
+        # (key, dim) couplings with equal content share one canonical id, so that a mask's
+        # kept positions are computed once per distinct coupling (BatchNorm's weight,
+        # bias and running stats of the same channels, ...)
+        self._canon: dict[int, int] = {}
+        seen: dict[tuple, int] = {}
+        for dims in self.coupled.values():
+            for entries in dims.values():
+                sig = tuple((g, None if u is None else tuple(u.tolist()), None if p is None else tuple(p.tolist()))
+                            for g, u, p in entries)
+                self._canon[id(entries)] = seen.setdefault(sig, len(seen))
+        self._aranges: dict[int, torch.Tensor] = {}
+
+    def plan(self, mask: Mask) -> _Plan:
+        """The mask's cached index maps for this slicer (built on first use, rebuilt if
+        the mask's indices, scales or skipped blocks changed since)."""
+        sig = mask.signature()
+        hit = mask._plans.get(self)
+        if hit is not None and hit.signature == sig:
+            return hit
+        plan = mask._plans[self] = _Plan(sig, mask)
+        return plan
+
+    def validate(self, mask: Mask) -> None:
+        """:meth:`Mask.validate` against this slicer's groups, once per mask (cached)."""
+        plan = self.plan(mask)
+        if not plan.validated:
+            mask.validate(self.groups)
+            plan.validated = True
+            plan.full = not mask.skip and all(int(mask.kept(g).numel()) == g.size for g in self.groups)
+
+    def is_full(self, mask: Mask) -> bool:
+        """Whether ``mask`` keeps every unit of every group and skips no block (its
+        compact slice is the full state).
+
+        Raises
+        ------
+        ValueError
+            If the mask is invalid (:meth:`validate`).
+        """
+        self.validate(mask)
+        return bool(self.plan(mask).full)
 
     def skipped_keys(self, mask: Mask) -> set[str]:
         """State keys of the depth blocks ``mask`` skips (not in its compact slice).
@@ -37,13 +102,21 @@ class Slicer:
         ValueError
             If the mask skips a block this model does not have.
         """
+        if not mask.skip:
+            return set()
         unknown = sorted(set(mask.skip) - set(self.blocks))
         if unknown:
             raise ValueError(f"mask skips unknown depth block(s) {unknown}; blocks: {sorted(self.blocks)}")
         return {k for name in mask.skip for k in self.blocks[name]}
 
     def keep_units(self, mask: Mask) -> dict[str, torch.Tensor]:
-        """Group name → boolean keep vector ``(size,)``."""
+        """Group name → boolean keep vector ``(size,)`` (cached per mask: do not modify)."""
+        plan = self.plan(mask)
+        if plan.keep_units is None:
+            plan.keep_units = self._keep_units(mask)
+        return dict(plan.keep_units)
+
+    def _keep_units(self, mask: Mask) -> dict[str, torch.Tensor]:
         out = {}
         for g in self.groups:
             v = torch.zeros(g.size, dtype=torch.bool)
@@ -56,26 +129,76 @@ class Slicer:
         """``(dim, kept positions)`` for every coupled dim of ``key`` (empty if shared).
 
         Positions are sorted int64; an identity coupling returns the mask's indices.
+        Cached per mask and shape when ``keep_units`` is not given.
         """
         dims = self.coupled.get(key)
         if not dims:
             return []
+        if keep_units is None:
+            return list(self._kept_cached(self.plan(mask), mask, key, shape))
+        return self._kept(mask, dims, shape, keep_units, None)
+
+    def kept_all(self, mask: Mask, shapes: Mapping[str, Sequence[int]]) -> dict[str, list[tuple[int, torch.Tensor]]]:
+        """:meth:`kept` of every coupled key of ``shapes`` (key → full shape), cached per mask."""
+        plan = self.plan(mask)
+        return {k: list(self._kept_cached(plan, mask, k, shape)) for k, shape in shapes.items() if k in self.coupled}
+
+    def compact_shapes(self, mask: Mask, shapes: Mapping[str, Sequence[int]]) -> dict[str, tuple[int, ...]]:
+        """:meth:`compact_shape` of every key of ``shapes`` (key → full shape)."""
+        plan = self.plan(mask)
+        out = {}
+        for key, shape in shapes.items():
+            new = list(shape)
+            if key in self.coupled:
+                for d, idx in self._kept_cached(plan, mask, key, shape):
+                    new[d] = int(idx.numel())
+            out[key] = tuple(new)
+        return out
+
+    def _kept_cached(self, plan: _Plan, mask: Mask, key: str, shape: Sequence[int]) -> list[tuple[int, torch.Tensor]]:
+        cache_key = (key, tuple(shape))
+        hit = plan.kept.get(cache_key)
+        if hit is None:
+            dims = self.coupled.get(key)
+            if not dims:
+                hit = []
+            elif plan.full:  # validated and keeping everything: every position of every dim
+                hit = [(d, self._arange(int(shape[d]))) for d in sorted(dims)]
+            else:
+                hit = self._kept(mask, dims, shape, None, plan)
+            plan.kept[cache_key] = hit
+        return hit
+
+    def _arange(self, n: int) -> torch.Tensor:
+        t = self._aranges.get(n)
+        if t is None:
+            t = self._aranges[n] = torch.arange(n)
+        return t
+
+    def _kept(self, mask, dims, shape, keep_units, plan) -> list[tuple[int, torch.Tensor]]:
         out = []
         for d, entries in sorted(dims.items()):
             if len(entries) == 1 and entries[0][1] is None and self.by_name[entries[0][0]].size == shape[d]:
                 out.append((d, mask.kept(self.by_name[entries[0][0]])))
                 continue
-            if keep_units is None:
-                keep_units = self.keep_units(mask)
-            out.append((d, torch.nonzero(dim_keep(int(shape[d]), entries, keep_units)).flatten()))
+            memo = (int(shape[d]), self._canon.get(id(entries))) if plan is not None else None
+            pos = plan.dims.get(memo) if memo is not None and memo[1] is not None else None
+            if pos is None:
+                if keep_units is None:
+                    keep_units = self.keep_units(mask)
+                pos = torch.nonzero(dim_keep(int(shape[d]), entries, keep_units)).flatten()
+                if memo is not None and memo[1] is not None:
+                    plan.dims[memo] = pos
+            out.append((d, pos))
         return out
+
+    def full_dims(self, mask: Mask, key: str, shape: Sequence[int]) -> bool:
+        """Whether ``key`` is uncut under ``mask`` (every coupled dim keeps every position)."""
+        return all(int(idx.numel()) == int(shape[d]) for d, idx in self.kept(mask, key, shape))
 
     def compact_shape(self, key: str, shape: Sequence[int], mask: Mask) -> tuple[int, ...]:
         """Shape of ``key``'s compact slice under ``mask``."""
-        out = list(shape)
-        for d, idx in self.kept(mask, key, shape):
-            out[d] = int(idx.numel())
-        return tuple(out)
+        return self.compact_shapes(mask, {key: shape})[key]
 
     def gather(self, state: Mapping[str, torch.Tensor], mask: Mask) -> dict[str, torch.Tensor]:
         """The compact slice: every tensor restricted to the kept units.
@@ -99,25 +222,35 @@ class Slicer:
             If the mask is invalid (see :meth:`Mask.validate`) or a coupled key is
             missing from ``state``.
         """
-        mask.validate(self.groups)
+        self.validate(mask)
         missing = [k for k in self.coupled if k not in state]
         if missing:
             raise ValueError(f"state is missing coupled tensor(s) {missing}")
-        keep_units = self.keep_units(mask) if any(
-            e[1] is not None for dims in self.coupled.values() for es in dims.values() for e in es) else None
-        out = {}
-        skipped = self.skipped_keys(mask)
-        for key, t in state.items():
-            if key in skipped:
-                continue
-            kept = self.kept(mask, key, t.shape, keep_units)
-            if not kept:
-                out[key] = t.detach().clone()
-                continue
-            for d, idx in kept:
-                t = t.index_select(d, idx)
-            out[key] = t.detach()
-        return out
+        with torch_threads():
+            if self.is_full(mask):
+                return {key: t.detach().clone() for key, t in state.items()}
+            out = {}
+            skipped = self.skipped_keys(mask)
+            plan = self.plan(mask)
+            for key, t in state.items():
+                if key in skipped:
+                    continue
+                out[key] = self.gather_key(t, self._kept_cached(plan, mask, key, t.shape))
+            return out
+
+    @staticmethod
+    def gather_key(t: torch.Tensor, kept: list[tuple[int, torch.Tensor]],
+                   out: torch.Tensor | None = None) -> torch.Tensor:
+        """One tensor's compact slice (new memory, or written into ``out``): one
+        ``index_select`` per cut dim, uncut dims skipped."""
+        t = t.detach()
+        cut = [(d, idx) for d, idx in kept if int(idx.numel()) != t.shape[d]]
+        if not cut:
+            return t.clone() if out is None else out.copy_(t)
+        for d, idx in cut[:-1]:
+            t = t.index_select(d, idx)
+        d, idx = cut[-1]
+        return t.index_select(d, idx) if out is None else torch.index_select(t, d, idx, out=out)
 
     def scatter(self, compact: Mapping[str, torch.Tensor], mask: Mask,
                 into: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -154,10 +287,13 @@ class Slicer:
         return flat_positions(self.kept(mask, key, shape, keep_units), shape)
 
 
-def flat_positions(kept: list[tuple[int, torch.Tensor]], shape: Sequence[int]) -> torch.Tensor:
+def flat_positions(kept: list[tuple[int, torch.Tensor]], shape: Sequence[int],
+                   dtype: torch.dtype | None = None) -> torch.Tensor:
     """Row-major positions in the flattened full tensor of each compact entry, given the
-    kept positions of each sliced dim (see :meth:`Slicer.kept`)."""
-    dtype = torch.int32 if math.prod(shape) < 2**31 else torch.int64
+    kept positions of each sliced dim (see :meth:`Slicer.kept`); int32 unless the tensor
+    has 2**31 entries or more, or ``dtype`` says otherwise."""
+    if dtype is None:
+        dtype = torch.int32 if math.prod(shape) < 2**31 else torch.int64
     by_dim = dict(kept)
     flat = torch.zeros((), dtype=dtype)
     stride = 1
@@ -169,3 +305,20 @@ def flat_positions(kept: list[tuple[int, torch.Tensor]], shape: Sequence[int]) -
         flat = (pos * stride).view(view) + flat
         stride *= int(shape[d])
     return flat.reshape(-1)
+
+
+class _Plan:
+    """One mask's index maps for one slicer (:meth:`Slicer.plan`): small per-unit
+    tensors only (never per-entry maps, which would hold a copy of the slice)."""
+
+    __slots__ = ("signature", "refs", "validated", "full", "keep_units", "kept", "dims")
+
+    def __init__(self, signature: tuple, mask: Mask) -> None:
+        self.signature = signature
+        # hold the tensors the signature names, so that their ids stay theirs
+        self.refs = (tuple(mask.indices.values()), tuple(mask.scale.values()))
+        self.validated = False
+        self.full: bool | None = None
+        self.keep_units: dict[str, torch.Tensor] | None = None
+        self.kept: dict[tuple, list[tuple[int, torch.Tensor]]] = {}
+        self.dims: dict[tuple, torch.Tensor] = {}  # (length, canonical coupling) → kept positions
