@@ -25,9 +25,9 @@ test: setup
 demo: setup
 	$(VENV)/bin/fl-subnet compare scenarios/digits-fedavg.toml scenarios/digits-ist.toml scenarios/digits-fedsubdrop.toml --out $(OUT)
 
+# every bench/*.py benchmark -> bench/results.json + bench/results.md (BENCH_ARGS="--quick", "--only client,scale")
 bench: setup
-	$(PY) bench/aggregate.py
-	$(PY) bench/analysis.py
+	$(PY) bench/run_all.py $(BENCH_ARGS)
 
 # every image in README.md, from the current code (runs under runs/figures, images to docs/)
 figures: setup
