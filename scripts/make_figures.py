@@ -14,7 +14,8 @@ folder under the name the README uses:
                                   -> tiers-cnn-digits.png, tiers-cnn-submodels.png
     frontier-mlp fl-subnet frontier scenarios/digits-{fedavg,fedsubdrop,fedsubdrop-even,ist-mlp-bn,ist}.toml
                                   --seeds 0,1,2                              -> frontier-digits-mlp.png
-    frontier-cnn fl-subnet frontier scenarios/digits-cnn-bn-*.toml --seeds 0,1,2 -> frontier-digits-cnn.png
+    frontier-cnn fl-subnet frontier scenarios/digits-cnn-bn-*.toml --seeds 0,1,2 --rounds 60
+                                                                             -> frontier-digits-cnn.png
     paper-msd    fl-subnet sweep scenarios/paper-msd.toml --vary num-subnets=1,2,4,8
                                                   -> paper-msd-loss.png, paper-msd-floor.png
     paper-ist    fl-subnet sweep scenarios/paper-ist.toml --vary num-subnets=2,4,8 -> paper-ist-floor.png
@@ -74,7 +75,8 @@ def figures() -> dict[str, Figure]:
                                 "scenarios/digits-fedsubdrop-even.toml", "scenarios/digits-ist-mlp-bn.toml",
                                 "scenarios/digits-ist.toml", "--seeds", "0,1,2"),
                                (("frontier.png", "frontier-digits-mlp.png"),)),
-        "frontier-cnn": Figure(("frontier", *_scenarios("scenarios/digits-cnn-bn-*.toml"), "--seeds", "0,1,2"),
+        "frontier-cnn": Figure(("frontier", *_scenarios("scenarios/digits-cnn-bn-*.toml"), "--seeds", "0,1,2",
+                                "--rounds", "60"),
                                (("frontier.png", "frontier-digits-cnn.png"),)),
         "paper-msd": Figure(("sweep", "scenarios/paper-msd.toml", "--vary", "num-subnets=1,2,4,8"),
                             (("sweep-loss.png", "paper-msd-loss.png"), ("sweep-floor.png", "paper-msd-floor.png"))),
