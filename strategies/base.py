@@ -354,8 +354,7 @@ class SubnetStrategy(NodeSampling, FedAvg):
         # objects are then serialized once for all of them).
         shared: tuple[dict, RecordDict] | None = None
         for node_id, mask in zip(nodes, masks):
-            self.slicer.validate(mask)
-            full = self.slicer.is_full(mask)
+            full = self.slicer.is_full(mask)  # validates the mask
             extra = {**self._example_config, **mask_to_config(mask, self.groups), **self.node_config(node_id, mask)}
             if full and shared is not None and shared[0] == extra:
                 content = shared[1]

@@ -209,7 +209,7 @@ class MaskedAggregator:
         if not kept:
             acc.copy_(t if first else torch.maximum(acc, t))
         else:
-            flat = flat_positions(kept, full.shape).long()
+            flat = flat_positions(kept, full.shape, torch.int64)
             acc.view(-1).scatter_reduce_(0, flat, t.reshape(-1), "amax", include_self=not first)
 
     def _denominator(self, key: str, full: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -294,7 +294,6 @@ class MaskedAggregator:
             mean = num.div_(torch.where(held, den, torch.ones_like(den)).to(num.dtype)).to(full.dtype)
             out[key] = torch.where(held, mean, fallback)
         return out
-
 
 
 def _all_finite(t: torch.Tensor) -> bool:

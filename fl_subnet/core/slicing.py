@@ -192,10 +192,6 @@ class Slicer:
             out.append((d, pos))
         return out
 
-    def full_dims(self, mask: Mask, key: str, shape: Sequence[int]) -> bool:
-        """Whether ``key`` is uncut under ``mask`` (every coupled dim keeps every position)."""
-        return all(int(idx.numel()) == int(shape[d]) for d, idx in self.kept(mask, key, shape))
-
     def compact_shape(self, key: str, shape: Sequence[int], mask: Mask) -> tuple[int, ...]:
         """Shape of ``key``'s compact slice under ``mask``."""
         return self.compact_shapes(mask, {key: shape})[key]
@@ -239,18 +235,16 @@ class Slicer:
             return out
 
     @staticmethod
-    def gather_key(t: torch.Tensor, kept: list[tuple[int, torch.Tensor]],
-                   out: torch.Tensor | None = None) -> torch.Tensor:
-        """One tensor's compact slice (new memory, or written into ``out``): one
-        ``index_select`` per cut dim, uncut dims skipped."""
+    def gather_key(t: torch.Tensor, kept: list[tuple[int, torch.Tensor]]) -> torch.Tensor:
+        """One tensor's compact slice, in new memory: one ``index_select`` per cut dim,
+        uncut dims skipped."""
         t = t.detach()
         cut = [(d, idx) for d, idx in kept if int(idx.numel()) != t.shape[d]]
         if not cut:
-            return t.clone() if out is None else out.copy_(t)
-        for d, idx in cut[:-1]:
+            return t.clone()
+        for d, idx in cut:
             t = t.index_select(d, idx)
-        d, idx = cut[-1]
-        return t.index_select(d, idx) if out is None else torch.index_select(t, d, idx, out=out)
+        return t
 
     def scatter(self, compact: Mapping[str, torch.Tensor], mask: Mask,
                 into: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

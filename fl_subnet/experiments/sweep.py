@@ -64,7 +64,6 @@ def floor_figure(values: Sequence, floors: Sequence[float], key: str, title: str
         ax.plot(*zip(*done), "o", color="C0", label="floor (flattened)")
     if falling:
         ax.plot(*zip(*falling), "o", mfc="none", color="C0", label="still falling: an upper bound")
-    if falling:
         ax.legend(fontsize=8)
     ax.set_yscale("log")
     label_log_axis(ax.yaxis)  # floors within a decade of each other still get labelled ticks
