@@ -132,6 +132,8 @@ from fl_subnet.experiments.config import STRATEGIES, RunConfig  # noqa: E402
 
 @pytest.mark.parametrize("mapping,message", [
     ({"lr": float("inf")}, "lr must be a finite number > 0, got inf"),
+    ({"lr": 2**53 + 1}, "lr must be a finite number > 0, got 9007199254740993"),  # no silent rounding
+    ({"lr": 10**400}, "lr must be a finite number > 0, got 1000000"),  # no OverflowError
     ({"keep-prob": 0}, "keep-prob must be a finite number in (0, 1], got 0"),
     ({"num-nodes": "3"}, "num-nodes must be an integer in [1, 10000], got '3'"),
     ({"num-nodes": True}, "num-nodes must be an integer in [1, 10000], got true"),

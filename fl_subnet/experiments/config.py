@@ -107,9 +107,22 @@ def Int(lo: int, hi: int, doc: str):  # noqa: N802  (a type factory)
     return Annotated[int, BeforeValidator(_whole_number), Field(strict=True, ge=lo, le=hi, description=doc)]
 
 
+def _exact_float(value):
+    """Refuse an int that a float cannot hold exactly (above 2**53), instead of rounding it."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        try:
+            if float(value) != value:
+                raise ValueError("an integer a float cannot hold exactly")
+        except OverflowError:
+            raise ValueError("an integer too large for a float") from None
+    return value
+
+
 def Number(doc: str, **bounds: float):  # noqa: N802
-    """A finite ``float`` key (an int is accepted as a float); ``bounds``: gt/ge/lt/le."""
-    return Annotated[float, Field(strict=True, allow_inf_nan=False, description=doc, **bounds)]
+    """A finite ``float`` key (an int is accepted as a float when a float holds it
+    exactly); ``bounds``: gt/ge/lt/le."""
+    return Annotated[float, BeforeValidator(_exact_float),
+                     Field(strict=True, allow_inf_nan=False, description=doc, **bounds)]
 
 
 def Choice(choices, doc: str):  # noqa: N802
