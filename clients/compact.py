@@ -27,6 +27,7 @@ from fl_subnet.core.batchnorm import check_policy, use_batch_statistics
 from fl_subnet.core.masks import Mask, full_mask
 from fl_subnet.core.ordered import WidthSchedule, build_ordered, width_generator
 from fl_subnet.core.spec import SubnetSpec, cached_spec
+from fl_subnet.packed import Layout, is_packed, pack_state, slice_layout, unpack_state
 from fl_subnet.wire import (BATCHNORM_KEY, MASK_PREFIX, SKIP_KEY, arrays_to_state, example_from_config,
                             mask_from_config, read_train, widths_from_config)
 
@@ -50,6 +51,10 @@ class Received:
     widths : tuple[float, ...]
         FjORD's allowed per-batch widths (``fjord-widths``), empty otherwise; when set,
         ``model`` was built by :func:`fl_subnet.core.ordered.build_ordered`.
+    layout : Layout or None
+        The packing layout of the slice (:mod:`fl_subnet.packed`) when it came packed
+        (a sub-model), else None (a full model, one array per tensor):
+        :func:`reply_arrays` replies in the same format.
     """
 
     model: nn.Module
@@ -58,6 +63,7 @@ class Received:
     arrays_key: str
     config: Mapping[str, object]
     widths: tuple[float, ...] = ()
+    layout: Layout | None = None
 
 
 def receive(msg: Message | RecordDict, model_factory: Callable[[], nn.Module]) -> Received:
@@ -96,13 +102,14 @@ def receive(msg: Message | RecordDict, model_factory: Callable[[], nn.Module]) -
     mask = mask_from_config(config, spec.all_groups) if has_mask else full_mask(spec.all_groups)
     spec.slicer.skipped_keys(mask)  # a depth block this model lacks: ValueError naming it
     widths = widths_from_config(config)  # FjORD: ValueError naming 'fjord-widths'
-    state = arrays_to_state(arrays)
+    layout = slice_layout(spec.slicer, mask, spec.state_meta) if is_packed(arrays) else None
+    state = arrays_to_state(arrays) if layout is None else unpack_state(arrays, layout)
     # FjORD gates the groups the server masked (none for a message without mask keys)
     model = build_ordered(spec, state, mask, gated=mask.indices if has_mask else ()) if widths \
         else spec.build(state, mask)
     if check_policy(str(config.get(BATCHNORM_KEY, "averaged"))) == "static":
         use_batch_statistics(model)
-    return Received(model, mask, spec, arrays_key, config, widths)
+    return Received(model, mask, spec, arrays_key, config, widths, layout)
 
 
 def compact_model(msg: Message | RecordDict, model_factory: Callable[[], nn.Module]) -> nn.Module:
@@ -159,10 +166,21 @@ def width_schedule(received: Received, partition: int = 0) -> WidthSchedule:
 
 
 def reply_arrays(received: Received, model: nn.Module | None = None) -> dict[str, ArrayRecord]:
-    """``{arrays_key: ArrayRecord(compact state)}`` for the reply's RecordDict."""
+    """``{arrays_key: ArrayRecord(compact state)}`` for the reply's RecordDict: packed
+    like the received slice (one array per dtype kind) when it came packed, else one
+    array per tensor. ``ArrayRecord(model.state_dict())`` is a valid reply too, about
+    200 bytes per tensor larger.
+
+    Raises
+    ------
+    ValueError
+        If the model's state no longer has the received slice's keys and shapes.
+    """
     from fl_subnet.wire import state_to_arrays
 
-    return {received.arrays_key: state_to_arrays((received.model if model is None else model).state_dict())}
+    state = (received.model if model is None else model).state_dict()
+    arrays = state_to_arrays(state) if received.layout is None else pack_state(state, received.layout)
+    return {received.arrays_key: arrays}
 
 
 __all__ = ["Received", "receive", "compact_model", "reply_arrays", "width_schedule"]

@@ -6,6 +6,8 @@ The strategy may name its records as it likes (Flower's ``arrayrecord_key`` and
 train message whatever their names (:func:`read_train`) and replies under the same
 ArrayRecord key. A mask travels as one packed bitmask per group (``size/8`` bytes: 1M units ≈ 125 kB)
 plus its scale, all plain Python types as Flower's ConfigRecord requires (docs/design.md, "Wire contract").
+A sub-model's slice travels packed, one array per dtype kind (:mod:`fl_subnet.packed`);
+a full model as Flower sends it, one array per tensor.
 """
 
 from __future__ import annotations
@@ -304,3 +306,28 @@ def arrays_to_state(arrays: ArrayRecord, copy: bool = True) -> dict[str, torch.T
             warnings.simplefilter("ignore", UserWarning)  # read-only buffer: we only read
             out[key] = torch.from_numpy(view)
     return out
+
+
+def decode_slice(arrays: ArrayRecord, layout, copy: bool = True) -> dict[str, torch.Tensor]:
+    """A compact slice as a ``state_dict``, packed (:func:`fl_subnet.packed.unpack_state`)
+    or one array per tensor (:func:`arrays_to_state`).
+
+    Parameters
+    ----------
+    arrays : ArrayRecord
+    layout : Layout or Callable[[], Layout]
+        The slice's packing layout (:func:`fl_subnet.packed.slice_layout`), or a function
+        computing it (called only for a packed record).
+    copy : bool
+        As in :func:`arrays_to_state`.
+
+    Raises
+    ------
+    ValueError
+        If the arrays cannot be decoded or do not match the layout.
+    """
+    from .packed import is_packed, unpack_state
+
+    if is_packed(arrays):
+        return unpack_state(arrays, layout() if callable(layout) else layout, copy=copy)
+    return arrays_to_state(arrays, copy=copy)

@@ -3,6 +3,7 @@ aggregation up (docs/design.md; Liao & Kyrillidis, TMLR 2022, Alg. 1 and Fig. 1)
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from logging import INFO
@@ -21,7 +22,8 @@ from fl_subnet.core.robust import MaskedMedian, MaskedTrimmedMean, cap_weight, s
 from fl_subnet.core.batchnorm import batchnorm_layers, check_policy, recompute_bn_stats
 from fl_subnet.core.spec import analyze
 from fl_subnet.core.masks import Mask, coverage
-from fl_subnet.wire import BATCHNORM_KEY, arrays_to_state, example_to_config, mask_to_config, state_to_arrays
+from fl_subnet.packed import PACKED_PREFIX, pack_state, slice_layout
+from fl_subnet.wire import BATCHNORM_KEY, arrays_to_state, decode_slice, example_to_config, mask_to_config, state_to_arrays
 from fl_subnet.core.samplers import MaskSampler
 
 from fl_subnet.core.server_opt import MaskedServerOptimizer
@@ -347,6 +349,7 @@ class SubnetStrategy(NodeSampling, FedAvg):
         else:
             masks = self.sampler.sample(self.groups, server_round, len(nodes))
         self._state = self._decode(arrays)
+        self._full_meta = {k: (tuple(t.shape), t.dtype) for k, t in self._state.items()}
         messages, self._bytes_down = [], 0
         # A full mask's slice is the global model itself: nodes with one get the
         # ArrayRecord as received (no gather, no re-serialization), and nodes whose
@@ -359,7 +362,7 @@ class SubnetStrategy(NodeSampling, FedAvg):
             if full and shared is not None and shared[0] == extra:
                 content = shared[1]
             else:
-                slice_arrays = arrays if full else state_to_arrays(self.slicer.gather(self._state, mask))
+                slice_arrays = arrays if full else pack_state(self.slicer.gather(self._state, mask), self._layout(mask))
                 node_config = ConfigRecord(dict(config))  # Strategy.start reuses `config`
                 node_config["server-round"] = server_round
                 if self.local_steps is not None:
@@ -421,7 +424,7 @@ class SubnetStrategy(NodeSampling, FedAvg):
             node = by_id.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
             try:
                 if msg.has_error():
-                    if "size mismatch" in str(msg.error.reason):
+                    if "size mismatch" in str(msg.error.reason) or PACKED_PREFIX in str(msg.error.reason):
                         full_size.append(node)  # the ClientApp loaded the slice into a full-size model
                     raise ReplyError(f"error reply: {msg.error.reason}")
                 if node in seen:
@@ -429,7 +432,8 @@ class SubnetStrategy(NodeSampling, FedAvg):
                 mask = self._sent.get(node)
                 if mask is None:
                     raise ReplyError("unknown node (no mask was sent to it this round)")
-                compact, weight, size = parse_reply(msg.content, self.weighted_by_key)
+                compact, weight, size = parse_reply(msg.content, self.weighted_by_key,
+                                                    functools.partial(self._layout, mask))
                 if self._is_full_size(compact, mask):
                     full_size.append(node)
                 agg.check(compact, mask)
@@ -502,6 +506,23 @@ class SubnetStrategy(NodeSampling, FedAvg):
         out = state_to_arrays(new_state)
         self._remember(out, new_state)
         return out, metrics
+
+    def slice_state(self, arrays: ArrayRecord, node_id: int) -> dict[str, torch.Tensor]:
+        """The compact slice in ``arrays`` (of this round's train message to ``node_id``,
+        or of that node's reply), packed or one array per tensor, as a ``state_dict``.
+
+        Raises
+        ------
+        KeyError
+            If no train message went to ``node_id`` this round.
+        ValueError
+            If the arrays do not match the node's slice.
+        """
+        return decode_slice(arrays, functools.partial(self._layout, self._sent[node_id]))
+
+    def _layout(self, mask: Mask):
+        """The packing layout of ``mask``'s slice of this round's global model."""
+        return slice_layout(self.slicer, mask, self._full_meta)
 
     def _decode(self, arrays: ArrayRecord) -> dict[str, torch.Tensor]:
         """The global state of ``arrays``: the state :meth:`aggregate_train` built it from

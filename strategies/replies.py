@@ -7,7 +7,7 @@ import math
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
-from fl_subnet.wire import arrays_to_state
+from fl_subnet.wire import decode_slice
 
 
 class ReplyError(ValueError):
@@ -26,8 +26,12 @@ def payload_bytes(arrays: ArrayRecord, config: ConfigRecord | None = None) -> in
     return total
 
 
-def parse_reply(content: RecordDict, weighted_by_key: str) -> tuple[dict[str, torch.Tensor], float, int]:
+def parse_reply(content: RecordDict, weighted_by_key: str, layout=None) -> tuple[dict[str, torch.Tensor], float, int]:
     """The compact state, the weight and the arrays' size (bytes) of a train reply.
+
+    ``layout``: the node's slice layout, or a function computing it
+    (:func:`fl_subnet.packed.slice_layout`), to read a packed reply; a reply of one
+    array per tensor needs none.
 
     Raises
     ------
@@ -48,7 +52,7 @@ def parse_reply(content: RecordDict, weighted_by_key: str) -> tuple[dict[str, to
     ):
         raise ReplyError(f"metric '{weighted_by_key}' must be a finite number > 0, got {weight!r}")
     try:
-        state = arrays_to_state(arrays[0], copy=False)  # read-only views: we only read
+        state = decode_slice(arrays[0], layout, copy=False)  # read-only views: we only read
     except Exception as err:  # noqa: BLE001 — undecodable payload
         raise ReplyError(f"arrays cannot be decoded: {err}") from err
     return state, float(weight), payload_bytes(arrays[0])

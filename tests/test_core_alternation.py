@@ -83,10 +83,11 @@ def test_core_round_is_fedavg_on_the_core_and_leaves_the_rest():
     messages, replies, new, metrics = run_round(strategy, grid, 1, init)
     assert metrics["num-replies"] == 3 and metrics["coverage"] == pytest.approx(0.5)
     for msg in messages:  # every node: the same core slice
-        got = arrays_to_state(msg.content["arrays"])
+        got = strategy.slice_state(msg.content["arrays"], msg.metadata.dst_node_id)
         np.testing.assert_array_equal(got["1.weight"].numpy(), old["1.weight"][:8])
         np.testing.assert_array_equal(got["3.weight"].numpy(), old["3.weight"][:, :8])
-    states = [{k: v.numpy() for k, v in arrays_to_state(r.content["arrays"]).items()} for r in replies]
+    states = [{k: v.numpy() for k, v in strategy.slice_state(r.content["arrays"], r.metadata.src_node_id).items()}
+              for r in replies]
     n = np.array([r.content["metrics"]["num-examples"] for r in replies], dtype=np.float64)
     assert len(set(n)) > 1  # unequal weights, so weighting matters
     rows = {"1.weight": np.s_[:8], "1.bias": np.s_[:8], "3.weight": np.s_[:, :8], "3.bias": np.s_[:]}
@@ -100,8 +101,9 @@ def test_core_round_is_fedavg_on_the_core_and_leaves_the_rest():
     assert not np.allclose(got["1.weight"][:8], old["1.weight"][:8])  # the core did move
 
     messages, replies, new2, _ = run_round(strategy, grid, 2, new)  # full round: FedAvg
-    assert all(arrays_to_state(m.content["arrays"])["1.weight"].shape == (16, 8) for m in messages)
-    states = [{k: v.numpy() for k, v in arrays_to_state(r.content["arrays"]).items()} for r in replies]
+    assert all(strategy.slice_state(m.content["arrays"], m.metadata.dst_node_id)["1.weight"].shape == (16, 8) for m in messages)
+    states = [{k: v.numpy() for k, v in strategy.slice_state(r.content["arrays"], r.metadata.src_node_id).items()}
+              for r in replies]
     n = np.array([r.content["metrics"]["num-examples"] for r in replies], dtype=np.float64)
     got2 = {k: v.numpy() for k, v in arrays_to_state(new2).items()}
     for key in got2:

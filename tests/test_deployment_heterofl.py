@@ -54,8 +54,13 @@ def tier_shapes(r: float) -> dict[str, tuple[int, ...]]:
 
 
 def tier_bytes(r: float) -> int:
-    """Bytes of the tier's arrays as Flower serializes them (float32 .npy payloads)."""
-    return sum(len(Array(np.zeros(s, dtype=np.float32)).data) for s in tier_shapes(r).values())
+    """Bytes of the tier's arrays as sent: a sub-model's tensors packed into one float32
+    .npy array (its raw bytes plus one header); the full model (r = 1) as Flower
+    serializes it, one float32 .npy payload per tensor."""
+    shapes = tier_shapes(r).values()
+    if r == 1:
+        return sum(len(Array(np.zeros(s, dtype=np.float32)).data) for s in shapes)
+    return len(Array(np.zeros(sum(math.prod(s) for s in shapes), dtype=np.float32)).data)
 
 
 @pytest.mark.skipif(bool(missing_binaries("flwr", "flower-superlink", "flower-supernode")),

@@ -131,7 +131,7 @@ def test_aggregation_equals_numpy_rule(seed):
         node = node_of[reply.metadata.reply_to_message_id]
         p_max = numpy_max_width(tiers[strategy._order.index(node) % 3])
         n = reply.content["metrics"]["num-examples"]
-        compact = arrays_to_state(reply.content["arrays"])
+        compact = strategy.slice_state(reply.content["arrays"], node)
         for key, shape in cnn_blocks(p_max).items():
             assert tuple(compact[key].shape) == shape, (key, p_max)
             block = tuple(slice(0, s) for s in shape)
@@ -303,7 +303,7 @@ def test_each_node_receives_its_max_width_slice_and_widths():
         tier = tiers[strategy._order.index(msg.metadata.dst_node_id) % 3]
         p_max = numpy_max_width(tier)
         seen.add(p_max)
-        got = {k: tuple(v.shape) for k, v in arrays_to_state(msg.content["arrays"]).items()}
+        got = {k: tuple(v.shape) for k, v in strategy.slice_state(msg.content["arrays"], msg.metadata.dst_node_id).items()}
         assert got == cnn_blocks(p_max), p_max
         assert widths_from_config(msg.content["config"]) == tuple(w for w in WIDTHS if w <= p_max)
     assert seen == {0.2, 0.4, 1.0}

@@ -30,13 +30,16 @@ def _round():
 def _expected(strategy, old, replies):
     agg = MaskedAggregator(old, strategy.slicer)
     for r in replies:
-        agg.add(arrays_to_state(r.content["arrays"]), strategy._sent[r.metadata.src_node_id],
+        agg.add(strategy.slice_state(r.content["arrays"], r.metadata.src_node_id), strategy._sent[r.metadata.src_node_id],
                 r.content["metrics"]["num-examples"])
     return agg.finalize()
 
 
-def _set_array(msg, key, value):
-    arrays = ArrayRecord({k: v for k, v in msg.content["arrays"].items()})
+def _set_array(msg, key, value, strategy):
+    """The reply re-sent as one array per tensor (as ``ArrayRecord(model.state_dict())``
+    writes it) with ``key`` set to ``value`` (None: removed)."""
+    state = strategy.slice_state(msg.content["arrays"], msg.metadata.src_node_id)
+    arrays = ArrayRecord({k: Array(v.numpy()) for k, v in state.items()})
     if value is None:
         del arrays[key]
     else:
@@ -46,10 +49,22 @@ def _set_array(msg, key, value):
 
 def _corrupt_arrays(fn):
     def apply(msg, strategy):
-        state = arrays_to_state(msg.content["arrays"])
+        state = strategy.slice_state(msg.content["arrays"], msg.metadata.src_node_id)
         key, value = fn(state)
-        _set_array(msg, key, value)
+        _set_array(msg, key, value, strategy)
         return key
+    return apply
+
+
+def _corrupt_packed(fn, what=None):
+    """Replace the packed reply's arrays by ``fn(packed-float values)`` → {key: ndarray};
+    the log line names ``what`` (default: the first new array's key)."""
+    def apply(msg, strategy):
+        assert set(msg.content["arrays"]) == {"packed-float"}  # fl-subnet's ClientApp packs its reply
+        new = fn(msg.content["arrays"]["packed-float"].numpy())
+        msg.content = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in new.items()}),
+                                  "metrics": msg.content["metrics"]})
+        return what or next(iter(new))
     return apply
 
 
@@ -72,6 +87,12 @@ CORRUPTIONS = {
     "wrong-dtype": _corrupt_arrays(lambda s: ("3.bias", s["3.bias"].double().numpy())),
     "nan": _corrupt_arrays(lambda s: ("1.weight", np.full(tuple(s["1.weight"].shape), np.nan, np.float32))),
     "inf": _corrupt_arrays(lambda s: ("3.weight", np.full(tuple(s["3.weight"].shape), np.inf, np.float32))),
+    "packed-short": _corrupt_packed(lambda v: {"packed-float": v[:-1]}),
+    "packed-long": _corrupt_packed(lambda v: {"packed-float": np.append(v, np.float32(0))}),
+    "packed-int": _corrupt_packed(lambda v: {"packed-float": v.astype(np.int64)}),
+    "packed-2d": _corrupt_packed(lambda v: {"packed-float": v.reshape(1, -1)}),
+    "packed-extra-array": _corrupt_packed(lambda v: {"packed-int": np.zeros(1, np.int64), "packed-float": v}),
+    "packed-nan": _corrupt_packed(lambda v: {"packed-float": np.full_like(v, np.nan)}, "'1.weight' contains NaN"),
     "no-num-examples": _metrics({"train-loss": 1.0}),
     "zero-num-examples": _metrics({"num-examples": 0}),
     "unknown-node": _unknown_node,
@@ -116,7 +137,7 @@ def test_error_replies_and_no_valid_reply_keep_the_model(caplog):
        | arrays(np.int64, array_shapes(min_dims=0, max_dims=3, max_side=20)))
 def test_fuzzed_reply_never_raises(key, value):
     strategy, old, replies = _round()
-    _set_array(replies[0], key, value)
+    _set_array(replies[0], key, value, strategy)
     new_arrays, metrics = strategy.aggregate_train(1, replies)
     new = arrays_to_state(new_arrays)
     held = [r for r in replies if r is not replies[0]]

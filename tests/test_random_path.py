@@ -28,7 +28,8 @@ from fl_subnet.experiments.experiment import example_input, factory_for
 from fl_subnet.experiments.inprocess_grid import InProcessGrid
 from fl_subnet.models import MLP, FlowerCNN, MHATransformer, PreActResNet
 from fl_subnet.strategies import RandomPath, build_strategy
-from fl_subnet.wire import SKIP_KEY, arrays_to_state, read_train
+from fl_subnet.clients import receive
+from fl_subnet.wire import SKIP_KEY, arrays_to_state
 
 from flower_processes import Processes, flower_env, flwr_run, free_ports, missing_binaries, start_superlink, \
     write_flower_config
@@ -139,8 +140,9 @@ def test_resist_strategy_sends_each_middle_block_to_one_node():
                           min_available_nodes=3, min_train_nodes=3)
     torch.manual_seed(0)
     sent = list(strategy.configure_train(1, ArrayRecord(resnet3().state_dict()), ConfigRecord({}),
-                                         InProcessGrid(_random_reply_app(), 3)))
-    holders = {b: [m.metadata.dst_node_id for m in sent if f"{b}.conv1.weight" in m.content["arrays"]]
+                                         InProcessGrid(_random_reply_app(resnet3), 3)))
+    holders = {b: [m.metadata.dst_node_id for m in sent
+                   if f"{b}.conv1.weight" in strategy.slice_state(m.content["arrays"], m.metadata.dst_node_id)]
                for b in BLOCKS3}
     assert len(holders[BLOCKS3[0]]) == len(holders[BLOCKS3[-1]]) == 3
     assert all(len(holders[b]) == 1 for b in BLOCKS3[1:-1])
@@ -234,17 +236,19 @@ def test_aggregation_hand_computed():
     assert all(torch.equal(kept[k], state[k]) for k in state if k.startswith("stages.0.1."))
 
 
-def _random_reply_app() -> ClientApp:
-    """A node that answers with random tensors of the shapes it received and a random weight."""
+def _random_reply_app(factory) -> ClientApp:
+    """A node that answers with random tensors of the shapes it received (one array per
+    tensor) and a random weight."""
     app = ClientApp()
 
     @app.train()
     def train(msg, context):
-        key, arrays, config = read_train(msg.content)
+        got = receive(msg, factory)
+        key, config = got.arrays_key, got.config
         g = torch.Generator().manual_seed(1000 * int(config["server-round"]) + int(context.node_config["partition-id"]))
         state = {k: (torch.randn(t.shape, generator=g) if t.is_floating_point()
                      else torch.randint(0, 100, t.shape, generator=g, dtype=t.dtype))
-                 for k, t in arrays_to_state(arrays).items()}
+                 for k, t in got.model.state_dict().items()}
         n = int(torch.randint(1, 50, (1,), generator=g))
         return Message(RecordDict({key: ArrayRecord(state), "metrics": MetricRecord({"num-examples": n})}),
                        reply_to=msg)
@@ -274,7 +278,7 @@ def test_aggregation_equals_numpy_mean_over_holders_on_random_replies():
     # a round in which some middle block has two holders and another none
     rnd = next(r for r in range(1, 100) if {sum(b not in m.skip for m in strategy.sampler.sample([], r, 3))
                                             for b in BLOCKS3[1:-1]} >= {0, 2})
-    grid = InProcessGrid(_random_reply_app(), 3)
+    grid = InProcessGrid(_random_reply_app(resnet3), 3)
     torch.manual_seed(0)
     old = resnet3().state_dict()
     sent = list(strategy.configure_train(rnd, ArrayRecord(old), ConfigRecord({}), grid))
@@ -298,9 +302,13 @@ def test_aggregation_equals_numpy_mean_over_holders_on_random_replies():
 
 # ---------------------------------------------------------------- (c) bytes
 
-def _block_bytes(arrays: ArrayRecord, names) -> dict[str, int]:
-    """Serialized bytes (``len(Array.data)``, .npy header included) of each block's tensors."""
-    return {b: sum(len(a.data) for k, a in arrays.items() if k.startswith(b + ".")) for b in names}
+def _block_bytes(state, names) -> dict[str, int]:
+    """Raw bytes (numel × element size) of each block's tensors."""
+    return {b: sum(t.numel() * t.element_size() for k, t in state.items() if k.startswith(b + ".")) for b in names}
+
+
+def _raw_bytes(state) -> int:
+    return sum(t.numel() * t.element_size() for t in state.values())
 
 
 @pytest.mark.parametrize("factory", [resnet3, resnet_flat])
@@ -309,21 +317,29 @@ def test_a_path_costs_exactly_its_blocks_bytes(factory):
                           min_train_nodes=1)
     names = [b.name for b in strategy.spec.blocks]
     torch.manual_seed(0)
-    full = ArrayRecord(factory().state_dict())
-    per_block = _block_bytes(full, names)
-    rest = sum(len(a.data) for a in full.values()) - sum(per_block.values())
-    grid = InProcessGrid(_random_reply_app(), 1)
+    full_state = factory().state_dict()
+    full = ArrayRecord(full_state)
+    per_block = _block_bytes(full_state, names)
+    rest = _raw_bytes(full_state) - sum(per_block.values())
+    grid = InProcessGrid(_random_reply_app(factory), 1)
     for length in range(2, len(names) + 1):
         strategy.sampler = RandomPathSampler(length, blocks=names, seed=length)
         for rnd in (1, 2, 3):
             (msg,) = strategy.configure_train(rnd, full, ConfigRecord({}), grid)
             arrays = msg.content["arrays"]
-            got = _block_bytes(arrays, names)
+            state = strategy.slice_state(arrays, msg.metadata.dst_node_id)
+            got = _block_bytes(state, names)
             kept = [b for b in names if b not in strategy._sent[msg.metadata.dst_node_id].skip]
             assert len(kept) == length
             assert sum(got.values()) == sum(per_block[b] for b in kept)
             assert all(got[b] == (per_block[b] if b in kept else 0) for b in names)
-            assert sum(len(a.data) for a in arrays.values()) - sum(got.values()) == rest  # the rest: whole
+            assert _raw_bytes(state) - sum(got.values()) == rest  # the rest: whole
+            if length == len(names):  # the full model: Flower's own record, shared, one array per tensor
+                assert arrays is full
+                continue
+            # on the wire: those raw bytes plus one 128-byte .npy header per packed array (float, int)
+            assert sorted(arrays) == ["packed-float", "packed-int"]
+            assert sum(len(a.data) for a in arrays.values()) == _raw_bytes(state) + 128 * 2
             if factory is resnet_flat:  # equal-sized blocks: exactly the fraction L/B
                 assert sum(got.values()) / sum(per_block.values()) == length / len(names)
     if factory is resnet3:  # 3 blocks of 16 channels, 2 of 32: the fraction depends on which are kept
@@ -421,9 +437,14 @@ options.backend.init-args.num-cpus = 2
     rest = sum(_npy_bytes(t) for t in state.values()) - sum(block.values())
     sampler = build_strategy(cfg, factory_for(cfg), example_input=example_input(cfg)).sampler
     assert [sampler.length(r) for r in (1, 2)] == [3, 5]  # ceil(0.6 * 5), then the full path
+    raw = _block_bytes(state, BLOCKS3)
+    raw_rest = _raw_bytes(state) - sum(raw.values())
     for row in rows[1:]:
         paths = sampler.sample([], row["server-round"], NUM_NODES)
-        want = sum(rest + sum(block[b] for b in BLOCKS3 if b not in m.skip) for m in paths)
+        # a path: its raw bytes packed into two arrays (float, int) with a 128-byte .npy
+        # header each; the full model: Flower's one .npy per tensor
+        want = sum(raw_rest + sum(raw[b] for b in BLOCKS3 if b not in m.skip) + 2 * 128 if m.skip
+                   else rest + sum(block.values()) for m in paths)
         assert row["bytes-up"] == want, (row["server-round"], row["bytes-up"], want)
         assert 0 < row["bytes-down"] - row["bytes-up"] < 2000 * NUM_NODES  # the same slices plus the configs
     full = NUM_NODES * (rest + sum(block.values()))

@@ -21,6 +21,8 @@ from fl_subnet.core.server_opt import (MaskedFedAdagrad, MaskedFedAdam, MaskedFe
 from fl_subnet.core.spec import analyze
 from fl_subnet.strategies import FederatedDropout, SubnetFedAvg
 from fl_subnet.experiments.inprocess_grid import InProcessGrid
+from fl_subnet.clients import receive
+from fl_subnet.packed import is_packed
 from fl_subnet.wire import arrays_to_state
 
 from strategy_helpers import factory, grid, initial_arrays, train_config
@@ -48,8 +50,9 @@ def _echo_grid(num_nodes):
         i = int(context.node_config["partition-id"])
         rnd = int(msg.content["config"]["server-round"])
         gen = torch.Generator().manual_seed(1000 * rnd + i)
-        state = {k: (v.float() + 0.05 * torch.randn(v.shape, generator=gen))
-                 for k, v in arrays_to_state(msg.content["arrays"]).items()}
+        arrays = msg.content["arrays"]  # a sub-model's slice is packed: decoded as a node does
+        sent = receive(msg, factory).model.state_dict() if is_packed(arrays) else arrays_to_state(arrays)
+        state = {k: (v.float() + 0.05 * torch.randn(v.shape, generator=gen)) for k, v in sent.items()}
         return Message(RecordDict({"arrays": ArrayRecord(state),
                                    "metrics": MetricRecord({"num-examples": 10 + 5 * i})}), reply_to=msg)
 

@@ -3,8 +3,9 @@ digits and the transformer on the offline sequence task, 2 rounds each.
 
 The bytes every round's nodes sent back must equal the analytic size of their compact
 slices: per node, the tensor sizes written out by hand below from the kept counts of
-its mask (the masks are redrawn from the strategy's seeded sampler), plus the ``.npy``
-header Flower's ``Array`` puts in front of each tensor.
+its mask (the masks are redrawn from the strategy's seeded sampler), packed into one
+``.npy`` array per dtype kind (float32 and, for BatchNorm's counters, int64): plus one
+``.npy`` header per kind.
 """
 
 import io
@@ -70,7 +71,8 @@ SHAPES = {"cnn-bn": cnn_bn_shapes, "transformer": transformer_shapes}
 
 
 def expected_bytes_up(overrides: dict, rounds: int) -> list[int]:
-    """Per round: Σ over the nodes' masks of Σ over tensors (raw bytes + .npy header)."""
+    """Per round: Σ over the nodes' masks of (Σ over tensors of their raw bytes + one
+    .npy header per dtype kind of the packed slice)."""
     cfg = RunConfig.from_mapping(overrides)
     strategy = build_strategy(cfg, factory_for(cfg), example_input=example_input(cfg))
     out = []
@@ -78,8 +80,10 @@ def expected_bytes_up(overrides: dict, rounds: int) -> list[int]:
         total = 0
         for mask in strategy.sampler.sample(strategy.groups, rnd, NUM_NODES):
             kept = {g.name: int(mask.kept(g).numel()) for g in strategy.groups}
-            for shape, dtype in SHAPES[cfg.model](kept):
-                total += int(np.prod(shape)) * np.dtype(dtype).itemsize + _npy_header(shape, dtype)
+            shapes = SHAPES[cfg.model](kept)
+            for dtype in {d for _, d in shapes}:
+                count = sum(int(np.prod(s)) for s, d in shapes if d == dtype)
+                total += count * np.dtype(dtype).itemsize + _npy_header((count,), dtype)
         out.append(total)
     return out
 

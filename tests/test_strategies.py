@@ -47,7 +47,7 @@ def test_ist_sends_each_node_its_partition_and_reassembles():
         mask = mask_from_config(msg.content["config"], strategy.groups)
         rows = mask.indices["1"]
         units[rows] += 1
-        sent = arrays_to_state(msg.content["arrays"])
+        sent = strategy.slice_state(msg.content["arrays"], msg.metadata.dst_node_id)
         assert sent["1.weight"].shape == (len(rows), 8)
         assert sent["3.weight"].shape == (3, len(rows))
         assert torch.equal(sent["1.weight"], state["1.weight"][rows])
@@ -59,7 +59,7 @@ def test_ist_sends_each_node_its_partition_and_reassembles():
     for reply in replies:
         mask = strategy._sent[reply.metadata.src_node_id]
         rows = mask.indices["1"]
-        trained = arrays_to_state(reply.content["arrays"])
+        trained = strategy.slice_state(reply.content["arrays"], reply.metadata.src_node_id)
         # every hidden unit equals its one holder's trained copy, bit for bit
         assert torch.equal(new["1.weight"][rows], trained["1.weight"])
         assert torch.equal(new["1.bias"][rows], trained["1.bias"])

@@ -7,6 +7,7 @@ message (:func:`cached_spec`).
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 from collections.abc import Callable, Mapping, Sequence
 
@@ -72,6 +73,14 @@ class SubnetSpec:
         self.slicer = Slicer(self.all_groups, {b.name: b.keys for b in self.blocks})
         self.excluded = dict(resolved.excluded) if resolved else {}
         self.pinned = dict(resolved.pinned) if resolved else {}
+
+    @functools.cached_property
+    def state_meta(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """Every ``state_dict`` key of the full model → its shape and dtype (the model
+        built once on the ``meta`` device: no memory for its tensors)."""
+        with torch.device("meta"):
+            model = self.factory()
+        return {k: (tuple(t.shape), t.dtype) for k, t in model.state_dict().items()}
 
     def gather(self, full_state: Mapping[str, torch.Tensor], mask: Mask) -> dict[str, torch.Tensor]:
         """The compact slice of ``full_state`` under ``mask`` (see :meth:`Slicer.gather`)."""

@@ -1,0 +1,180 @@
+"""The packed compact slice: one ``.npy`` array per dtype kind instead of one per tensor.
+
+Flower's ``ArrayRecord`` sends every tensor as its own ``Array``: a 128-byte ``.npy``
+header, the key, dtype and shape fields and their protobuf framing, about 200 bytes a
+tensor, and a Python object per tensor on both sides. For a sub-model slice both sides
+already know every tensor's key and compact shape (the node from its analysis and the
+mask, the server from the global model and the mask), so a train message of a sub-model
+sends the slice as one flat array per kind of dtype (``packed-float``, ``packed-int``,
+``packed-bool``, ``packed-complex``): the tensors in sorted-key order, each flattened
+row-major. 57 tensors of a small ResNet then cost one header instead of 57.
+
+The layout (key, compact shape, kind, in packing order) is computed by both sides with
+:func:`slice_layout`; :func:`pack_state` and :func:`unpack_state` check every size
+against it and raise a ``ValueError`` naming the key otherwise. A reply may be packed
+(fl-subnet's ClientApp packs when it was sent a packed slice) or one array per tensor,
+as ``ArrayRecord(model.state_dict())`` writes it: the server reads both
+(:func:`fl_subnet.wire.decode_slice`). A full-model message keeps Flower's own format
+(one array per tensor, the record shared by every node, as Flower's FedAvg sends it).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord
+from flwr.common.constant import SType
+
+#: ArrayRecord key prefix of a packed slice: ``packed-float``, ``packed-int``, ...
+PACKED_PREFIX = "packed-"
+KINDS = ("float", "int", "bool", "complex")
+
+#: ``(key, compact shape, kind)`` per tensor, in packing order.
+Layout = Sequence[tuple[str, tuple[int, ...], str]]
+
+
+def kind_of(dtype: torch.dtype) -> str:
+    """``"float"``, ``"int"`` (signed or unsigned), ``"bool"`` or ``"complex"``."""
+    if dtype == torch.bool:
+        return "bool"
+    if dtype.is_complex:
+        return "complex"
+    return "float" if dtype.is_floating_point else "int"
+
+
+def _np_kind(dtype: np.dtype) -> str | None:
+    return {"f": "float", "i": "int", "u": "int", "b": "bool", "c": "complex"}.get(dtype.kind)
+
+
+def slice_layout(slicer, mask, full: Mapping[str, tuple[Sequence[int], torch.dtype]]) -> list[tuple[str, tuple[int, ...], str]]:
+    """The packing order of ``mask``'s compact slice.
+
+    Parameters
+    ----------
+    slicer : fl_subnet.core.slicing.Slicer
+    mask : fl_subnet.core.masks.Mask
+    full : Mapping[str, tuple[Sequence[int], torch.dtype]]
+        Every key of the full ``state_dict`` → its full shape and dtype.
+
+    Returns
+    -------
+    list[tuple[str, tuple[int, ...], str]]
+        ``(key, compact shape, kind)`` in sorted-key order, without the keys of
+        skipped depth blocks.
+    """
+    skipped = slicer.skipped_keys(mask)
+    keys = sorted(k for k in full if k not in skipped)
+    shapes = slicer.compact_shapes(mask, {k: tuple(full[k][0]) for k in keys})
+    return [(k, shapes[k], kind_of(full[k][1])) for k in keys]
+
+
+def is_packed(arrays: ArrayRecord) -> bool:
+    """Whether ``arrays`` holds a packed slice (any ``packed-*`` key)."""
+    return any(str(k).startswith(PACKED_PREFIX) for k in arrays)
+
+
+def pack_state(state: Mapping[str, torch.Tensor], layout: Layout) -> ArrayRecord:
+    """``state`` (a compact slice) as a packed ArrayRecord, one data copy.
+
+    Tensors of one kind but different dtypes (float32 weights with a float64 buffer) are
+    packed in their promoted dtype; the receiver casts them back to its model's.
+
+    Raises
+    ------
+    ValueError
+        Naming the key, if ``state`` lacks a key of ``layout``, has a key ``layout``
+        lacks, or a tensor's shape or kind differs from the layout's.
+    """
+    from fl_subnet.wire import _npy_header_bytes  # one .npy header writer for the whole wire
+
+    if len(state) != len(layout):
+        extra = sorted(set(state) - {k for k, _, _ in layout})
+        missing = [k for k, _, _ in layout if k not in state]
+        raise ValueError(f"compact state does not match the slice layout: missing {missing}, unexpected {extra}")
+    by_kind: dict[str, list[torch.Tensor]] = {}
+    for key, shape, kind in layout:
+        t = state.get(key)
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"compact state is missing tensor '{key}'")
+        if tuple(t.shape) != tuple(shape) or kind_of(t.dtype) != kind:
+            raise ValueError(f"tensor '{key}' has shape {tuple(t.shape)} and dtype {t.dtype}, the slice layout "
+                             f"says {tuple(shape)} ({kind})")
+        by_kind.setdefault(kind, []).append(t.detach())
+    record = ArrayRecord()
+    for kind, tensors in by_kind.items():
+        dtype = tensors[0].dtype
+        for t in tensors[1:]:
+            dtype = torch.promote_types(dtype, t.dtype)
+        parts = [t.to(dtype).cpu().contiguous().numpy() for t in tensors]
+        count = sum(p.size for p in parts)
+        header, name = _npy_header_bytes((count,), parts[0].dtype.str)
+        data = b"".join([header, *(memoryview(p).cast("B") for p in parts if p.size)])
+        record[PACKED_PREFIX + kind] = Array(dtype=name, shape=(count,), stype=SType.NUMPY, data=data)
+    return record
+
+
+def unpack_state(arrays: ArrayRecord, layout: Layout, copy: bool = True) -> dict[str, torch.Tensor]:
+    """The compact state of a packed ArrayRecord (inverse of :func:`pack_state`).
+
+    Parameters
+    ----------
+    arrays : ArrayRecord
+        ``packed-<kind>`` arrays only, one per kind the layout uses.
+    layout : Layout
+        From :func:`slice_layout` for the mask the slice was cut with.
+    copy : bool
+        ``False``: read-only tensors viewing the message's bytes (the server only reads
+        them); ``True``: one copy per kind, the tensors are views into it (writable).
+
+    Returns
+    -------
+    dict[str, torch.Tensor]
+        ``key → tensor`` of the layout's shape, in the layout's order.
+
+    Raises
+    ------
+    ValueError
+        Naming the array key, if a kind is missing or extra, an array is not a 1-D
+        ``.npy`` of that kind, or its length differs from the layout's total.
+    """
+    from fl_subnet.wire import _npy_view
+
+    wanted: dict[str, list[tuple[str, tuple[int, ...]]]] = {}
+    for key, shape, kind in layout:
+        wanted.setdefault(kind, []).append((key, tuple(shape)))
+    names = {PACKED_PREFIX + kind for kind in wanted}
+    extra = sorted(str(k) for k in arrays if k not in names)
+    if extra:
+        raise ValueError(f"packed slice has unexpected array(s) {extra}; expected {sorted(names)}")
+    flat: dict[str, torch.Tensor] = {}
+    for kind, entries in wanted.items():
+        name = PACKED_PREFIX + kind
+        if name not in arrays:
+            raise ValueError(f"packed slice is missing array '{name}'")
+        view = _npy_view(arrays[name])
+        if view is None or view.ndim != 1 or _np_kind(view.dtype) != kind:
+            raise ValueError(f"array '{name}' must be a 1-D native .npy array of {kind} values")
+        count = sum(math.prod(s) for _, s in entries)
+        if view.size != count:
+            raise ValueError(f"array '{name}' holds {view.size} values, the slice layout {count}")
+        if copy:
+            flat[kind] = torch.from_numpy(view.copy())
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # read-only buffer: we only read
+                flat[kind] = torch.from_numpy(view)
+    out: dict[str, torch.Tensor] = {}
+    offsets = dict.fromkeys(wanted, 0)
+    for key, shape, kind in layout:
+        n = math.prod(shape)
+        start = offsets[kind]
+        out[key] = flat[kind][start:start + n].view(shape)
+        offsets[kind] = start + n
+    return out
+
+
+__all__ = ["PACKED_PREFIX", "KINDS", "Layout", "kind_of", "slice_layout", "is_packed", "pack_state", "unpack_state"]
