@@ -8,8 +8,8 @@ Each run is ``flwr run`` on a simulation SuperLink started here (``flower-superl
 threads in every Flower process; left unset, two actors plus the ServerApp
 oversubscribe the 2 cores, which slows the full model's matrix products, hence FedAvg's
 client, far more than IST's quarter-width ones: measured 5.3 s against 2.7 s a round
-of FedAvg at 100 clients), on digits with the App's default MLP
-(64-128-64-10), Dirichlet(0.5) partitions, every node trained every round
+of FedAvg at 100 clients), on digits with an MLP of hidden widths ``--hidden`` (default
+the App's 64-128-64-10), Dirichlet(0.5) partitions, every node trained every round
 (``fraction-train = 1``), τ = ``local-steps`` = 10:
 
 * **ours**: the project itself, ``flwr run .`` with ``strategy = "ist"``,
@@ -154,7 +154,7 @@ def one_run(project: Path, kind: str, clients: int, args: argparse.Namespace, wo
                         f"options.backend.client-resources.num-cpus = {args.client_cpus}\n"
                         f"options.backend.init-args.num-cpus = {args.ray_cpus}\n")
     overrides = {"num-nodes": clients, "num-server-rounds": args.rounds, "fraction-train": 1.0,
-                 "local-steps": args.local_steps, "out-dir": str(out_dir), "seed": 0}
+                 "local-steps": args.local_steps, "out-dir": str(out_dir), "seed": 0, "hidden": args.hidden}
     if kind == "ours":
         overrides.update({"strategy": "ist", "num-subnets": 4})
     env = flower_env(home)
@@ -201,11 +201,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=5, help="server rounds per run (round 1 is not timed)")
     p.add_argument("--reps", type=int, default=1, help="runs of each App per number of clients")
     p.add_argument("--local-steps", type=int, default=10, help="τ")
+    p.add_argument("--hidden", default="128,64",
+                   help="hidden widths of the MLP on digits (the App's default 128,64: 17k parameters, where "
+                        "per-message costs dominate; e.g. 1024,1024 for 1.1M)")
     p.add_argument("--client-cpus", type=int, default=1, help="client-resources.num-cpus")
     p.add_argument("--ray-cpus", type=int, default=2, help="Ray init-args num-cpus")
     p.add_argument("--threads", type=int, default=1,
                    help="OMP_NUM_THREADS of the Flower processes (0: leave unset)")
     p.add_argument("--timeout", type=float, default=600, help="seconds one flwr run may take")
+    p.add_argument("--apps", default="fedavg,ours", help="which Apps to run (a diagnosis may run one)")
+    p.add_argument("--work-dir", help="keep every run's logs and outputs there (default: a temporary folder)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s", stream=sys.stderr)
     if args.quick:
@@ -214,20 +219,23 @@ def main(argv: list[str] | None = None) -> int:
     from common import emit, record
 
     with tempfile.TemporaryDirectory(prefix="bench-sim-") as tmp:
-        work = Path(tmp)
+        work = Path(args.work_dir or tmp)
         projects = {"ours": ROOT, "fedavg": baseline_project(work / "flower-fedavg-bench")}
         for clients in (int(c) for c in args.clients.split(",")):
             runs: dict[str, list[dict]] = {"ours": [], "fedavg": []}
             for _ in range(args.reps):
-                for kind in ("fedavg", "ours"):
+                for kind in args.apps.split(","):
                     runs[kind].append(one_run(projects[kind], kind, clients, args, work))
             steady = {k: [s for r in rs for s in r["steady"]] for k, rs in runs.items()}
             setting = {"clients": clients, "rounds": args.rounds, "timed_rounds": f"2-{args.rounds}",
                        "runs": args.reps, "ours": "IST p=4 (fl-subnet App)", "fedavg": "Flower FedAvg + template client",
-                       "data": "digits, dirichlet 0.5, MLP 64-128-64-10", "fraction_train": 1.0,
+                       "data": f"digits, dirichlet 0.5, MLP 64-{args.hidden.replace(',', '-')}-10",
+                       "fraction_train": 1.0,
                        "local_steps": args.local_steps, "client_cpus": args.client_cpus, "ray_cpus": args.ray_cpus,
                        "omp_num_threads": args.threads or "unset",
                        "measure": "round wall time, Ray simulation (flwr run)"}
+            if not all(steady.values()):  # one App only (--apps): its rounds are in the log
+                continue
             emit(record("simulation", setting, steady["ours"], fedavg=steady["fedavg"],
                         target=TARGET_100 if clients >= 100 else None,
                         round1_median=_median([r["round1"] for r in runs["ours"]]),
