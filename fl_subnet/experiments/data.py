@@ -263,8 +263,8 @@ def load_partition(
     hold-out: ``round(test_fraction * size)`` rows (at least 1 if the partition has >= 2
     rows and ``test_fraction > 0``) drawn with ``default_rng([seed, partition_id])``; they
     follow the client's label skew. The global test set is :func:`load_centralized_test`.
-    Loaded datasets and partitions are cached per process (``functools.lru_cache``);
-    tensors are fresh on each call. Shapes as :func:`to_tensors`.
+    Loaded datasets, partitions and their tensors are cached per process
+    (``functools.lru_cache``); each call returns fresh copies. Shapes as :func:`to_tensors`.
 
     Raises
     ------
@@ -278,7 +278,19 @@ def load_partition(
     if not 0.0 <= float(test_fraction) < 1.0:
         raise ValueError(f"test-fraction must be in [0, 1), got {test_fraction!r}")
     key = tuple(sorted({**data_kw, "seed": int(data_seed)}.items()))
-    parts = _cached_partitions(name, key, num_partitions, scheme, alpha, classes_per_partition, int(seed))
+    tensors = _cached_partition_tensors(name, key, num_partitions, scheme, alpha, classes_per_partition, int(seed),
+                                        partition_id, float(test_fraction))
+    return tuple(t.clone() for t in tensors)
+
+
+@functools.lru_cache(maxsize=4096)
+def _cached_partition_tensors(name: str, key: tuple, num_partitions: int, scheme: str, alpha: float,
+                              classes_per_partition: int, seed: int, partition_id: int, test_fraction: float
+                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`load_partition`'s tensors, once per process: a ClientApp asks for its
+    partition with every message (Arrow's ``select`` and the conversion took 19 ms of a
+    49 ms train message on digits)."""
+    parts = _cached_partitions(name, key, num_partitions, scheme, alpha, classes_per_partition, seed)
     part = parts[partition_id]
     n = len(part)
     n_test = min(max(1, round(test_fraction * n)), n - 1) if test_fraction > 0 and n >= 2 else 0
