@@ -128,11 +128,11 @@ def fmt_value(value: object, metric: str) -> str:
 
 def fmt_setting(setting: Mapping[str, object], limit: int = 48) -> str:
     """``key=value`` pairs of a setting; long free-text values are left out of the table
-    (they stay in ``results.json``), but ``measure`` is kept."""
+    (they stay in ``results.json``), but ``model`` and ``measure`` are kept."""
     parts = []
     for key, value in setting.items():
         text = json.dumps(value) if isinstance(value, (dict, list)) else str(value)
-        if key == "measure" or len(text) <= limit:
+        if key in ("model", "measure") or len(text) <= limit:
             parts.append(f"{key}={text}")
     return ", ".join(parts).replace("|", "\\|")
 
