@@ -227,6 +227,8 @@ def main(argv: list[str] | None = None) -> int:
                 for kind in args.apps.split(","):
                     runs[kind].append(one_run(projects[kind], kind, clients, args, work))
             steady = {k: [s for r in rs for s in r["steady"]] for k, rs in runs.items()}
+            if not all(steady.values()):  # one App only (--apps): its rounds are in the log
+                continue
             setting = {"clients": clients, "rounds": args.rounds, "timed_rounds": f"2-{args.rounds}",
                        "runs": args.reps, "ours": "IST p=4 (fl-subnet App)", "fedavg": "Flower FedAvg + template client",
                        "data": f"digits, dirichlet 0.5, MLP 64-{args.hidden.replace(',', '-')}-10",
@@ -234,8 +236,6 @@ def main(argv: list[str] | None = None) -> int:
                        "local_steps": args.local_steps, "client_cpus": args.client_cpus, "ray_cpus": args.ray_cpus,
                        "omp_num_threads": args.threads or "unset",
                        "measure": "round wall time, Ray simulation (flwr run)"}
-            if not all(steady.values()):  # one App only (--apps): its rounds are in the log
-                continue
             emit(record("simulation", setting, steady["ours"], fedavg=steady["fedavg"],
                         target=TARGET_100 if clients >= 100 else None,
                         round1_median=_median([r["round1"] for r in runs["ours"]]),

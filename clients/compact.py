@@ -29,7 +29,7 @@ from fl_subnet.core.ordered import WidthSchedule, build_ordered, width_generator
 from fl_subnet.core.spec import SubnetSpec, cached_spec
 from fl_subnet.packed import Layout, is_packed, pack_state, slice_layout, unpack_state
 from fl_subnet.wire import (BATCHNORM_KEY, MASK_PREFIX, SKIP_KEY, arrays_to_state, example_from_config,
-                            mask_from_config, read_train, widths_from_config)
+                            mask_from_config, read_train, state_to_arrays, widths_from_config)
 
 
 @dataclass
@@ -176,8 +176,6 @@ def reply_arrays(received: Received, model: nn.Module | None = None) -> dict[str
     ValueError
         If the model's state no longer has the received slice's keys and shapes.
     """
-    from fl_subnet.wire import state_to_arrays
-
     state = (received.model if model is None else model).state_dict()
     arrays = state_to_arrays(state) if received.layout is None else pack_state(state, received.layout)
     return {received.arrays_key: arrays}

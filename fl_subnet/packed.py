@@ -14,7 +14,7 @@ The layout (key, compact shape, kind, in packing order) is computed by both side
 against it and raise a ``ValueError`` naming the key otherwise. A reply may be packed
 (fl-subnet's ClientApp packs when it was sent a packed slice) or one array per tensor,
 as ``ArrayRecord(model.state_dict())`` writes it: the server reads both
-(:func:`fl_subnet.wire.decode_slice`). A full-model message keeps Flower's own format
+(:func:`decode_slice`). A full-model message keeps Flower's own format
 (one array per tensor, the record shared by every node, as Flower's FedAvg sends it).
 """
 
@@ -29,9 +29,10 @@ import torch
 from flwr.app import Array, ArrayRecord
 from flwr.common.constant import SType
 
+from .wire import arrays_to_state, npy_header_bytes, npy_view
+
 #: ArrayRecord key prefix of a packed slice: ``packed-float``, ``packed-int``, ...
 PACKED_PREFIX = "packed-"
-KINDS = ("float", "int", "bool", "complex")
 
 #: ``(key, compact shape, kind)`` per tensor, in packing order.
 Layout = Sequence[tuple[str, tuple[int, ...], str]]
@@ -89,8 +90,6 @@ def pack_state(state: Mapping[str, torch.Tensor], layout: Layout) -> ArrayRecord
         Naming the key, if ``state`` lacks a key of ``layout``, has a key ``layout``
         lacks, or a tensor's shape or kind differs from the layout's.
     """
-    from fl_subnet.wire import _npy_header_bytes  # one .npy header writer for the whole wire
-
     if len(state) != len(layout):
         extra = sorted(set(state) - {k for k, _, _ in layout})
         missing = [k for k, _, _ in layout if k not in state]
@@ -111,7 +110,7 @@ def pack_state(state: Mapping[str, torch.Tensor], layout: Layout) -> ArrayRecord
             dtype = torch.promote_types(dtype, t.dtype)
         parts = [t.to(dtype).cpu().contiguous().numpy() for t in tensors]
         count = sum(p.size for p in parts)
-        header, name = _npy_header_bytes((count,), parts[0].dtype.str)
+        header, name = npy_header_bytes((count,), parts[0].dtype.str)
         data = b"".join([header, *(memoryview(p).cast("B") for p in parts if p.size)])
         record[PACKED_PREFIX + kind] = Array(dtype=name, shape=(count,), stype=SType.NUMPY, data=data)
     return record
@@ -141,8 +140,6 @@ def unpack_state(arrays: ArrayRecord, layout: Layout, copy: bool = True) -> dict
         Naming the array key, if a kind is missing or extra, an array is not a 1-D
         ``.npy`` of that kind, or its length differs from the layout's total.
     """
-    from fl_subnet.wire import _npy_view
-
     wanted: dict[str, list[tuple[str, tuple[int, ...]]]] = {}
     for key, shape, kind in layout:
         wanted.setdefault(kind, []).append((key, tuple(shape)))
@@ -155,7 +152,7 @@ def unpack_state(arrays: ArrayRecord, layout: Layout, copy: bool = True) -> dict
         name = PACKED_PREFIX + kind
         if name not in arrays:
             raise ValueError(f"packed slice is missing array '{name}'")
-        view = _npy_view(arrays[name])
+        view = npy_view(arrays[name])
         if view is None or view.ndim != 1 or _np_kind(view.dtype) != kind:
             raise ValueError(f"array '{name}' must be a 1-D native .npy array of {kind} values")
         count = sum(math.prod(s) for _, s in entries)
@@ -177,4 +174,27 @@ def unpack_state(arrays: ArrayRecord, layout: Layout, copy: bool = True) -> dict
     return out
 
 
-__all__ = ["PACKED_PREFIX", "KINDS", "Layout", "kind_of", "slice_layout", "is_packed", "pack_state", "unpack_state"]
+def decode_slice(arrays: ArrayRecord, layout, copy: bool = True) -> dict[str, torch.Tensor]:
+    """A compact slice as a ``state_dict``, packed (:func:`unpack_state`) or one array
+    per tensor (:func:`fl_subnet.wire.arrays_to_state`).
+
+    Parameters
+    ----------
+    arrays : ArrayRecord
+    layout : Layout or Callable[[], Layout]
+        The slice's packing layout (:func:`slice_layout`), or a function computing it
+        (called only for a packed record).
+    copy : bool
+        As in :func:`fl_subnet.wire.arrays_to_state`.
+
+    Raises
+    ------
+    ValueError
+        If the arrays cannot be decoded or do not match the layout.
+    """
+    if is_packed(arrays):
+        return unpack_state(arrays, layout() if callable(layout) else layout, copy=copy)
+    return arrays_to_state(arrays, copy=copy)
+
+
+__all__ = ["PACKED_PREFIX", "Layout", "kind_of", "slice_layout", "is_packed", "pack_state", "unpack_state", "decode_slice"]

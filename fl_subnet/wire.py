@@ -224,13 +224,13 @@ def tensor_to_array(t: torch.Tensor) -> Array:
     a = t.detach().cpu().contiguous().numpy()
     if a.dtype.hasobject or not a.flags.c_contiguous:  # not reached for tensors; Flower's path
         return Array(a)
-    header, name = _npy_header_bytes(a.shape, a.dtype.str)
+    header, name = npy_header_bytes(a.shape, a.dtype.str)
     return Array(dtype=name, shape=a.shape, stype=SType.NUMPY,
                  data=b"".join((header, memoryview(a).cast("B"))) if a.size else header)
 
 
 @functools.lru_cache(maxsize=4096)
-def _npy_header_bytes(shape: tuple[int, ...], dtype: str) -> tuple[bytes, str]:
+def npy_header_bytes(shape: tuple[int, ...], dtype: str) -> tuple[bytes, str]:
     """The ``.npy`` header ``np.save`` writes for a C-ordered array (format 1.0 when it
     fits, else 2.0, as ``np.save`` chooses), and the dtype's name (``str(dtype)``)."""
     buf = io.BytesIO()
@@ -264,7 +264,7 @@ def _npy_header(head: bytes) -> tuple[tuple[int, ...], np.dtype, int] | None:
     return tuple(shape), dtype, fp.tell()
 
 
-def _npy_view(array: Array) -> np.ndarray | None:
+def npy_view(array: Array) -> np.ndarray | None:
     """A read-only view of a C-ordered, native-endian ``.npy`` payload, else None."""
     data = array.data
     if len(data) < 12 or data[:6] != b"\x93NUMPY":
@@ -298,7 +298,7 @@ def arrays_to_state(arrays: ArrayRecord, copy: bool = True) -> dict[str, torch.T
     """
     out = {}
     for key, a in arrays.items():
-        view = None if copy else _npy_view(a)
+        view = None if copy else npy_view(a)
         if view is None:
             out[key] = torch.from_numpy(a.numpy())  # np.load returns a fresh array
             continue
@@ -307,27 +307,3 @@ def arrays_to_state(arrays: ArrayRecord, copy: bool = True) -> dict[str, torch.T
             out[key] = torch.from_numpy(view)
     return out
 
-
-def decode_slice(arrays: ArrayRecord, layout, copy: bool = True) -> dict[str, torch.Tensor]:
-    """A compact slice as a ``state_dict``, packed (:func:`fl_subnet.packed.unpack_state`)
-    or one array per tensor (:func:`arrays_to_state`).
-
-    Parameters
-    ----------
-    arrays : ArrayRecord
-    layout : Layout or Callable[[], Layout]
-        The slice's packing layout (:func:`fl_subnet.packed.slice_layout`), or a function
-        computing it (called only for a packed record).
-    copy : bool
-        As in :func:`arrays_to_state`.
-
-    Raises
-    ------
-    ValueError
-        If the arrays cannot be decoded or do not match the layout.
-    """
-    from .packed import is_packed, unpack_state
-
-    if is_packed(arrays):
-        return unpack_state(arrays, layout() if callable(layout) else layout, copy=copy)
-    return arrays_to_state(arrays, copy=copy)

@@ -22,8 +22,8 @@ from fl_subnet.core.robust import MaskedMedian, MaskedTrimmedMean, cap_weight, s
 from fl_subnet.core.batchnorm import batchnorm_layers, check_policy, recompute_bn_stats
 from fl_subnet.core.spec import analyze
 from fl_subnet.core.masks import Mask, coverage
-from fl_subnet.packed import PACKED_PREFIX, pack_state, slice_layout
-from fl_subnet.wire import BATCHNORM_KEY, arrays_to_state, decode_slice, example_to_config, mask_to_config, state_to_arrays
+from fl_subnet.packed import PACKED_PREFIX, decode_slice, pack_state, slice_layout
+from fl_subnet.wire import BATCHNORM_KEY, arrays_to_state, example_to_config, mask_to_config, state_to_arrays
 from fl_subnet.core.samplers import MaskSampler
 
 from fl_subnet.core.server_opt import MaskedServerOptimizer
@@ -339,6 +339,7 @@ class SubnetStrategy(NodeSampling, FedAvg):
         server_round += self.round_offset
         self._t_round = time.perf_counter()
         self._sent = {}
+        self._layouts = {}  # node → its slice's packing layout, computed once a round
         self._out = {}
         if self.fraction_train == 0.0 and self.num_train_nodes is None:
             return []
@@ -362,7 +363,8 @@ class SubnetStrategy(NodeSampling, FedAvg):
             if full and shared is not None and shared[0] == extra:
                 content = shared[1]
             else:
-                slice_arrays = arrays if full else pack_state(self.slicer.gather(self._state, mask), self._layout(mask))
+                slice_arrays = arrays if full else pack_state(self.slicer.gather(self._state, mask),
+                                                              self._node_layout(node_id, mask))
                 node_config = ConfigRecord(dict(config))  # Strategy.start reuses `config`
                 node_config["server-round"] = server_round
                 if self.local_steps is not None:
@@ -433,7 +435,7 @@ class SubnetStrategy(NodeSampling, FedAvg):
                 if mask is None:
                     raise ReplyError("unknown node (no mask was sent to it this round)")
                 compact, weight, size = parse_reply(msg.content, self.weighted_by_key,
-                                                    functools.partial(self._layout, mask))
+                                                    functools.partial(self._node_layout, node, mask))
                 if self._is_full_size(compact, mask):
                     full_size.append(node)
                 agg.check(compact, mask)
@@ -518,11 +520,15 @@ class SubnetStrategy(NodeSampling, FedAvg):
         ValueError
             If the arrays do not match the node's slice.
         """
-        return decode_slice(arrays, functools.partial(self._layout, self._sent[node_id]))
+        return decode_slice(arrays, functools.partial(self._node_layout, node_id, self._sent[node_id]))
 
-    def _layout(self, mask: Mask):
-        """The packing layout of ``mask``'s slice of this round's global model."""
-        return slice_layout(self.slicer, mask, self._full_meta)
+    def _node_layout(self, node: int, mask: Mask):
+        """The packing layout of ``mask``'s slice of this round's global model, for the
+        node it was sent to (computed once a round, for its message and its reply)."""
+        layout = self._layouts.get(node)
+        if layout is None:
+            layout = self._layouts[node] = slice_layout(self.slicer, mask, self._full_meta)
+        return layout
 
     def _decode(self, arrays: ArrayRecord) -> dict[str, torch.Tensor]:
         """The global state of ``arrays``: the state :meth:`aggregate_train` built it from

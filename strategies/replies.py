@@ -7,7 +7,7 @@ import math
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
-from fl_subnet.wire import decode_slice
+from fl_subnet.packed import decode_slice
 
 
 class ReplyError(ValueError):

@@ -13,9 +13,9 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from fl_subnet.clients import make_client_app, receive
 from fl_subnet.experiments.inprocess_grid import InProcessGrid
 from fl_subnet.models import FlowerCNN
-from fl_subnet.packed import is_packed, kind_of, pack_state, slice_layout, unpack_state
+from fl_subnet.packed import decode_slice, is_packed, kind_of, pack_state, slice_layout, unpack_state
 from fl_subnet.strategies import FederatedDropout
-from fl_subnet.wire import decode_slice, state_to_arrays
+from fl_subnet.wire import state_to_arrays
 
 from strategy_helpers import factory, load_data, train_config
 
