@@ -22,7 +22,8 @@ from torch.utils.data import TensorDataset
 from fl_subnet import analyze
 from fl_subnet.clients import make_client_app, train_local
 from fl_subnet.clients.compact import width_schedule
-from fl_subnet.core.compact import build_compact_graph, set_unit_scales, unit_scales
+from fl_subnet.core.compact import build_compact_graph
+from fl_subnet.core.unit_scale import set_unit_scales, unit_scales
 from fl_subnet.core.masks import Mask
 from fl_subnet.core.ordered import build_ordered, ordered_width, set_width, width_generator
 from fl_subnet.core.samplers import NestedPrefixSampler

@@ -7,7 +7,7 @@ from a discrete set and trains the sub-model of width ``p``, which keeps the fir
 
 Here the width-``p`` sub-model is the ``p_max`` compact model with the other units
 silenced: their output scale is set to 0 wherever they are mixed (the
-:class:`~fl_subnet.core.compact.UnitScale` sites of a model built with ``dynamic``
+:class:`~fl_subnet.core.unit_scale.UnitScale` sites of a model built with ``dynamic``
 groups), so one batch computes exactly the width-``p`` compact model's forward and
 gradients (tested against it), and the units beyond ``p`` get zero gradient. Buffers
 that belong to them (BatchNorm running statistics) are restored when the width changes,
@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .compact import set_unit_scales, unit_scales
+from .unit_scale import set_unit_scales, unit_scales
 from .groups import dim_keep
 from .masks import Mask
 from .samplers import prefix_size
