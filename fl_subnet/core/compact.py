@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import weakref
+from collections import OrderedDict
 from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -138,6 +141,16 @@ def build_compact_graph(gm: "fx.GraphModule", resolved, compact_state: Mapping[s
         FjORD's per-batch widths, :mod:`fl_subnet.core.ordered`): a :class:`UnitScale` is
         inserted at every layer that mixes their units even where the scale is 1.
 
+    Notes
+    -----
+    The graph edits depend only on the mask's *structure* (skipped blocks, kept-head
+    counts, view sizes, which consumers carry a scale), so each structure is compiled
+    once per traced graph and process (an LRU of :data:`MAX_TEMPLATES`); a build then
+    copies that template's module tree and sets the tensors and scale vectors (about
+    0.7 ms on the demo's 17k-parameter MLP, against 6.3 ms for a copy and recompile of
+    the graph). Models of one structure share the template's fx graph and compiled
+    ``forward``: edit ``model.graph`` only on a ``copy.deepcopy`` of the model.
+
     Returns
     -------
     nn.Module
@@ -151,79 +164,163 @@ def build_compact_graph(gm: "fx.GraphModule", resolved, compact_state: Mapping[s
         If ``compact_state`` lacks a parameter or buffer of the model, or has extra keys,
         or ``dynamic`` names a group the slicer does not know.
     """
-    import copy
-
-    from .attention import SubnetMultiheadAttention
     from .groups import dim_keep, dim_scale
 
     dynamic = frozenset(dynamic)
     unknown = sorted(dynamic - set(slicer.by_name))
     if unknown:
         raise ValueError(f"dynamic names unknown unit group(s) {unknown}; groups: {sorted(slicer.by_name)}")
-    model = copy.deepcopy(gm)
-    if mask.skip:
-        _skip_blocks(model, [blocks[name] for name in sorted(mask.skip)])
     keep_units = slicer.keep_units(mask)
     unit_scale = {g.name: _unit_scale(mask, g) for g in slicer.groups}
+    heads = {}  # attention path -> (kept heads, head scale vector, plan)
     for path, gname in resolved.heads.items():
-        try:
-            old = model.get_submodule(path)
-        except AttributeError:  # in a skipped depth block
-            continue
-        g = slicer.by_name[gname]
         keep = keep_units[gname]
         scale = unit_scale[gname] * keep if full else unit_scale[gname][keep]
-        new = SubnetMultiheadAttention.like(old, g.size if full else int(keep.sum()), scale)
-        new.fl_subnet_heads = HeadPlan(gname, keep.clone(), unit_scale[gname].clone(), full)
-        parent, _, leaf = path.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, leaf, new)
-    expected = set(model.state_dict(keep_vars=True))
-    missing, extra = sorted(expected - set(compact_state)), sorted(set(compact_state) - expected)
+        heads[path] = (slicer.by_name[gname].size if full else int(keep.sum()), scale,
+                       HeadPlan(gname, keep.clone(), unit_scale[gname].clone(), full))
+    views = {}  # view/reshape node -> its compact size per dim (None: unchanged)
+    if not full:
+        for name, dims in resolved.views.items():
+            sizes = tuple(int(dim_keep(length, ent, keep_units).sum()) if ent else None for length, ent in dims)
+            if any(s is not None for s in sizes):
+                views[name] = sizes
+    sites = {}  # consumer index -> (scale vector, plan): where an output scale is not 1
+    for i, (_, _, _, length, ent) in enumerate(resolved.consumers):
+        keep_pos = None if full else dim_keep(length, ent, keep_units)
+        vec = dim_scale(length, ent, keep_units, unit_scale)
+        if keep_pos is not None:
+            vec = vec[keep_pos]
+        if bool((vec == 1).all()) and not any(g in dynamic for g, _, _ in ent):
+            continue
+        names = {g for g, _, _ in ent}
+        sites[i] = (vec, ScalePlan(length, list(ent), {g: keep_units[g].clone() for g in names},
+                                   {g: unit_scale[g].clone() for g in names}, keep_pos, []))
+    structure = (full, tuple(sorted(mask.skip)), tuple(sorted((p, h[0]) for p, h in heads.items())),
+                 tuple(sorted(views.items())), tuple(sorted(sites)))
+    template = _template(gm, structure, resolved, mask.skip, blocks, heads, views, sites)
+    model = _clone(template.model)
+    missing, extra = sorted(template.keys - set(compact_state)), sorted(set(compact_state) - template.keys)
     if missing or extra:
         raise ValueError(f"compact state does not match the model: missing {missing}, extra {extra}")
     for key, value in compact_state.items():
         _set_tensor(model, key, value)
     _resize(model)
+    for path in template.heads:
+        _, scale, plan = heads[path]
+        attention = model.get_submodule(path)
+        attention.head_scale, attention.fl_subnet_heads = scale, plan
+    for i, shape in template.sites.items():
+        vec, plan = sites[i]
+        plan.shape = list(shape)
+        site = model.get_submodule(_site_name(i))
+        site.scale, site.plan = vec.view(shape), plan
+    return model.train()
+
+
+@dataclass(eq=False)
+class _Template:
+    """A compact graph's structure on the ``meta`` device, shared by every sub-model with
+    the same skipped blocks, kept-head counts, view sizes and scale sites."""
+
+    model: nn.Module  # fx.GraphModule: its graph and compiled forward are shared by the clones
+    keys: frozenset[str]  # its state_dict keys
+    heads: tuple[str, ...]  # paths of the attention layers it holds (outside skipped blocks)
+    sites: dict[int, tuple[int, ...]]  # consumer index -> broadcast shape of its UnitScale
+
+
+_TEMPLATES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # traced graph -> LRU of templates
+MAX_TEMPLATES = 64
+
+
+def _site_name(i: int) -> str:
+    return f"_fl_subnet_scale_{i}"
+
+
+def _template(gm, structure, resolved, skip, blocks, heads, views, sites) -> _Template:
+    """The cached template of ``structure`` (built on a miss: a copy of the traced graph
+    with the skipped branches removed, attention layers narrowed, view sizes set and a
+    :class:`UnitScale` inserted at every scale site, then compiled once)."""
+    import copy
+
+    from .attention import SubnetMultiheadAttention
+
+    cache = _TEMPLATES.setdefault(gm, OrderedDict())
+    hit = cache.get(structure)
+    if hit is not None:
+        cache.move_to_end(structure)
+        return hit
+    model = copy.deepcopy(gm)
+    if skip:
+        _skip_blocks(model, [blocks[name] for name in sorted(skip)])
+    present = []
+    for path, (num_heads, scale, _) in heads.items():
+        try:
+            old = model.get_submodule(path)
+        except AttributeError:  # in a skipped depth block
+            continue
+        parent, _, leaf = path.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, leaf,
+                SubnetMultiheadAttention.like(old, num_heads, scale))
+        present.append(path)
     nodes = {n.name: n for n in model.graph.nodes}
-    if not full:
-        for name, dims in resolved.views.items():
-            node = nodes.get(name)
-            if node is None:  # in a skipped depth block
-                continue
-            sizes = [int(dim_keep(length, ent, keep_units).sum()) if ent else None for length, ent in dims]
-            if not any(s is not None for s in sizes):
-                continue
-            old = list(node.args[1]) if len(node.args) == 2 and isinstance(node.args[1], (tuple, list)) \
-                else list(node.args[1:])
-            if len(old) != len(sizes):
-                continue
+    for name, sizes in views.items():
+        node = nodes.get(name)
+        if node is None:  # in a skipped depth block
+            continue
+        old = list(node.args[1]) if len(node.args) == 2 and isinstance(node.args[1], (tuple, list)) \
+            else list(node.args[1:])
+        if len(old) == len(sizes):
             node.args = (node.args[0], *[s if s is not None else o for s, o in zip(sizes, old)])
-    for i, (name, arg, dim, length, ent) in enumerate(resolved.consumers):
-        keep_pos = None if full else dim_keep(length, ent, keep_units)
-        vec = dim_scale(length, ent, keep_units, unit_scale)
-        if keep_pos is not None:
-            vec = vec[keep_pos]
-        forced = any(g in dynamic for g, _, _ in ent)
-        if (bool((vec == 1).all()) and not forced) or name not in nodes:
+    shapes = {}
+    for i, (name, arg, dim, _, _) in enumerate(resolved.consumers):
+        if i not in sites or name not in nodes:
             continue
         node = nodes[name]
         src = node.args[arg]
-        ndim = len(src.meta["tensor_meta"].shape)
-        shape = [1] * ndim
+        shape = [1] * len(src.meta["tensor_meta"].shape)
         shape[dim] = -1
-        name = f"_fl_subnet_scale_{i}"
-        names = {g for g, _, _ in ent}
-        plan = ScalePlan(length, list(ent), {g: keep_units[g].clone() for g in names},
-                         {g: unit_scale[g].clone() for g in names}, keep_pos, shape)
-        model.add_submodule(name, UnitScale(vec.view(shape), plan))
+        model.add_submodule(_site_name(i), UnitScale(sites[i][0].view(shape)))
         with model.graph.inserting_before(node):
-            scaled = model.graph.call_module(name, (src,))
+            scaled = model.graph.call_module(_site_name(i), (src,))
         args = list(node.args)
         args[arg] = scaled
         node.args = tuple(args)
+        shapes[i] = tuple(shape)
     model.graph.lint()
     model.recompile()
-    return model.train()
+    template = cache[structure] = _Template(model, frozenset(model.state_dict(keep_vars=True)), tuple(present), shapes)
+    if len(cache) > MAX_TEMPLATES:
+        cache.popitem(last=False)
+    return template
+
+
+def _clone(module: nn.Module, graph=None) -> nn.Module:
+    """A copy of a template's module tree, each module of its own class (an fx module keeps
+    its compiled ``forward``), sharing only the fx graph and the template's ``meta``
+    tensors (no data; every state tensor is then replaced). Dicts of parameters, buffers
+    and submodules are new; other mutable attributes are deep-copied, empty containers
+    (the hook dicts) created anew. Faster than ``copy.deepcopy`` by about 5× on a small
+    module tree, which the client pays once a message."""
+    import copy
+
+    new = object.__new__(type(module))
+    attrs = {}
+    for name, value in module.__dict__.items():
+        if name == "_modules":
+            attrs[name] = {k: None if m is None else _clone(m) for k, m in value.items()}
+        elif name in ("_parameters", "_buffers"):
+            attrs[name] = dict(value)
+        elif name == "_graph" or isinstance(value, (_IMMUTABLE, torch.Tensor)) or callable(value):
+            attrs[name] = value
+        elif isinstance(value, (dict, list, set)) and not value:
+            attrs[name] = type(value)()
+        else:
+            attrs[name] = copy.deepcopy(value)
+    new.__dict__.update(attrs)
+    return new
+
+
+_IMMUTABLE = (bool, int, float, complex, str, bytes, type(None), torch.dtype, torch.device, frozenset)
 
 
 def _skip_blocks(model, blocks) -> None:
