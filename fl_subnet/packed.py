@@ -73,6 +73,48 @@ def slice_layout(slicer, mask, full: Mapping[str, tuple[Sequence[int], torch.dty
     return [(k, shapes[k], kind_of(full[k][1])) for k in keys]
 
 
+def gather_packed(slicer, state: Mapping[str, torch.Tensor], mask, layout: Layout, flat=None,
+                  whole: torch.Tensor | None = None) -> ArrayRecord:
+    """The packed compact slice of ``state`` under ``mask``: ``pack_state(slicer.gather(
+    state, mask), layout)``, the float tensors gathered with one ``index_select`` at the
+    mask's flat positions when a flat map is given.
+
+    Parameters
+    ----------
+    slicer : fl_subnet.core.slicing.Slicer
+    state : Mapping[str, torch.Tensor]
+        The full ``state_dict``.
+    mask : fl_subnet.core.masks.Mask
+    layout : Layout
+        :func:`slice_layout` of ``mask``.
+    flat : fl_subnet.core.flat.FlatMap, optional
+        Over ``state``'s float tensors (all of one dtype).
+    whole : torch.Tensor, optional
+        ``(flat.numel,)``: those tensors laid end to end (made here if not given).
+
+    Raises
+    ------
+    ValueError
+        If the mask is invalid, or the state does not match the layout.
+    """
+    if flat is None:
+        return pack_state(slicer.gather(state, mask), layout)
+    if whole is None:
+        whole = torch.cat([state[k].detach().reshape(-1) for k in flat.keys])
+    parts: dict[str, list[torch.Tensor] | torch.Tensor] = {"float": whole.index_select(0, flat.kept(mask))}
+    for key, _, kind in layout:
+        if kind != "float":
+            t = slicer.gather_key(state[key], slicer.kept(mask, key, tuple(state[key].shape)))
+            parts.setdefault(kind, []).append(t.reshape(-1))
+    for kind, ts in parts.items():
+        if kind != "float":
+            dtype = ts[0].dtype
+            for t in ts[1:]:
+                dtype = torch.promote_types(dtype, t.dtype)
+            parts[kind] = [t.to(dtype) for t in ts]
+    return pack_flat(parts, layout)
+
+
 def is_packed(arrays: ArrayRecord) -> bool:
     """Whether ``arrays`` holds a packed slice (any ``packed-*`` key)."""
     return any(str(k).startswith(PACKED_PREFIX) for k in arrays)
@@ -103,15 +145,42 @@ def pack_state(state: Mapping[str, torch.Tensor], layout: Layout) -> ArrayRecord
             raise ValueError(f"tensor '{key}' has shape {tuple(t.shape)} and dtype {t.dtype}, the slice layout "
                              f"says {tuple(shape)} ({kind})")
         by_kind.setdefault(kind, []).append(t.detach())
-    record = ArrayRecord()
+    flat = {}
     for kind, tensors in by_kind.items():
         dtype = tensors[0].dtype
         for t in tensors[1:]:
             dtype = torch.promote_types(dtype, t.dtype)
-        parts = [t.to(dtype).cpu().contiguous().numpy() for t in tensors]
-        count = sum(p.size for p in parts)
-        header, name = npy_header_bytes((count,), parts[0].dtype.str)
-        data = b"".join([header, *(memoryview(p).cast("B") for p in parts if p.size)])
+        flat[kind] = [t.to(dtype).reshape(-1) for t in tensors]
+    return pack_flat(flat, layout)
+
+
+def pack_flat(flat: Mapping[str, torch.Tensor | Sequence[torch.Tensor]], layout: Layout) -> ArrayRecord:
+    """A packed ArrayRecord of flattened values: ``flat[kind]`` is the 1-D concatenation
+    of the layout's tensors of that kind, or its 1-D parts in order, of one dtype (one
+    data copy, into the record).
+
+    Raises
+    ------
+    ValueError
+        If a kind of the layout is missing, extra, not 1-D, or its length differs from
+        the layout's total.
+    """
+    counts: dict[str, int] = {}
+    for _, shape, kind in layout:
+        counts[kind] = counts.get(kind, 0) + math.prod(shape)
+    if set(flat) != set(counts):
+        raise ValueError(f"packed kinds {sorted(flat)} differ from the slice layout's {sorted(counts)}")
+    record = ArrayRecord()
+    for kind, count in counts.items():
+        value = flat[kind]
+        parts = [value] if isinstance(value, torch.Tensor) else list(value)
+        if not parts or any(t.dim() != 1 or t.dtype != parts[0].dtype for t in parts) \
+                or sum(t.numel() for t in parts) != count or kind_of(parts[0].dtype) != kind:
+            raise ValueError(f"packed {kind} values must be 1-D parts of one {kind} dtype, {count} values in all "
+                             f"(the slice layout's); got shapes {[tuple(t.shape) for t in parts]}")
+        arrays = [t.detach().cpu().contiguous().numpy() for t in parts]
+        header, name = npy_header_bytes((count,), arrays[0].dtype.str)
+        data = b"".join([header, *(memoryview(a).cast("B") for a in arrays if a.size)])
         record[PACKED_PREFIX + kind] = Array(dtype=name, shape=(count,), stype=SType.NUMPY, data=data)
     return record
 
@@ -197,4 +266,5 @@ def decode_slice(arrays: ArrayRecord, layout, copy: bool = True) -> dict[str, to
     return arrays_to_state(arrays, copy=copy)
 
 
-__all__ = ["PACKED_PREFIX", "Layout", "kind_of", "slice_layout", "is_packed", "pack_state", "unpack_state", "decode_slice"]
+__all__ = ["PACKED_PREFIX", "Layout", "kind_of", "slice_layout", "is_packed", "pack_state", "pack_flat", "gather_packed", "unpack_state",
+           "decode_slice"]

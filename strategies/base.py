@@ -22,7 +22,8 @@ from fl_subnet.core.robust import MaskedMedian, MaskedTrimmedMean, cap_weight, s
 from fl_subnet.core.batchnorm import batchnorm_layers, check_policy, recompute_bn_stats
 from fl_subnet.core.spec import analyze
 from fl_subnet.core.masks import Mask, coverage
-from fl_subnet.packed import PACKED_PREFIX, decode_slice, pack_state, slice_layout
+from fl_subnet.core.flat import flat_map_of
+from fl_subnet.packed import PACKED_PREFIX, decode_slice, gather_packed, slice_layout
 from fl_subnet.wire import BATCHNORM_KEY, arrays_to_state, example_to_config, mask_to_config, state_to_arrays
 from fl_subnet.core.samplers import MaskSampler
 
@@ -228,6 +229,7 @@ class SubnetStrategy(NodeSampling, FedAvg):
             raise ValueError(f"max_failed_rounds must be an integer >= 1 or None, got {max_failed_rounds!r}")
         self.max_failed_rounds = max_failed_rounds
         self._failed_rounds = 0
+        self._flat = None  # FlatMap of the global model, when it has many small tensors
         self.weighted = weighted
         self.seed = int(seed)
         self.order_by_partition = order_by_partition
@@ -351,6 +353,8 @@ class SubnetStrategy(NodeSampling, FedAvg):
             masks = self.sampler.sample(self.groups, server_round, len(nodes))
         self._state = self._decode(arrays)
         self._full_meta = {k: (tuple(t.shape), t.dtype) for k, t in self._state.items()}
+        self._flat = flat_map_of(self.slicer, self._full_meta, self._flat)  # many small tensors: one index
+        whole = None if self._flat is None else torch.cat([self._state[k].reshape(-1) for k in self._flat.keys])
         messages, self._bytes_down = [], 0
         # A full mask's slice is the global model itself: nodes with one get the
         # ArrayRecord as received (no gather, no re-serialization), and nodes whose
@@ -363,8 +367,8 @@ class SubnetStrategy(NodeSampling, FedAvg):
             if full and shared is not None and shared[0] == extra:
                 content = shared[1]
             else:
-                slice_arrays = arrays if full else pack_state(self.slicer.gather(self._state, mask),
-                                                              self._node_layout(node_id, mask))
+                slice_arrays = arrays if full else gather_packed(
+                    self.slicer, self._state, mask, self._node_layout(node_id, mask), self._flat, whole)
                 node_config = ConfigRecord(dict(config))  # Strategy.start reuses `config`
                 node_config["server-round"] = server_round
                 if self.local_steps is not None:
@@ -558,7 +562,8 @@ class SubnetStrategy(NodeSampling, FedAvg):
             return MaskedMedian(self._state, self.slicer)
         if self.aggregation == "trimmed-mean":
             return MaskedTrimmedMean(self._state, self.slicer, self.trim_fraction)
-        return MaskedAggregator(self._state, self.slicer, self.untouched, self.denominator, self.precision)
+        return MaskedAggregator(self._state, self.slicer, self.untouched, self.denominator, self.precision,
+                                flat=self._flat)
 
     def _recalibrate(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Static BatchNorm: the full model's running statistics, recomputed on the

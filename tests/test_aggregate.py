@@ -5,7 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from fl_subnet.core.aggregate import MaskedAggregator
+from fl_subnet.core.aggregate import MaskedAggregator as _MaskedAggregator
+from fl_subnet.core.flat import FlatMap
 from fl_subnet.core.analysis import find_unit_groups
 from fl_subnet.core.masks import Mask
 from fl_subnet.models import MLP
@@ -15,7 +16,21 @@ from fl_subnet.core.slicing import Slicer
 from models_extra import WithBuffers
 
 
-def test_two_clients_hand_computed():
+@pytest.fixture(params=["per-tensor", "flat"])
+def MaskedAggregator(request):
+    """The aggregator summing tensor by tensor, and the one summing every float tensor
+    at once over a FlatMap: the same tests hold for both."""
+    def make(old, slicer, **kw):
+        flat = None
+        if request.param == "flat":
+            flat = FlatMap(slicer, {k: tuple(v.shape) for k, v in old.items() if v.is_floating_point()})
+        agg = _MaskedAggregator(old, slicer, flat=flat, **kw)
+        assert (agg.flat is not None) == (request.param == "flat")
+        return agg
+    return make
+
+
+def test_two_clients_hand_computed(MaskedAggregator):
     # MLP 2 -> 3 -> 1; hidden units {0,1,2}. Client A holds {0,1} (weight 1),
     # client B holds {1,2} (weight 3). Every compact entry of A is 1.0, of B is 5.0.
     model = MLP(2, [3], 1)
@@ -35,7 +50,7 @@ def test_two_clients_hand_computed():
     assert new["3.bias"].tolist() == [both]  # shared: held by both
 
 
-def test_unheld_units_keep_or_zero():
+def test_unheld_units_keep_or_zero(MaskedAggregator):
     model = MLP(2, [4], 1)
     groups = find_unit_groups(model)
     slicer = Slicer(groups)
@@ -68,7 +83,7 @@ def _numpy_reference(old, slicer, replies):
 
 
 @pytest.mark.parametrize("sampler", [BernoulliSampler(0.4, seed=1), PartitionSampler(3, mode="iid", seed=2)])
-def test_matches_numpy_reference_on_random_masks(sampler):
+def test_matches_numpy_reference_on_random_masks(sampler, MaskedAggregator):
     torch.manual_seed(0)
     model = MLP(5, [12, 9, 6], 4)  # three hidden groups: weights coupled on both dims
     groups = find_unit_groups(model)
@@ -87,7 +102,7 @@ def test_matches_numpy_reference_on_random_masks(sampler):
         np.testing.assert_allclose(new[key].numpy(), ref[key], rtol=1e-6, atol=1e-6, err_msg=key)
 
 
-def test_integer_buffers_and_scalars():
+def test_integer_buffers_and_scalars(MaskedAggregator):
     model = WithBuffers()
     groups = find_unit_groups(model)
     slicer = Slicer(groups)
@@ -105,7 +120,7 @@ def test_integer_buffers_and_scalars():
     assert torch.allclose(new["w"], want, atol=1e-7)
 
 
-def test_no_reply_keeps_model():
+def test_no_reply_keeps_model(MaskedAggregator):
     model = MLP(3, [4], 2)
     slicer = Slicer(find_unit_groups(model))
     old = model.state_dict()
@@ -113,7 +128,7 @@ def test_no_reply_keeps_model():
     assert all(torch.equal(new[k], old[k]) for k in old)
 
 
-def test_loss_average_denominator_counts_every_client():
+def test_loss_average_denominator_counts_every_client(MaskedAggregator):
     model = MLP(2, [3], 1)
     groups = find_unit_groups(model)
     slicer = Slicer(groups)

@@ -28,7 +28,7 @@ def _round():
 
 
 def _expected(strategy, old, replies):
-    agg = MaskedAggregator(old, strategy.slicer)
+    agg = MaskedAggregator(old, strategy.slicer, flat=strategy._flat)  # the same arithmetic
     for r in replies:
         agg.add(strategy.slice_state(r.content["arrays"], r.metadata.src_node_id), strategy._sent[r.metadata.src_node_id],
                 r.content["metrics"]["num-examples"])

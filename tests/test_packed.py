@@ -153,3 +153,31 @@ def test_a_full_mask_keeps_flowers_record_shared_by_every_node():
     assert not any(is_packed(r.content["arrays"]) for r in replies)  # replied as received
     _, metrics = strategy.aggregate_train(1, replies)
     assert metrics["num-replies"] == 2
+
+
+def test_gather_packed_over_a_flat_map_sends_the_bytes_of_pack_state():
+    """The server's flat gather (one index_select over the float tensors end to end)
+    and the per-tensor gather + pack give byte-identical messages: a ResNet with
+    BatchNorm counters (an int kind) and a skipped block."""
+    from fl_subnet.core.flat import FlatMap
+    from fl_subnet.core.masks import Mask
+    from fl_subnet.core.spec import analyze
+    from fl_subnet.models import PreActResNet
+    from fl_subnet.packed import gather_packed
+
+    torch.manual_seed(0)
+    model = PreActResNet(1, 10, (8, 12), 2)
+    spec = analyze(model, torch.zeros(2, 1, 8, 8), verify=False)
+    state = model.state_dict()
+    meta = {k: (tuple(v.shape), v.dtype) for k, v in state.items()}
+    flat = FlatMap(spec.slicer, {k: s for k, (s, d) in meta.items() if d.is_floating_point})
+    gen = torch.Generator().manual_seed(1)
+    for skip in (frozenset(), frozenset([spec.blocks[0].name])):
+        mask = Mask({g.name: torch.randperm(g.size, generator=gen)[:max(1, g.size // 3)].sort().values
+                     for g in spec.groups}, skip=skip)
+        layout = slice_layout(spec.slicer, mask, meta)
+        want = pack_state(spec.slicer.gather(state, mask), layout)
+        got = gather_packed(spec.slicer, state, mask, layout, flat)
+        assert sorted(got) == sorted(want) == ["packed-float", "packed-int"]
+        for name in want:
+            assert got[name].data == want[name].data, name

@@ -20,6 +20,7 @@ from collections.abc import Mapping
 
 import torch
 
+from .flat import FlatMap
 from .masks import Mask
 from .slicing import Slicer, flat_positions, torch_threads
 
@@ -56,14 +57,16 @@ class MaskedAggregator:
     -----
     :meth:`add` validates a reply and keeps a reference to its tensors (do not modify
     them afterwards); :meth:`finalize` scatters them key by key, on up to 4 threads,
-    with one ``index_add_`` per reply and key over the compact entries; the per-entry
+    with one ``index_add_`` per reply and key over the compact entries — or, given a
+    ``flat`` map (:class:`~fl_subnet.core.flat.FlatMap`, for models of many small
+    tensors), with one ``index_add_`` per reply over all float tensors at once; the per-entry
     denominators are computed once in :meth:`finalize` as small products of the
     per-group holder indicators (``Σ_c n_c 1[i∈R_c] 1[j∈C_c]``), never per entry.
     """
 
     def __init__(self, global_state: Mapping[str, torch.Tensor], slicer: Slicer,
                  untouched: str = "keep", denominator: str = "holders",
-                 precision: str = "float32") -> None:
+                 precision: str = "float32", flat: FlatMap | None = None) -> None:
         if untouched not in UNTOUCHED_MODES:
             raise ValueError(f"untouched must be one of {UNTOUCHED_MODES}, got {untouched!r}")
         if denominator not in DENOMINATORS:
@@ -83,6 +86,11 @@ class MaskedAggregator:
         self._held: dict[str, torch.Tensor] | None = None  # set by finalize(), for held()
         self._indicators: dict[tuple, torch.Tensor] = {}  # holder indicators, per finalize
         self._shapes: dict[str, tuple[int, ...]] | None = None
+        floats = {k: v for k, v in self.state.items() if v.is_floating_point()}
+        # the flat path needs the map of exactly these float tensors, of one dtype
+        self.flat = flat if flat is not None and flat.keys == sorted(floats) and all(
+            flat.shapes[k] == tuple(v.shape) for k, v in floats.items()) and len(
+            {v.dtype for v in floats.values()}) == 1 else None
 
     @property
     def num_replies(self) -> int:
@@ -193,6 +201,21 @@ class MaskedAggregator:
                                         t.reshape(-1), alpha=w)
         return acc
 
+    def _sum_flat(self) -> dict[str, torch.Tensor]:
+        """:meth:`_sum_key` of every float key at once: the float tensors laid end to end,
+        one ``index_add_`` per reply at its mask's flat positions (an ``add_`` for a full
+        mask)."""
+        flat = self.flat
+        acc = torch.zeros(flat.numel, dtype=self._acc_dtype(self.state[flat.keys[0]]))
+        for compact, mask, w in zip(self._pending, self._masks, self._weights):
+            parts = [compact[k].reshape(-1) for k in flat.keys if k in compact]
+            values = (torch.cat(parts) if len(parts) > 1 else parts[0]).to(acc.dtype)
+            if self.slicer.is_full(mask):
+                acc.add_(values, alpha=w)
+            else:
+                acc.index_add_(0, flat.kept(mask), values, alpha=w)
+        return flat.split(acc)
+
     def _has(self, key: str) -> bool:
         return any(key in p for p in self._pending)
 
@@ -268,9 +291,12 @@ class MaskedAggregator:
                             key=lambda k: -self.state[k].numel())
         self._held = {}
         self._indicators = {}
-        # Keys are independent: scatter them on a few threads (torch releases the GIL).
-        with ThreadPoolExecutor(max_workers=min(_WORKERS, max(len(float_keys), 1))) as pool:
-            sums = dict(zip(float_keys, pool.map(self._sum_key, float_keys)))
+        if self.flat is not None:
+            sums = self._sum_flat()
+        else:
+            # Keys are independent: scatter them on a few threads (torch releases the GIL).
+            with ThreadPoolExecutor(max_workers=min(_WORKERS, max(len(float_keys), 1))) as pool:
+                sums = dict(zip(float_keys, pool.map(self._sum_key, float_keys)))
         out = {}
         for key, full in self.state.items():
             if not full.is_floating_point():

@@ -28,6 +28,44 @@ from .masks import Mask
 from .slicing import Slicer
 
 
+#: A model takes the flat path when its float tensors average fewer entries than this
+#: (per-tensor calls then cost more than the data) and hold at most :data:`MAX_NUMEL`.
+MEAN_NUMEL = 1 << 16
+MAX_NUMEL = 1 << 22
+#: A mask's kept positions are cached on the mask (for its message and its reply) up
+#: to this many entries in the model (4 MB of int32 a mask).
+CACHE_NUMEL = 1 << 20
+
+
+def worth_it(shapes: Mapping[str, Sequence[int]]) -> bool:
+    """Whether a model of these float tensors (key → shape) should take the flat path:
+    many small tensors (mean below :data:`MEAN_NUMEL` entries), at most
+    :data:`MAX_NUMEL` entries in all."""
+    total = sum(math.prod(s) for s in shapes.values())
+    return bool(shapes) and total <= MAX_NUMEL and total < MEAN_NUMEL * len(shapes)
+
+
+def flat_map_of(slicer: Slicer, full: Mapping[str, tuple[Sequence[int], torch.dtype]],
+                previous: FlatMap | None = None) -> FlatMap | None:
+    """The :class:`FlatMap` of a model's float tensors when the flat path pays
+    (:func:`worth_it`) and they share one dtype, else None.
+
+    Parameters
+    ----------
+    slicer : Slicer
+    full : Mapping[str, tuple[Sequence[int], torch.dtype]]
+        Every ``state_dict`` key → its full shape and dtype.
+    previous : FlatMap, optional
+        Returned as is when it maps the same tensors (built once per model).
+    """
+    shapes = {k: tuple(int(n) for n in shape) for k, (shape, dtype) in full.items() if dtype.is_floating_point}
+    if not worth_it(shapes) or len({dtype for _, dtype in full.values() if dtype.is_floating_point}) != 1:
+        return None
+    if previous is not None and previous.slicer is slicer and previous.shapes == shapes:
+        return previous
+    return FlatMap(slicer, shapes)
+
+
 class FlatMap:
     """Kept-entry positions of masks over a model's float tensors laid end to end.
 
@@ -133,9 +171,11 @@ class FlatMap:
         Returns
         -------
         torch.Tensor
-            int64 ``(n,)``, ``n`` the float entries of the compact slice: the
-            concatenation of every kept key's compact tensor, row-major, equals the
-            concatenated full tensors at these positions.
+            int32 (int64 from 2**31 entries) ``(n,)``, ``n`` the float entries of the
+            compact slice: the concatenation of every kept key's compact tensor,
+            row-major, equals the concatenated full tensors at these positions. Cached
+            on the mask (until its indices change) for models of at most
+            :data:`CACHE_NUMEL` entries: do not modify.
 
         Raises
         ------
@@ -143,6 +183,9 @@ class FlatMap:
             If the mask is invalid for the slicer's groups.
         """
         self.slicer.validate(mask)
+        plan = self.slicer.plan(mask)
+        if plan.flat is not None and plan.flat[0] is self:
+            return plan.flat[1]
         keep_units = self.slicer.keep_units(mask)
         unit_keep = torch.zeros(self._num_units, dtype=torch.bool)
         unit_keep[self._true] = True
@@ -155,11 +198,16 @@ class FlatMap:
             if key in self.offsets:
                 start = self.offsets[key]
                 entry_keep[start:start + math.prod(self.shapes[key])] = False
-        return entry_keep.nonzero().view(-1)
+        kept = entry_keep.nonzero().view(-1)
+        if self.numel < 2**31:
+            kept = kept.to(torch.int32)
+        if self.numel <= CACHE_NUMEL:
+            plan.flat = (self, kept)
+        return kept
 
     def split(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
         """A full-length ``(N,)`` vector as views of every key's full shape."""
         return {k: flat[self.offsets[k]:self.offsets[k] + math.prod(s)].view(s) for k, s in self.shapes.items()}
 
 
-__all__ = ["FlatMap"]
+__all__ = ["FlatMap", "flat_map_of", "worth_it", "MEAN_NUMEL", "MAX_NUMEL", "CACHE_NUMEL"]

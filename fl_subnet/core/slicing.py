@@ -144,8 +144,13 @@ class Slicer:
         return {k: list(self._kept_cached(plan, mask, k, shape)) for k, shape in shapes.items() if k in self.coupled}
 
     def compact_shapes(self, mask: Mask, shapes: Mapping[str, Sequence[int]]) -> dict[str, tuple[int, ...]]:
-        """:meth:`compact_shape` of every key of ``shapes`` (key → full shape)."""
+        """:meth:`compact_shape` of every key of ``shapes`` (key → full shape); cached
+        per mask and ``shapes`` (a new dict each call)."""
         plan = self.plan(mask)
+        memo = tuple((k, tuple(s)) for k, s in shapes.items())
+        hit = plan.shapes.get(memo)
+        if hit is not None:
+            return dict(hit)
         out = {}
         for key, shape in shapes.items():
             new = list(shape)
@@ -153,7 +158,8 @@ class Slicer:
                 for d, idx in self._kept_cached(plan, mask, key, shape):
                     new[d] = int(idx.numel())
             out[key] = tuple(new)
-        return out
+        plan.shapes[memo] = out
+        return dict(out)
 
     def _kept_cached(self, plan: _Plan, mask: Mask, key: str, shape: Sequence[int]) -> list[tuple[int, torch.Tensor]]:
         cache_key = (key, tuple(shape))
@@ -303,9 +309,10 @@ def flat_positions(kept: list[tuple[int, torch.Tensor]], shape: Sequence[int],
 
 class _Plan:
     """One mask's index maps for one slicer (:meth:`Slicer.plan`): small per-unit
-    tensors only (never per-entry maps, which would hold a copy of the slice)."""
+    tensors (per-entry maps hold as much as the slice: only a small model's
+    :class:`~fl_subnet.core.flat.FlatMap` positions are kept, in ``flat``)."""
 
-    __slots__ = ("signature", "refs", "validated", "full", "keep_units", "kept", "dims")
+    __slots__ = ("signature", "refs", "validated", "full", "keep_units", "kept", "dims", "flat", "shapes")
 
     def __init__(self, signature: tuple, mask: Mask) -> None:
         self.signature = signature
@@ -316,3 +323,5 @@ class _Plan:
         self.keep_units: dict[str, torch.Tensor] | None = None
         self.kept: dict[tuple, list[tuple[int, torch.Tensor]]] = {}
         self.dims: dict[tuple, torch.Tensor] = {}  # (length, canonical coupling) → kept positions
+        self.flat: tuple | None = None  # (FlatMap, its kept positions)
+        self.shapes: dict[tuple, dict[str, tuple[int, ...]]] = {}  # compact_shapes, per full shapes
