@@ -69,7 +69,8 @@ def slice_layout(slicer, mask, full: Mapping[str, tuple[Sequence[int], torch.dty
     """
     skipped = slicer.skipped_keys(mask)
     keys = sorted(k for k in full if k not in skipped)
-    shapes = slicer.compact_shapes(mask, {k: tuple(full[k][0]) for k in keys})
+    # every key's, in the model's order: the mask's cached shapes for the full model
+    shapes = slicer.compact_shapes(mask, {k: tuple(shape) for k, (shape, _) in full.items()})
     return [(k, shapes[k], kind_of(full[k][1])) for k in keys]
 
 

@@ -23,7 +23,7 @@ from fl_subnet.core.batchnorm import batchnorm_layers, check_policy, recompute_b
 from fl_subnet.core.spec import analyze
 from fl_subnet.core.masks import Mask, coverage
 from fl_subnet.core.flat import flat_map_of
-from fl_subnet.packed import PACKED_PREFIX, decode_slice, gather_packed, slice_layout
+from fl_subnet.packed import PACKED_PREFIX, decode_slice, gather_packed, is_packed, slice_layout
 from fl_subnet.wire import BATCHNORM_KEY, arrays_to_state, example_to_config, mask_to_config, state_to_arrays
 from fl_subnet.core.samplers import MaskSampler
 
@@ -440,7 +440,8 @@ class SubnetStrategy(NodeSampling, FedAvg):
                     raise ReplyError("unknown node (no mask was sent to it this round)")
                 compact, weight, size = parse_reply(msg.content, self.weighted_by_key,
                                                     functools.partial(self._node_layout, node, mask))
-                if self._is_full_size(compact, mask):
+                packed = is_packed(next(iter(msg.content.array_records.values())))  # exactly one (parse_reply)
+                if not packed and self._is_full_size(compact, mask):  # a packed reply has the layout's shapes
                     full_size.append(node)
                 agg.check(compact, mask)
                 base = self.slicer.gather(self._state, mask) if self._screening else None
