@@ -74,7 +74,7 @@ class IST(SubnetStrategy):
         sampler = PartitionSampler(num_subnets, mode=partition_mode,
                                    scale=float(num_subnets) if scaling in ("p", "p-lr") else 1.0, seed=seed)
         if num_train_nodes is None:  # Flower's fraction rule, but never fewer than p nodes
-            kwargs["min_train_nodes"] = max(kwargs.get("min_train_nodes", 2), sampler.num_subnets)
+            kwargs["min_train_nodes"] = max(kwargs.get("min_train_nodes", 1), sampler.num_subnets)
             kwargs.setdefault("min_available_nodes", sampler.num_subnets)
         super().__init__(model_factory, sampler, local_steps=local_steps, seed=seed,
                          num_train_nodes=num_train_nodes, precision=precision, **kwargs)

@@ -141,3 +141,15 @@ def test_federated_evaluation_sends_full_model_and_aggregates():
         ctx = Context(run_id=1, node_id=1, node_config={"partition-id": pid}, state=RecordDict(), run_config={})
         accs.append(evaluate_model(model, load_data(ctx)[1], "cross-entropy")["eval-acc"])
     assert ev["eval-acc"] == pytest.approx(sum(accs) / n)  # 8 examples each: a plain mean
+
+
+def test_ist_with_one_subnetwork_trains_on_one_node():
+    """p = 1 is one full-width sub-network: one node is enough (Flower's default minimum
+    of 2 training nodes no longer applies), and the round trains it."""
+    strategy = IST(factory, 1, local_steps=2, fraction_evaluate=0.0)
+    assert strategy.min_train_nodes == 1 and strategy.min_available_nodes == 1
+    result = strategy.start(grid=grid(1), initial_arrays=initial_arrays(), num_rounds=2,
+                            train_config=train_config())
+    new, start = arrays_to_state(result.arrays), arrays_to_state(initial_arrays())
+    assert any(not torch.equal(new[k], start[k]) for k in start)
+    assert IST(factory, 3).min_train_nodes == 3 and IST(factory, 2, min_train_nodes=5).min_train_nodes == 5
