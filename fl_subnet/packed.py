@@ -20,6 +20,7 @@ as ``ArrayRecord(model.state_dict())`` writes it: the server reads both
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections.abc import Mapping, Sequence
@@ -102,17 +103,11 @@ def gather_packed(slicer, state: Mapping[str, torch.Tensor], mask, layout: Layou
         return pack_state(slicer.gather(state, mask), layout)
     if whole is None:
         whole = torch.cat([state[k].detach().reshape(-1) for k in flat.keys])
-    parts: dict[str, list[torch.Tensor] | torch.Tensor] = {"float": whole.index_select(0, flat.kept(mask))}
+    parts: dict[str, list[torch.Tensor]] = {"float": [whole.index_select(0, flat.kept(mask))]}
     for key, _, kind in layout:
         if kind != "float":
             t = slicer.gather_key(state[key], slicer.kept(mask, key, tuple(state[key].shape)))
             parts.setdefault(kind, []).append(t.reshape(-1))
-    for kind, ts in parts.items():
-        if kind != "float":
-            dtype = ts[0].dtype
-            for t in ts[1:]:
-                dtype = torch.promote_types(dtype, t.dtype)
-            parts[kind] = [t.to(dtype) for t in ts]
     return pack_flat(parts, layout)
 
 
@@ -146,19 +141,14 @@ def pack_state(state: Mapping[str, torch.Tensor], layout: Layout) -> ArrayRecord
             raise ValueError(f"tensor '{key}' has shape {tuple(t.shape)} and dtype {t.dtype}, the slice layout "
                              f"says {tuple(shape)} ({kind})")
         by_kind.setdefault(kind, []).append(t.detach())
-    flat = {}
-    for kind, tensors in by_kind.items():
-        dtype = tensors[0].dtype
-        for t in tensors[1:]:
-            dtype = torch.promote_types(dtype, t.dtype)
-        flat[kind] = [t.to(dtype).reshape(-1) for t in tensors]
-    return pack_flat(flat, layout)
+    return pack_flat({kind: [t.reshape(-1) for t in tensors] for kind, tensors in by_kind.items()}, layout)
 
 
 def pack_flat(flat: Mapping[str, torch.Tensor | Sequence[torch.Tensor]], layout: Layout) -> ArrayRecord:
     """A packed ArrayRecord of flattened values: ``flat[kind]`` is the 1-D concatenation
-    of the layout's tensors of that kind, or its 1-D parts in order, of one dtype (one
-    data copy, into the record).
+    of the layout's tensors of that kind, or its 1-D parts in order (one data copy, into
+    the record). Parts of one kind but different dtypes (float32 weights with a float64
+    buffer) are packed in their promoted dtype; the receiver casts them back.
 
     Raises
     ------
@@ -175,11 +165,12 @@ def pack_flat(flat: Mapping[str, torch.Tensor | Sequence[torch.Tensor]], layout:
     for kind, count in counts.items():
         value = flat[kind]
         parts = [value] if isinstance(value, torch.Tensor) else list(value)
-        if not parts or any(t.dim() != 1 or t.dtype != parts[0].dtype for t in parts) \
-                or sum(t.numel() for t in parts) != count or kind_of(parts[0].dtype) != kind:
-            raise ValueError(f"packed {kind} values must be 1-D parts of one {kind} dtype, {count} values in all "
+        if not parts or any(t.dim() != 1 or kind_of(t.dtype) != kind for t in parts) \
+                or sum(t.numel() for t in parts) != count:
+            raise ValueError(f"packed {kind} values must be 1-D parts of {kind} dtypes, {count} values in all "
                              f"(the slice layout's); got shapes {[tuple(t.shape) for t in parts]}")
-        arrays = [t.detach().cpu().contiguous().numpy() for t in parts]
+        dtype = functools.reduce(torch.promote_types, (t.dtype for t in parts))
+        arrays = [t.detach().to(dtype).cpu().contiguous().numpy() for t in parts]
         header, name = npy_header_bytes((count,), arrays[0].dtype.str)
         data = b"".join([header, *(memoryview(a).cast("B") for a in arrays if a.size)])
         record[PACKED_PREFIX + kind] = Array(dtype=name, shape=(count,), stype=SType.NUMPY, data=data)

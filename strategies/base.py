@@ -354,7 +354,7 @@ class SubnetStrategy(NodeSampling, FedAvg):
         self._state = self._decode(arrays)
         self._full_meta = {k: (tuple(t.shape), t.dtype) for k, t in self._state.items()}
         self._flat = flat_map_of(self.slicer, self._full_meta, self._flat)  # many small tensors: one index
-        whole = None if self._flat is None else torch.cat([self._state[k].reshape(-1) for k in self._flat.keys])
+        whole = None  # the float tensors end to end, made for the round's first sub-model
         messages, self._bytes_down = [], 0
         # A full mask's slice is the global model itself: nodes with one get the
         # ArrayRecord as received (no gather, no re-serialization), and nodes whose
@@ -367,6 +367,8 @@ class SubnetStrategy(NodeSampling, FedAvg):
             if full and shared is not None and shared[0] == extra:
                 content = shared[1]
             else:
+                if not full and self._flat is not None and whole is None:
+                    whole = torch.cat([self._state[k].reshape(-1) for k in self._flat.keys])
                 slice_arrays = arrays if full else gather_packed(
                     self.slicer, self._state, mask, self._node_layout(node_id, mask), self._flat, whole)
                 node_config = ConfigRecord(dict(config))  # Strategy.start reuses `config`

@@ -6,8 +6,8 @@ A small model of many tensors (a ResNet: 48 float tensors of 43.6k parameters) s
 its server round in per-tensor Python calls: gather, pack, check, scatter-add, 57 times
 a node. :class:`FlatMap` tabulates once, for every entry of the float tensors laid end
 to end (sorted keys, each row-major), which unit of which group each of its dims
-belongs to; a mask's kept entries are then ``K`` table look-ups and an ``all``, with no
-loop over tensors. The kept positions are in ascending order, which is the order of
+belongs to; a mask's kept entries are then a look-up of its unit bits, an ``any`` per
+position and one ``index_select`` and ``and`` per coupled dim, with no loop over tensors. The kept positions are in ascending order, which is the order of
 the compact slice (each tensor row-major, tensors in sorted-key order: the packed
 ``packed-float`` array of :mod:`fl_subnet.packed`).
 
