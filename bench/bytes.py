@@ -52,7 +52,7 @@ from bench.server_round import (  # noqa: E402
     proto_bytes,
     push,
 )
-from fl_subnet.wire import MASK_PREFIX, SCALE_PREFIX, SKIP_KEY, arrays_to_state  # noqa: E402
+from fl_subnet.wire import MASK_KEY, SCALE_KEY, SKIP_KEY, UNIT_SCALES_KEY, arrays_to_state  # noqa: E402
 
 log = logging.getLogger("bench.bytes")
 
@@ -72,14 +72,14 @@ def npy_header_bytes(msg: Message) -> int:
 
 
 def mask_config_bytes(msg: Message) -> int:
-    """Serialized bytes of the mask entries of the message's ConfigRecord (``mask.*``,
-    ``scale.*``, ``skip``): the record's protobuf size with them minus without them."""
+    """Serialized bytes of the mask entries of the message's ConfigRecord (``mask``,
+    ``scale``, ``unit-scales``, ``skip``): the record's protobuf size with them minus without them."""
     configs = list(msg.content.config_records.values())
     if not configs:
         return 0
     config = configs[0]
     rest = ConfigRecord({k: v for k, v in config.items()
-                         if not (k.startswith(MASK_PREFIX) or k.startswith(SCALE_PREFIX) or k == SKIP_KEY)})
+                         if k not in (MASK_KEY, SCALE_KEY, UNIT_SCALES_KEY, SKIP_KEY)})
     return config_record_to_proto(config).ByteSize() - config_record_to_proto(rest).ByteSize()
 
 

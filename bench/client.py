@@ -191,7 +191,7 @@ def server_messages(config: Mapping[str, object]) -> tuple[bytes, bytes, dict[st
     from fl_subnet.experiments.experiment import example_input, factory_for
     from fl_subnet.experiments.inprocess_grid import InProcessGrid
     from fl_subnet.strategies import build_strategy
-    from fl_subnet.wire import MASK_PREFIX
+    from fl_subnet.wire import mask_from_config
 
     cfg = RunConfig.from_mapping(config)
     factory = factory_for(cfg)
@@ -207,8 +207,8 @@ def server_messages(config: Mapping[str, object]) -> tuple[bytes, bytes, dict[st
     strategy = build_strategy(cfg, factory, example_input=example_input(cfg))
     ours = {m.metadata.dst_node_id: m for m in strategy.configure_train(1, full, train_config, grid)}[node0]
     (config_record,) = ours.content.config_records.values()
-    info["mask_widths"] = {k.removeprefix(MASK_PREFIX): int(np.unpackbits(np.frombuffer(v, np.uint8)).sum())
-                           for k, v in config_record.items() if k.startswith(MASK_PREFIX)}
+    sent = mask_from_config(config_record, strategy.spec.all_groups)
+    info["mask_widths"] = {name: int(idx.numel()) for name, idx in sent.indices.items()}
     flower = FedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_available_nodes=cfg.num_nodes)
     theirs = {m.metadata.dst_node_id: m
               for m in flower.configure_train(1, full, ConfigRecord(cfg.train_config()), grid)}[node0]

@@ -28,8 +28,8 @@ from fl_subnet.core.masks import Mask, full_mask
 from fl_subnet.core.ordered import WidthSchedule, build_ordered, width_generator
 from fl_subnet.core.spec import SubnetSpec, cached_spec
 from fl_subnet.packed import Layout, is_packed, pack_state, slice_layout, unpack_state
-from fl_subnet.wire import (BATCHNORM_KEY, MASK_PREFIX, SKIP_KEY, arrays_to_state, example_from_config,
-                            mask_from_config, read_train, state_to_arrays, widths_from_config)
+from fl_subnet.wire import (BATCHNORM_KEY, arrays_to_state, example_from_config,
+                            has_mask, mask_from_config, read_train, state_to_arrays, widths_from_config)
 
 
 @dataclass
@@ -98,14 +98,14 @@ def receive(msg: Message | RecordDict, model_factory: Callable[[], nn.Module]) -
     arrays_key, arrays, config = read_train(content)
     shape, dtype = example_from_config(config)
     spec = cached_spec(model_factory, shape, dtype)  # analysed once per process
-    has_mask = any(str(k).startswith(MASK_PREFIX) or k == SKIP_KEY for k in config)
-    mask = mask_from_config(config, spec.all_groups) if has_mask else full_mask(spec.all_groups)
+    masked = has_mask(config)
+    mask = mask_from_config(config, spec.all_groups) if masked else full_mask(spec.all_groups)
     spec.slicer.skipped_keys(mask)  # a depth block this model lacks: ValueError naming it
     widths = widths_from_config(config)  # FjORD: ValueError naming 'fjord-widths'
     layout = slice_layout(spec.slicer, mask, spec.state_meta) if is_packed(arrays) else None
     state = arrays_to_state(arrays) if layout is None else unpack_state(arrays, layout)
     # FjORD gates the groups the server masked (none for a message without mask keys)
-    model = build_ordered(spec, state, mask, gated=mask.indices if has_mask else ()) if widths \
+    model = build_ordered(spec, state, mask, gated=mask.indices if masked else ()) if widths \
         else spec.build(state, mask)
     if check_policy(str(config.get(BATCHNORM_KEY, "averaged"))) == "static":
         use_batch_statistics(model)

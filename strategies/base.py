@@ -363,7 +363,7 @@ class SubnetStrategy(NodeSampling, FedAvg):
         shared: tuple[dict, RecordDict] | None = None
         for node_id, mask in zip(nodes, masks):
             full = self.slicer.is_full(mask)  # validates the mask
-            extra = {**self._example_config, **mask_to_config(mask, self.groups), **self.node_config(node_id, mask)}
+            extra = {**self._example_config, **mask_to_config(mask, self.spec.all_groups, self.groups), **self.node_config(node_id, mask)}
             if full and shared is not None and shared[0] == extra:
                 content = shared[1]
             else:

@@ -18,11 +18,12 @@ def payload_bytes(arrays: ArrayRecord, config: ConfigRecord | None = None) -> in
     """Serialized size in bytes of the arrays plus the config's bytes/str values.
 
     Counts ``len(Array.data)`` of each array (NumPy ``.npy`` payload, as sent) and
-    the raw bytes of ``bytes``/``str`` config values (the masks); scalars count 8.
+    the raw bytes of ``bytes``/``str`` config values (the masks); scalars count 8, a
+    list 8 an element.
     """
     total = sum(len(a.data) for a in arrays.values())
     for value in (config or {}).values():
-        total += len(value) if isinstance(value, (bytes, str)) else 8
+        total += len(value) if isinstance(value, (bytes, str)) else 8 * len(value) if isinstance(value, list) else 8
     return total
 
 

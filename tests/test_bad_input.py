@@ -99,12 +99,48 @@ def test_mask_wire_round_trip_and_errors(model_and_factory):
     for g in groups:
         assert torch.equal(back.indices[g.name], mask.indices[g.name])
         assert back.scale[g.name] == pytest.approx(1 / 0.3)
-    key = "mask." + groups[0].name
-    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
-        mask_from_config({**cfg, key: cfg[key] + b"\x00"}, groups)
-    # a group the server does not mask sends no key: the node keeps it whole
-    partial = mask_from_config({k: v for k, v in cfg.items() if k != key}, groups)
-    assert torch.equal(partial.kept(groups[0]), torch.arange(groups[0].size))
+    assert set(cfg) == {"mask", "scale"} and cfg["scale"] == pytest.approx(1 / 0.3)  # one scale for all
+    with pytest.raises(ValueError, match="'mask' has .* bytes, expected"):
+        mask_from_config({**cfg, "mask": cfg["mask"] + b"\x00"}, groups)
+    with pytest.raises(ValueError, match="'mask' was written for other unit groups"):
+        # another model: a group renamed (or resized, or the groups in another order)
+        mask_from_config(cfg, [dataclasses.replace(groups[0], name=groups[0].name + "x"), *groups[1:]])
+    with pytest.raises(ValueError, match="'scale' must list"):
+        mask_from_config({**cfg, "scale": [2.0] * (len(groups) + 1)}, groups)
+    with pytest.raises(ValueError, match="'scale' must be a finite number"):
+        mask_from_config({**cfg, "scale": float("nan")}, groups)
+    with pytest.raises(ValueError, match="'mask' must hold the mask's bytes"):
+        mask_from_config({**cfg, "mask": "0101"}, groups)
+    # no mask entry: every group is kept whole
+    whole = mask_from_config({}, groups)
+    assert torch.equal(whole.kept(groups[0]), torch.arange(groups[0].size))
+
+
+def test_mask_wire_layout_by_hand():
+    """The ``mask`` bytes written out by hand: fingerprint, a bit per group marking the
+    written groups, then each written group's bits (little bit order, byte-aligned)."""
+    import zlib
+
+    from fl_subnet.core.groups import UnitGroup
+    from fl_subnet.core.masks import Mask
+    groups = [UnitGroup("a", 10, (), ()), UnitGroup("b", 3, (), ()), UnitGroup("c", 5, (), ())]
+    mask = Mask({"a": torch.tensor([0, 2, 9]), "c": torch.tensor([4])}, {"a": 2.0, "c": 0.5})
+    cfg = mask_to_config(mask, groups)
+    fingerprint = zlib.crc32(b"a:10\nb:3\nc:5").to_bytes(4, "little")
+    assert cfg["mask"] == fingerprint + bytes([0b101, 0b101, 0b10, 0b10000])
+    assert cfg["scale"] == [2.0, 0.5]
+    back = mask_from_config(cfg, groups)
+    assert set(back.indices) == {"a", "c"} and back.kept(groups[1]).tolist() == [0, 1, 2]
+    assert back.indices["a"].tolist() == [0, 2, 9] and back.scale == {"a": 2.0, "c": 0.5}
+    # a group the server masks is written even when whole (FjORD gates exactly those)
+    forced = mask_from_config(mask_to_config(mask, groups, masked=groups[1:2]), groups)
+    assert set(forced.indices) == {"a", "b", "c"} and forced.scale["b"] == 1.0
+    bad = bytearray(cfg["mask"])
+    bad[6] |= 0b100  # a bit beyond group a's 10 units (its second byte)
+    with pytest.raises(ValueError, match="beyond the size 10 of group 'a'"):
+        mask_from_config({**cfg, "mask": bytes(bad)}, groups)
+    with pytest.raises(ValueError, match="unit group\\(s\\) \\['z'\\]"):
+        mask_to_config(Mask({"z": torch.tensor([0])}), groups)
 
 
 def test_mask_encoding_stays_small_for_a_million_units():
@@ -114,7 +150,7 @@ def test_mask_encoding_stays_small_for_a_million_units():
     mask = BernoulliSampler(0.5, seed=1).sample(groups, 1, 1)[0]
     cfg = mask_to_config(mask, groups)
     ConfigRecord(cfg)  # plain Python types only
-    assert len(cfg["mask.big"]) == 125_000  # one bit per unit
+    assert len(cfg["mask"]) == 4 + 1 + 125_000  # fingerprint, group bit, one bit per unit
     assert torch.equal(mask_from_config(cfg, groups).indices["big"], mask.indices["big"])
 
 

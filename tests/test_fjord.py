@@ -348,23 +348,25 @@ def test_per_unit_scale_round_trips_and_is_validated():
     idx = {"1": torch.tensor([0, 3, 4, 8]), "3": torch.tensor([1, 2])}
     scale = {"1": torch.tensor([0.5, 2.0, 1.25, 3.0]), "3": 1.5}
     config = mask_to_config(Mask(idx, scale), spec.groups)
-    assert isinstance(config["scale.1"], bytes) and len(config["scale.1"]) == 16
-    assert config["scale.3"] == 1.5 and isinstance(config["scale.3"], float)  # floats stay floats
+    assert config["scale"] == [0.0, 1.5]  # 0 marks group 1's per-unit scales; floats stay floats
+    assert config["unit-scales"] == scale["1"].numpy().astype("<f4").tobytes()  # 16 bytes
     back = mask_from_config(config, spec.groups)
     assert torch.equal(back.scale["1"], scale["1"]) and back.scale["3"] == 1.5
     assert torch.equal(back.indices["1"], idx["1"])
-    with pytest.raises(ValueError, match="'scale.1'.*shape \\(4,\\)"):
+    with pytest.raises(ValueError, match="group '1': a per-unit scale must have shape \\(4,\\)"):
         mask_to_config(Mask(idx, {"1": torch.ones(3)}), spec.groups)
     for bad in (torch.tensor([1.0, -1.0, 1.0, 1.0]), torch.tensor([1.0, float("nan"), 1.0, 1.0]),
                 torch.tensor([1.0, 0.0, 1.0, 1.0])):
-        with pytest.raises(ValueError, match="'scale.1'"):
+        with pytest.raises(ValueError, match="group '1'"):
             mask_to_config(Mask(idx, {"1": bad}), spec.groups)
-        with pytest.raises(ValueError, match="'scale.1'"):
-            mask_from_config({**config, "scale.1": bad.numpy().astype("<f4").tobytes()}, spec.groups)
-    with pytest.raises(ValueError, match="'scale.1' has 12 bytes, expected 16"):
-        mask_from_config({**config, "scale.1": b"\0" * 12}, spec.groups)
-    with pytest.raises(ValueError, match="'scale.3'"):
-        mask_from_config({**config, "scale.3": float("inf")}, spec.groups)
+        with pytest.raises(ValueError, match="'unit-scales' \\(group '1'\\)"):
+            mask_from_config({**config, "unit-scales": bad.numpy().astype("<f4").tobytes()}, spec.groups)
+    with pytest.raises(ValueError, match="'unit-scales' has 12 bytes, expected 16"):
+        mask_from_config({**config, "unit-scales": b"\0" * 12}, spec.groups)
+    with pytest.raises(ValueError, match="'unit-scales' has None bytes, expected 16"):
+        mask_from_config({k: v for k, v in config.items() if k != "unit-scales"}, spec.groups)
+    with pytest.raises(ValueError, match="'scale' must list"):
+        mask_from_config({**config, "scale": [0.0, float("inf")]}, spec.groups)
 
 
 def test_per_unit_scale_passes_validate_gather_and_the_aggregator():

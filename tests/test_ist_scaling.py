@@ -8,7 +8,7 @@ import torch
 from fl_subnet.core.masks import full_mask
 from fl_subnet.strategies import IST
 from fl_subnet.strategies.ist import IST_SCALINGS
-from fl_subnet.wire import arrays_to_state
+from fl_subnet.wire import arrays_to_state, mask_from_config
 
 from strategy_helpers import factory, grid, initial_arrays, train_config
 
@@ -23,7 +23,8 @@ def test_p_lr_scales_the_outputs_by_p_and_the_nodes_lr_by_one_over_p():
     s = IST(factory, 4, scaling="p-lr", num_train_nodes=4, min_available_nodes=4, fraction_evaluate=0.0)
     msgs = list(s.configure_train(1, initial_arrays(), train_config(lr=0.2), grid(4)))
     assert {m.content["config"]["lr"] for m in msgs} == {0.05}
-    assert {m.content["config"][f"scale.{g.name}"] for m in msgs for g in s.groups} == {4.0}
+    assert {mask_from_config(m.content["config"], s.spec.all_groups).scale[g.name]
+            for m in msgs for g in s.groups} == {4.0}
     plain = IST(factory, 4, scaling="p", num_train_nodes=4, min_available_nodes=4, fraction_evaluate=0.0)
     msgs = list(plain.configure_train(1, initial_arrays(), train_config(lr=0.2), grid(4)))
     assert {m.content["config"]["lr"] for m in msgs} == {0.2}
@@ -39,7 +40,9 @@ def test_eval_scaling_trains_unscaled_and_deploys_the_one_over_p_model():
     g = grid(p)
     arrays = initial_arrays()
     msgs = list(s.configure_train(1, arrays, train_config(), g))
-    assert {m.content["config"][f"scale.{gr.name}"] for m in msgs for gr in s.groups} == {1.0}
+    assert {mask_from_config(m.content["config"], s.spec.all_groups).scale[gr.name]
+            for m in msgs for gr in s.groups} == {1.0}
+    assert all("scale" not in m.content["config"] for m in msgs)  # scale 1 is not sent
     arrays, _ = s.aggregate_train(1, g.send_and_receive(msgs))
     state = arrays_to_state(arrays)
     deployed = s.deployed_state(state)

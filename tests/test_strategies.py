@@ -44,7 +44,7 @@ def test_ist_sends_each_node_its_partition_and_reassembles():
     assert len(messages) == p
     units = torch.zeros(HIDDEN := factory()[1].out_features, dtype=torch.int64)
     for msg in messages:
-        mask = mask_from_config(msg.content["config"], strategy.groups)
+        mask = mask_from_config(msg.content["config"], strategy.spec.all_groups)
         rows = mask.indices["1"]
         units[rows] += 1
         sent = strategy.slice_state(msg.content["arrays"], msg.metadata.dst_node_id)
@@ -83,7 +83,7 @@ def test_same_seed_same_masks_and_model(make):
 
         def spy(*args, _orig=original, _sent=sent, **kw):
             msgs = list(_orig(*args, **kw))
-            _sent.append([bytes(m.content["config"]["mask.1"]) for m in msgs])
+            _sent.append([bytes(m.content["config"]["mask"]) for m in msgs])
             return msgs
 
         strategy.configure_train = spy
