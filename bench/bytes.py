@@ -28,10 +28,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import statistics
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 from flwr.app import ConfigRecord, Message
 from flwr.common.serde import config_record_to_proto
@@ -52,7 +54,7 @@ from bench.server_round import (  # noqa: E402
     proto_bytes,
     push,
 )
-from fl_subnet.wire import MASK_KEY, SCALE_KEY, SKIP_KEY, UNIT_SCALES_KEY, arrays_to_state  # noqa: E402
+from fl_subnet.wire import MASK_KEY, SCALE_KEY, SKIP_KEY, UNIT_SCALES_KEY  # noqa: E402
 
 log = logging.getLogger("bench.bytes")
 
@@ -62,11 +64,12 @@ TOLERANCE = 0.01  # within 1% of the floor
 def floor_bytes(msg: Message) -> int:
     """Raw bytes of the arrays of ``msg``: ``Σ numel · element_size`` (the floor)."""
     (arrays,) = msg.content.array_records.values()
-    return sum(t.numel() * t.element_size() for t in arrays_to_state(arrays, copy=False).values())
+    return sum(math.prod(a.shape) * np.dtype(a.dtype).itemsize for a in arrays.values())
 
 
 def npy_header_bytes(msg: Message) -> int:
-    """Bytes of the ``.npy`` headers of the arrays of ``msg`` (Flower's Array format)."""
+    """Bytes of the ``.npy`` headers of the arrays of ``msg`` (Flower's Array format;
+    none in a packed slice's raw arrays)."""
     (arrays,) = msg.content.array_records.values()
     return sum(len(a.data) for a in arrays.values()) - floor_bytes(msg)
 

@@ -58,6 +58,7 @@ import argparse
 import gc
 import json
 import logging
+import math
 import os
 import re
 import statistics
@@ -240,7 +241,7 @@ def largest_tensor_during(fn: Callable[[], object]) -> int:
 
 def arrays_numel(message) -> int:
     """Number of entries in a Message's ArrayRecords."""
-    return int(sum(a.numpy().size for rec in message.content.array_records.values() for a in rec.values()))
+    return int(sum(math.prod(a.shape) for rec in message.content.array_records.values() for a in rec.values()))
 
 
 def _status_bytes(field: str) -> int:

@@ -82,6 +82,7 @@ from fl_subnet.core.aggregate import MaskedAggregator  # noqa: E402
 from fl_subnet.experiments.inprocess_grid import InProcessGrid  # noqa: E402
 from fl_subnet.models import MLP, PreActResNet  # noqa: E402
 from fl_subnet.strategies import IST, FederatedDropout  # noqa: E402
+from fl_subnet.packed import RAW_STYPE, raw_array, raw_values  # noqa: E402
 from fl_subnet.wire import arrays_to_state  # noqa: E402
 
 log = logging.getLogger("bench.server_round")
@@ -180,13 +181,14 @@ def client_reply(msg: Message, *, num_examples: int, noise: float = 1e-3, seed: 
     ``train-loss`` in a MetricRecord."""
     gen = torch.Generator().manual_seed(seed)
     (key, arrays), = msg.content.array_records.items()
-    state = {}
+    out = ArrayRecord()
     for name, a in arrays.items():
-        t = torch.from_numpy(a.numpy())
+        packed = a.stype == RAW_STYPE  # a packed slice: the client packs its reply too
+        t = torch.from_numpy(raw_values(a, name).copy() if packed else a.numpy())
         if t.is_floating_point():
             t = t + noise * torch.randn(t.shape, generator=gen, dtype=t.dtype)
-        state[name] = t
-    content = RecordDict({key: ArrayRecord(state),
+        out[name] = raw_array(t.numpy()) if packed else Array(t.numpy())
+    content = RecordDict({key: out,
                           "metrics": MetricRecord({"num-examples": int(num_examples), "train-loss": 0.5})})
     return Message(content, reply_to=msg)
 

@@ -1,4 +1,4 @@
-"""The packed compact slice: one ``.npy`` array per dtype kind instead of one per tensor.
+"""The packed compact slice: one raw array per dtype kind instead of one per tensor.
 
 Flower's ``ArrayRecord`` sends every tensor as its own ``Array``: a 128-byte ``.npy``
 header, the key, dtype and shape fields and their protobuf framing, about 200 bytes a
@@ -7,7 +7,9 @@ already know every tensor's key and compact shape (the node from its analysis an
 mask, the server from the global model and the mask), so a train message of a sub-model
 sends the slice as one flat array per kind of dtype (``packed-float``, ``packed-int``,
 ``packed-bool``, ``packed-complex``): the tensors in sorted-key order, each flattened
-row-major. 57 tensors of a small ResNet then cost one header instead of 57.
+row-major, as the values' little-endian bytes with no ``.npy`` header (the ``Array``'s
+own ``dtype`` and ``shape`` fields describe them; ``stype`` is :data:`RAW_STYPE`). 57
+tensors of a small ResNet then cost two ``Array`` entries instead of 57, and no header.
 
 The layout (key, compact shape, kind, in packing order) is computed by both sides with
 :func:`slice_layout`; :func:`pack_state` and :func:`unpack_state` check every size
@@ -28,12 +30,14 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord
-from flwr.common.constant import SType
 
-from .wire import arrays_to_state, npy_header_bytes, npy_view
+from .wire import arrays_to_state
 
 #: ArrayRecord key prefix of a packed slice: ``packed-float``, ``packed-int``, ...
 PACKED_PREFIX = "packed-"
+#: ``Array.stype`` of a packed array: the values' little-endian bytes, nothing else
+#: (Flower's own ``numpy.ndarray`` stype prepends a 128-byte ``.npy`` header).
+RAW_STYPE = "raw"
 
 #: ``(key, compact shape, kind)`` per tensor, in packing order.
 Layout = Sequence[tuple[str, tuple[int, ...], str]]
@@ -171,10 +175,57 @@ def pack_flat(flat: Mapping[str, torch.Tensor | Sequence[torch.Tensor]], layout:
                              f"(the slice layout's); got shapes {[tuple(t.shape) for t in parts]}")
         dtype = functools.reduce(torch.promote_types, (t.dtype for t in parts))
         arrays = [t.detach().to(dtype).cpu().contiguous().numpy() for t in parts]
-        header, name = npy_header_bytes((count,), arrays[0].dtype.str)
-        data = b"".join([header, *(memoryview(a).cast("B") for a in arrays if a.size)])
-        record[PACKED_PREFIX + kind] = Array(dtype=name, shape=(count,), stype=SType.NUMPY, data=data)
+        record[PACKED_PREFIX + kind] = raw_array(arrays, count)
     return record
+
+
+def raw_array(parts: np.ndarray | Sequence[np.ndarray], count: int | None = None) -> Array:
+    """A Flower ``Array`` of :data:`RAW_STYPE`: the 1-D concatenation of ``parts`` (one
+    dtype), ``count`` values in all, as little-endian bytes (one copy, into the Array).
+
+    Raises
+    ------
+    ValueError
+        If the parts are not 1-D of one dtype, or do not hold ``count`` values.
+    """
+    parts = [parts] if isinstance(parts, np.ndarray) else list(parts)
+    dtype = parts[0].dtype
+    if any(a.ndim != 1 or a.dtype != dtype for a in parts) or dtype.hasobject:
+        raise ValueError(f"a raw array is made of 1-D parts of one plain dtype, got "
+                         f"{[(a.shape, str(a.dtype)) for a in parts]}")
+    n = sum(a.size for a in parts)
+    if count is not None and n != count:
+        raise ValueError(f"raw array: {n} values, expected {count}")
+    little = dtype.newbyteorder("<")
+    data = b"".join(memoryview(np.ascontiguousarray(a, dtype=little)).cast("B") for a in parts if a.size)
+    return Array(dtype=little.name, shape=(n,), stype=RAW_STYPE, data=data)
+
+
+def raw_values(array: Array, name: str = "array") -> np.ndarray:
+    """The read-only 1-D values of a :data:`RAW_STYPE` array (a view of its bytes, native
+    byte order on little-endian machines).
+
+    Raises
+    ------
+    ValueError
+        Naming ``name``, if the array is not of :data:`RAW_STYPE`, its ``dtype`` is not a
+        plain numeric or bool dtype, its ``shape`` not 1-D, or its bytes not ``shape[0]``
+        values.
+    """
+    if array.stype != RAW_STYPE:
+        raise ValueError(f"array '{name}' must be raw values (stype '{RAW_STYPE}'), got stype {array.stype!r}")
+    try:
+        dtype = np.dtype(str(array.dtype)).newbyteorder("<")
+    except (TypeError, ValueError):
+        raise ValueError(f"array '{name}' has an unknown dtype {array.dtype!r}") from None
+    if _np_kind(dtype) is None or dtype.hasobject:
+        raise ValueError(f"array '{name}' must hold numbers or bools, got dtype {array.dtype!r}")
+    shape = tuple(array.shape)
+    if len(shape) != 1 or shape[0] * dtype.itemsize != len(array.data):
+        raise ValueError(f"array '{name}' must be 1-D with shape[0] x {dtype.itemsize} bytes, got shape {shape} "
+                         f"and {len(array.data)} bytes")
+    values = np.frombuffer(array.data, dtype=dtype, count=shape[0])
+    return values if values.dtype.isnative else values.astype(dtype.newbyteorder("="))
 
 
 def unpack_state(arrays: ArrayRecord, layout: Layout, copy: bool = True) -> dict[str, torch.Tensor]:
@@ -198,8 +249,9 @@ def unpack_state(arrays: ArrayRecord, layout: Layout, copy: bool = True) -> dict
     Raises
     ------
     ValueError
-        Naming the array key, if a kind is missing or extra, an array is not a 1-D
-        ``.npy`` of that kind, or its length differs from the layout's total.
+        Naming the array key, if a kind is missing or extra, an array is not raw 1-D
+        values of that kind (:func:`raw_values`), or its length differs from the
+        layout's total.
     """
     wanted: dict[str, list[tuple[str, tuple[int, ...]]]] = {}
     for key, shape, kind in layout:
@@ -213,9 +265,9 @@ def unpack_state(arrays: ArrayRecord, layout: Layout, copy: bool = True) -> dict
         name = PACKED_PREFIX + kind
         if name not in arrays:
             raise ValueError(f"packed slice is missing array '{name}'")
-        view = npy_view(arrays[name])
-        if view is None or view.ndim != 1 or _np_kind(view.dtype) != kind:
-            raise ValueError(f"array '{name}' must be a 1-D native .npy array of {kind} values")
+        view = raw_values(arrays[name], name)
+        if _np_kind(view.dtype) != kind:
+            raise ValueError(f"array '{name}' must hold {kind} values, got dtype {view.dtype}")
         count = sum(math.prod(s) for _, s in entries)
         if view.size != count:
             raise ValueError(f"array '{name}' holds {view.size} values, the slice layout {count}")
@@ -258,5 +310,5 @@ def decode_slice(arrays: ArrayRecord, layout, copy: bool = True) -> dict[str, to
     return arrays_to_state(arrays, copy=copy)
 
 
-__all__ = ["PACKED_PREFIX", "Layout", "kind_of", "slice_layout", "is_packed", "pack_state", "pack_flat", "gather_packed", "unpack_state",
+__all__ = ["PACKED_PREFIX", "RAW_STYPE", "Layout", "raw_array", "raw_values", "kind_of", "slice_layout", "is_packed", "pack_state", "pack_flat", "gather_packed", "unpack_state",
            "decode_slice"]

@@ -23,7 +23,7 @@ from fl_subnet.core.batchnorm import batchnorm_layers, check_policy, recompute_b
 from fl_subnet.core.spec import analyze
 from fl_subnet.core.masks import Mask, coverage
 from fl_subnet.core.flat import flat_map_of
-from fl_subnet.packed import PACKED_PREFIX, decode_slice, gather_packed, is_packed, slice_layout
+from fl_subnet.packed import PACKED_PREFIX, RAW_STYPE, decode_slice, gather_packed, is_packed, slice_layout
 from fl_subnet.wire import BATCHNORM_KEY, arrays_to_state, example_to_config, mask_to_config, state_to_arrays
 from fl_subnet.core.samplers import MaskSampler
 
@@ -432,8 +432,11 @@ class SubnetStrategy(NodeSampling, FedAvg):
             node = by_id.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
             try:
                 if msg.has_error():
-                    if "size mismatch" in str(msg.error.reason) or PACKED_PREFIX in str(msg.error.reason):
-                        full_size.append(node)  # the ClientApp loaded the slice into a full-size model
+                    reason = str(msg.error.reason)
+                    if "size mismatch" in reason or PACKED_PREFIX in reason or f"'{RAW_STYPE}'" in reason:
+                        # the ClientApp loaded the slice into a full-size model (Flower's
+                        # to_torch_state_dict refuses the packed arrays' raw stype)
+                        full_size.append(node)
                     raise ReplyError(f"error reply: {msg.error.reason}")
                 if node in seen:
                     raise ReplyError("duplicate reply")

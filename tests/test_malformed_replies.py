@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import array_shapes, arrays
 
 from fl_subnet.core.aggregate import MaskedAggregator
+from fl_subnet.packed import raw_array, raw_values
 from fl_subnet.wire import arrays_to_state
 from fl_subnet.strategies import FederatedDropout
 
@@ -61,8 +62,9 @@ def _corrupt_packed(fn, what=None):
     the log line names ``what`` (default: the first new array's key)."""
     def apply(msg, strategy):
         assert set(msg.content["arrays"]) == {"packed-float"}  # fl-subnet's ClientApp packs its reply
-        new = fn(msg.content["arrays"]["packed-float"].numpy())
-        msg.content = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in new.items()}),
+        new = fn(raw_values(msg.content["arrays"]["packed-float"]))
+        msg.content = RecordDict({"arrays": ArrayRecord({k: raw_array(v) if v.ndim == 1 else Array(v)
+                                                         for k, v in new.items()}),
                                   "metrics": msg.content["metrics"]})
         return what or next(iter(new))
     return apply

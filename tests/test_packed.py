@@ -3,7 +3,6 @@ round whose replies come packed or one array per tensor aggregating to the same 
 
 from __future__ import annotations
 
-import io
 
 import numpy as np
 import pytest
@@ -13,7 +12,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from fl_subnet.clients import make_client_app, receive
 from fl_subnet.experiments.inprocess_grid import InProcessGrid
 from fl_subnet.models import FlowerCNN
-from fl_subnet.packed import decode_slice, is_packed, kind_of, pack_state, slice_layout, unpack_state
+from fl_subnet.packed import decode_slice, is_packed, kind_of, pack_state, raw_array, slice_layout, unpack_state
 from fl_subnet.strategies import FederatedDropout
 from fl_subnet.wire import state_to_arrays
 
@@ -31,18 +30,19 @@ def _layout(state):
     return [(k, tuple(state[k].shape), kind_of(state[k].dtype)) for k in sorted(state)]
 
 
-def test_packed_bytes_are_one_npy_per_kind_of_the_sorted_flat_tensors():
+def test_packed_bytes_are_one_raw_array_per_kind_of_the_sorted_flat_tensors():
     state = _mixed_state()
     record = pack_state(state, _layout(state))
     assert sorted(record) == ["packed-bool", "packed-float", "packed-int"]
-    # independent: numpy's own .npy of the concatenation in sorted-key order, float32 and
-    # float64 promoted to float64
-    for name, keys, dtype in [("packed-float", ["a.bias", "b.weight", "c.stat"], np.float64),
-                              ("packed-int", ["d.count"], np.int64), ("packed-bool", ["e.flag"], np.bool_)]:
-        buf = io.BytesIO()
-        np.save(buf, np.concatenate([state[k].numpy().astype(dtype).reshape(-1) for k in keys]))
-        assert record[name].data == buf.getvalue(), name
-        assert len(record[name].data) == 128 + sum(state[k].numel() for k in keys) * np.dtype(dtype).itemsize
+    # independent: numpy's little-endian bytes of the concatenation in sorted-key order,
+    # float32 and float64 promoted to float64; no header, the Array's fields say the rest
+    for name, keys, dtype in [("packed-float", ["a.bias", "b.weight", "c.stat"], "<f8"),
+                              ("packed-int", ["d.count"], "<i8"), ("packed-bool", ["e.flag"], "|b1")]:
+        values = np.concatenate([state[k].numpy().astype(dtype).reshape(-1) for k in keys])
+        assert record[name].data == values.tobytes(), name
+        assert len(record[name].data) == sum(state[k].numel() for k in keys) * np.dtype(dtype).itemsize
+        assert (record[name].stype, record[name].dtype, tuple(record[name].shape)) == \
+            ("raw", np.dtype(dtype).name, (values.size,))
 
 
 def test_round_trip_keeps_values_and_shapes_and_views_without_copy():
@@ -78,12 +78,18 @@ def test_pack_refuses_a_state_that_is_not_the_layouts(change, match):
 
 @pytest.mark.parametrize("change,match", [
     (lambda r: r.pop("packed-int"), "missing array 'packed-int'"),
-    (lambda r: r.__setitem__("packed-x", Array(np.zeros(1))), r"unexpected array\(s\) \['packed-x'\]"),
-    (lambda r: r.__setitem__("packed-float", Array(np.zeros(20))), "holds 20 values, the slice layout 19"),
-    (lambda r: r.__setitem__("packed-float", Array(np.zeros((1, 19)))), "1-D native .npy array of float"),
-    (lambda r: r.__setitem__("packed-int", Array(np.zeros(1, np.float32))), "1-D native .npy array of int"),
-    (lambda r: r.__setitem__("packed-bool", Array(dtype="bool", shape=(2,), stype="numpy.ndarray", data=b"xx")),
-     "'packed-bool' must be"),
+    (lambda r: r.__setitem__("packed-x", raw_array(np.zeros(1))), r"unexpected array\(s\) \['packed-x'\]"),
+    (lambda r: r.__setitem__("packed-float", raw_array(np.zeros(20))), "holds 20 values, the slice layout 19"),
+    (lambda r: r.__setitem__("packed-float", Array(np.zeros(19))), "'packed-float' must be raw values"),
+    (lambda r: r.__setitem__("packed-float", Array(dtype="float64", shape=(1, 19), stype="raw", data=bytes(152))),
+     "'packed-float' must be 1-D"),
+    (lambda r: r.__setitem__("packed-float", Array(dtype="float64", shape=(19,), stype="raw", data=bytes(151))),
+     "'packed-float' must be 1-D with shape\\[0\\] x 8 bytes"),
+    (lambda r: r.__setitem__("packed-float", Array(dtype="O", shape=(19,), stype="raw", data=bytes(152))),
+     "'packed-float' must hold numbers"),
+    (lambda r: r.__setitem__("packed-float", Array(dtype="no-such", shape=(19,), stype="raw", data=bytes(152))),
+     "'packed-float' has an unknown dtype"),
+    (lambda r: r.__setitem__("packed-int", raw_array(np.zeros(1, np.float32))), "'packed-int' must hold int values"),
 ])
 def test_unpack_refuses_arrays_that_do_not_match_and_names_them(change, match):
     state = _mixed_state()
@@ -131,7 +137,7 @@ def test_a_round_sends_packed_slices_and_reads_packed_or_per_tensor_replies_alik
         # the node decodes the same tensors (its own analysis of the model, no strategy)
         node = receive(msg, factory).model.state_dict()
         assert all(torch.equal(node[k], sent[k]) for k in sent)
-        assert len(arrays["packed-float"].data) == 128 + 4 * sum(t.numel() for t in sent.values())
+        assert len(arrays["packed-float"].data) == 4 * sum(t.numel() for t in sent.values())  # no header
         assert sum(t.numel() for t in sent.values()) < sum(t.numel() for t in full.values())
     assert all(is_packed(r.content["arrays"]) for r in replies)  # fl-subnet's ClientApp replies packed
     assert packed_metrics["bytes-up"] == sum(len(r.content["arrays"]["packed-float"].data) for r in replies)

@@ -337,9 +337,9 @@ def test_a_path_costs_exactly_its_blocks_bytes(factory):
             if length == len(names):  # the full model: Flower's own record, shared, one array per tensor
                 assert arrays is full
                 continue
-            # on the wire: those raw bytes plus one 128-byte .npy header per packed array (float, int)
+            # on the wire: exactly those raw bytes, in one raw array per kind (float, int)
             assert sorted(arrays) == ["packed-float", "packed-int"]
-            assert sum(len(a.data) for a in arrays.values()) == _raw_bytes(state) + 128 * 2
+            assert sum(len(a.data) for a in arrays.values()) == _raw_bytes(state)
             if factory is resnet_flat:  # equal-sized blocks: exactly the fraction L/B
                 assert sum(got.values()) / sum(per_block.values()) == length / len(names)
     if factory is resnet3:  # 3 blocks of 16 channels, 2 of 32: the fraction depends on which are kept
