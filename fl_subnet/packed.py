@@ -56,7 +56,8 @@ def _np_kind(dtype: np.dtype) -> str | None:
     return {"f": "float", "i": "int", "u": "int", "b": "bool", "c": "complex"}.get(dtype.kind)
 
 
-def slice_layout(slicer, mask, full: Mapping[str, tuple[Sequence[int], torch.dtype]]) -> list[tuple[str, tuple[int, ...], str]]:
+def slice_layout(slicer, mask, full: Mapping[str, tuple[Sequence[int], torch.dtype]],
+                 flat=None) -> list[tuple[str, tuple[int, ...], str]]:
     """The packing order of ``mask``'s compact slice.
 
     Parameters
@@ -65,6 +66,9 @@ def slice_layout(slicer, mask, full: Mapping[str, tuple[Sequence[int], torch.dty
     mask : fl_subnet.core.masks.Mask
     full : Mapping[str, tuple[Sequence[int], torch.dtype]]
         Every key of the full ``state_dict`` → its full shape and dtype.
+    flat : fl_subnet.core.flat.FlatMap, optional
+        The model's flat map: the float tensors' compact shapes come from its pass over
+        the mask (:meth:`~fl_subnet.core.flat.FlatMap.compact_shapes`).
 
     Returns
     -------
@@ -75,7 +79,8 @@ def slice_layout(slicer, mask, full: Mapping[str, tuple[Sequence[int], torch.dty
     skipped = slicer.skipped_keys(mask)
     keys = sorted(k for k in full if k not in skipped)
     # every key's, in the model's order: the mask's cached shapes for the full model
-    shapes = slicer.compact_shapes(mask, {k: tuple(shape) for k, (shape, _) in full.items()})
+    full_shapes = {k: tuple(shape) for k, (shape, _) in full.items()}
+    shapes = flat.compact_shapes(mask, full_shapes) if flat is not None else slicer.compact_shapes(mask, full_shapes)
     return [(k, shapes[k], kind_of(full[k][1])) for k in keys]
 
 

@@ -537,7 +537,7 @@ class SubnetStrategy(NodeSampling, FedAvg):
         node it was sent to (computed once a round, for its message and its reply)."""
         layout = self._layouts.get(node)
         if layout is None:
-            layout = self._layouts[node] = slice_layout(self.slicer, mask, self._full_meta)
+            layout = self._layouts[node] = slice_layout(self.slicer, mask, self._full_meta, self._flat)
         return layout
 
     def _decode(self, arrays: ArrayRecord) -> dict[str, torch.Tensor]:

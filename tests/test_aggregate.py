@@ -141,3 +141,29 @@ def test_loss_average_denominator_counts_every_client(MaskedAggregator):
     # unit 0: (4 + 2)/2, unit 1: (4 + 8)/2, unit 2: (2 + 8)/2 — W_k stands in for non-holders
     assert new["1.bias"].tolist() == [3.0, 6.0, 5.0]
     assert new["3.bias"].tolist() == [6.0]
+
+
+def test_held_and_denominators_agree_between_the_paths(MaskedAggregator):
+    """held() (before and after finalize) marks exactly the entries a reply held, with
+    partial masks, a full mask and unequal weights; the mean uses Σ n_c over holders."""
+    model = MLP(3, [5, 4], 2)
+    slicer = Slicer(find_unit_groups(model))
+    old = {k: torch.full_like(v, 7.0) for k, v in model.state_dict().items()}
+    masks = [Mask({"1": torch.tensor([0, 2]), "3": torch.tensor([1])}),
+             Mask({"1": torch.tensor([2, 4]), "3": torch.tensor([1, 3])})]
+    agg = MaskedAggregator(old, slicer)
+    for i, (m, w) in enumerate(zip(masks, (1.0, 3.0))):
+        agg.add({k: torch.full_like(v, float(i)) for k, v in slicer.gather(old, m).items()}, m, w)
+    before = agg.held()
+    h1, h3 = torch.zeros(5, dtype=torch.bool), torch.zeros(4, dtype=torch.bool)
+    h1[[0, 2, 4]], h3[[1, 3]] = True, True
+    pairs = torch.zeros(4, 5, dtype=torch.bool)  # 3.weight: row and column held by the same reply
+    pairs[1, [0, 2]], pairs[[[1], [3]], [[2, 4]]] = True, True
+    want = {"1.weight": h1[:, None].expand(5, 3), "1.bias": h1, "3.weight": pairs,
+            "3.bias": h3, "5.weight": h3[None, :].expand(2, 4), "5.bias": torch.ones(2, dtype=torch.bool)}
+    new = agg.finalize()
+    for held in (before, agg.held()):
+        assert all(torch.equal(held[k].expand_as(old[k]), want[k].expand_as(old[k])) for k in want)
+    assert new["1.bias"].tolist() == [0.0, 7.0, (0 * 1 + 1 * 3) / 4, 7.0, 1.0]  # unit 2 held by both
+    assert new["3.weight"][1].tolist() == [0.0, 7.0, 0.75, 7.0, 1.0]
+    assert new["5.bias"].tolist() == [0.75, 0.75]  # uncoupled: both replies, weights 1 and 3

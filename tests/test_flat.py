@@ -108,3 +108,21 @@ def test_unlisted_and_shared_positions_follow_dim_keep():
         for kb in ([0], [1], [0, 1]):
             mask = Mask({"a": torch.tensor(ka), "b": torch.tensor(kb)})
             assert torch.equal(flat.kept(mask), _reference(spec, shapes, mask)), (ka, kb)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_compact_shapes_equal_the_slicers(name):
+    """The flat pass's compact shapes (one cumulative sum over the dim-position rows) equal
+    the Slicer's per-tensor ones, for every key of the state (float keys from the map,
+    the others from the slicer), skipped blocks included."""
+    factory, spec = _spec(name)
+    state = factory().state_dict()
+    shapes = {k: tuple(v.shape) for k, v in state.items()}
+    flat = FlatMap(spec.slicer, {k: s for k, s in shapes.items() if state[k].is_floating_point()})
+    for mask in [*_masks(spec, 1), Mask({g.name: torch.arange(g.size) for g in spec.all_groups})]:
+        fresh = Mask(dict(mask.indices), skip=mask.skip)  # no shapes cached by the other path
+        want = spec.slicer.compact_shapes(fresh, shapes)
+        got = flat.compact_shapes(mask, shapes)
+        assert list(got) == list(shapes) and got == want
+        assert got == {k: tuple(t.shape) for k, t in spec.gather(state, mask).items()} | {
+            k: want[k] for k in spec.slicer.skipped_keys(mask)}

@@ -441,9 +441,9 @@ options.backend.init-args.num-cpus = 2
     raw_rest = _raw_bytes(state) - sum(raw.values())
     for row in rows[1:]:
         paths = sampler.sample([], row["server-round"], NUM_NODES)
-        # a path: its raw bytes packed into two arrays (float, int) with a 128-byte .npy
-        # header each; the full model: Flower's one .npy per tensor
-        want = sum(raw_rest + sum(raw[b] for b in BLOCKS3 if b not in m.skip) + 2 * 128 if m.skip
+        # a path: exactly its raw bytes, packed into two raw arrays (float, int); the full
+        # model: Flower's one .npy per tensor
+        want = sum(raw_rest + sum(raw[b] for b in BLOCKS3 if b not in m.skip) if m.skip
                    else rest + sum(block.values()) for m in paths)
         assert row["bytes-up"] == want, (row["server-round"], row["bytes-up"], want)
         assert 0 < row["bytes-down"] - row["bytes-up"] < 2000 * NUM_NODES  # the same slices plus the configs

@@ -86,6 +86,8 @@ class MaskedAggregator:
         self._held: dict[str, torch.Tensor] | None = None  # set by finalize(), for held()
         self._indicators: dict[tuple, torch.Tensor] = {}  # holder indicators, per finalize
         self._shapes: dict[str, tuple[int, ...]] | None = None
+        self._flat_sum: torch.Tensor | None = None  # flat path: Σ n_c W_c and Σ n_c 1[c holds e], (N,)
+        self._flat_den: torch.Tensor | None = None
         floats = {k: v for k, v in self.state.items() if v.is_floating_point()}
         # the flat path needs the map of exactly these float tensors, of one dtype
         self.flat = flat if flat is not None and flat.keys == sorted(floats) and all(
@@ -112,7 +114,7 @@ class MaskedAggregator:
             raise ValueError(f"reply keys differ from the model: missing {missing}, extra {extra}")
         if self._shapes is None:
             self._shapes = {k: tuple(v.shape) for k, v in self.state.items()}
-        wanted = self.slicer.compact_shapes(mask, self._shapes)
+        wanted = (self.flat or self.slicer).compact_shapes(mask, self._shapes)
         for key, full in self.state.items():
             if key not in expected:
                 continue
@@ -148,16 +150,27 @@ class MaskedAggregator:
         self.check(compact, mask)
         w = float(weight)
         # Check every float tensor now, so a rejected reply leaves no trace; the scatter
-        # itself happens in finalize().
+        # itself happens in finalize() (the flat path adds the reply at once, after the checks).
+        values = None
         with torch_threads():
-            for key, full in self.state.items():
-                t = compact.get(key)
-                if t is not None and full.is_floating_point() and not _all_finite(t):
-                    raise ValueError(f"'{key}' contains NaN or Inf")
-        kept = self.slicer.kept_all(mask, self._shapes)  # cached per mask
+            if self.flat is not None:
+                parts = [compact[k].reshape(-1) for k in self.flat.keys if k in compact]
+                values = torch.cat(parts) if len(parts) > 1 else parts[0] if parts else None
+            if values is None or not _all_finite(values):
+                for key, full in self.state.items():
+                    t = compact.get(key)
+                    if t is not None and full.is_floating_point() and not _all_finite(t):
+                        raise ValueError(f"'{key}' contains NaN or Inf")
+        if self.flat is not None:  # the integer keys' positions only (for their max)
+            kept = {k: self.slicer.kept(mask, k, self._shapes[k]) for k, full in self.state.items()
+                    if not full.is_floating_point() and k in compact}
+        else:
+            kept = self.slicer.kept_all(mask, self._shapes)  # cached per mask
         for key, full in self.state.items():
             if not full.is_floating_point() and key in compact:
                 self._add_int(key, full, compact[key], mask, kept.get(key, []))
+        if values is not None:
+            self._add_flat(values, mask, w)
         self._pending.append({k: compact[k] for k in self.state if self.state[k].is_floating_point() and k in compact})
         self._masks.append(mask)
         self._kept.append(kept)
@@ -201,20 +214,29 @@ class MaskedAggregator:
                                         t.reshape(-1), alpha=w)
         return acc
 
-    def _sum_flat(self) -> dict[str, torch.Tensor]:
-        """:meth:`_sum_key` of every float key at once: the float tensors laid end to end,
-        one ``index_add_`` per reply at its mask's flat positions (an ``add_`` for a full
-        mask)."""
-        flat = self.flat
-        acc = torch.zeros(flat.numel, dtype=self._acc_dtype(self.state[flat.keys[0]]))
-        for compact, mask, w in zip(self._pending, self._masks, self._weights):
-            parts = [compact[k].reshape(-1) for k in flat.keys if k in compact]
-            values = (torch.cat(parts) if len(parts) > 1 else parts[0]).to(acc.dtype)
-            if self.slicer.is_full(mask):
-                acc.add_(values, alpha=w)
-            else:
-                acc.index_add_(0, flat.kept(mask), values, alpha=w)
-        return flat.split(acc)
+    def _add_flat(self, values: torch.Tensor, mask: Mask, w: float) -> None:
+        """The flat path's :meth:`_sum_key` and :meth:`_denominator` of every float key at
+        once, for one reply: its float tensors laid end to end (``values``) added at its
+        mask's flat positions with one ``index_add_``, and ``w`` with another (``add_``
+        for a full mask)."""
+        if self._flat_sum is None:
+            self._flat_sum = torch.zeros(self.flat.numel, dtype=self._acc_dtype(self.state[self.flat.keys[0]]))
+            self._flat_den = torch.zeros(self.flat.numel, dtype=self.precision)
+        values = values.to(self._flat_sum.dtype)
+        if self.slicer.is_full(mask):
+            self._flat_sum.add_(values, alpha=w)
+            self._flat_den.add_(w)
+        else:
+            kept = self.flat.kept(mask)
+            self._flat_sum.index_add_(0, kept, values, alpha=w)
+            self._flat_den.index_add_(0, kept, self._flat_den.new_ones(1).expand(kept.numel()), alpha=w)
+
+    def _flat_sums(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """(Σ_c n_c W_c, Σ_c n_c 1[c holds e]) of every float key, full-size (the flat path)."""
+        if self._flat_sum is None:
+            zero = torch.zeros(self.flat.numel, dtype=self.precision)
+            return self.flat.split(zero.clone()), self.flat.split(zero)
+        return self.flat.split(self._flat_sum.clone()), self.flat.split(self._flat_den)
 
     def _has(self, key: str) -> bool:
         return any(key in p for p in self._pending)
@@ -274,6 +296,8 @@ class MaskedAggregator:
         if self._held is not None:  # finalize() already computed them
             return dict(self._held)
         self._indicators = {}
+        if self.flat is not None:
+            return {key: den > 0 for key, den in self._flat_sums()[1].items()}
         ones = torch.ones(len(self._weights), dtype=self.precision)
         return {key: self._denominator(key, full, ones) > 0
                 for key, full in self.state.items() if full.is_floating_point()}
@@ -291,8 +315,9 @@ class MaskedAggregator:
                             key=lambda k: -self.state[k].numel())
         self._held = {}
         self._indicators = {}
+        dens = None
         if self.flat is not None:
-            sums = self._sum_flat()
+            sums, dens = self._flat_sums()
         else:
             # Keys are independent: scatter them on a few threads (torch releases the GIL).
             with ThreadPoolExecutor(max_workers=min(_WORKERS, max(len(float_keys), 1))) as pool:
@@ -302,7 +327,7 @@ class MaskedAggregator:
             if not full.is_floating_point():
                 out[key] = self._num.get(key, full).clone()  # nobody held it: unchanged
                 continue
-            den = self._denominator(key, full, weights)
+            den = dens[key] if dens is not None else self._denominator(key, full, weights)
             held = self._held[key] = den > 0
             if self.denominator == "all":
                 total = weights.sum()

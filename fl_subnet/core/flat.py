@@ -110,16 +110,22 @@ class FlatMap:
             units += g.size
         self._false, self._true = units, units + 1  # unit slots that are never / always kept
         self._num_units = units + 2
-        # dim-position table: one row per (key, coupled dim, position), its listing units
+        # dim-position table: one row per (key, coupled dim, position), its listing units;
+        # each (key, dim) is a segment of rows (its kept count is the dim's compact size)
         rows: list[torch.Tensor] = []
         base: dict[tuple[str, int], int] = {}
+        self._segments: dict[str, list[tuple[int, int]]] = {}  # key → [(dim, segment)]
+        bounds: list[tuple[int, int]] = []
         count = 0
         for k in self.keys:
             for d, entries in sorted(slicer.coupled.get(k, {}).items()):
                 table = self._dim_table(self.shapes[k][d], entries)
                 base[(k, d)] = count
+                self._segments.setdefault(k, []).append((d, len(bounds)))
+                bounds.append((count, count + table.shape[0]))
                 rows.append(table)
                 count += table.shape[0]
+        self._bounds = torch.tensor(bounds, dtype=torch.int64).view(-1, 2)
         rows.append(torch.tensor([[self._true]], dtype=torch.int32))  # the always-kept row
         self._always = count
         width = max(t.shape[1] for t in rows)
@@ -183,10 +189,37 @@ class FlatMap:
         ValueError
             If the mask is invalid for the slicer's groups.
         """
+        return self._compute(mask)[0]
+
+    def compact_shapes(self, mask: Mask, shapes: Mapping[str, Sequence[int]]) -> dict[str, tuple[int, ...]]:
+        """:meth:`Slicer.compact_shapes` of ``shapes`` (key → full shape), the float keys'
+        from the mask's kept positions along each coupled dim (one cumulative sum, no
+        per-tensor calls), the others from the slicer; cached on the mask with the
+        slicer's own (a new dict each call).
+
+        Raises
+        ------
+        ValueError
+            If the mask is invalid for the slicer's groups.
+        """
+        self.slicer.validate(mask)
+        plan = self.slicer.plan(mask)
+        memo = tuple((k, tuple(s)) for k, s in shapes.items())
+        hit = plan.shapes.get(memo)
+        if hit is None:
+            ours = {} if plan.full else self._compute(mask)[1]
+            rest = {k: s for k, s in shapes.items() if k not in ours or self.shapes[k] != tuple(s)}
+            out = {**{k: ours[k] for k in shapes if k not in rest},
+                   **(self.slicer.compact_shapes(mask, rest) if rest else {})}
+            hit = plan.shapes[memo] = {k: out[k] for k in shapes}
+        return dict(hit)
+
+    def _compute(self, mask: Mask) -> tuple[torch.Tensor, dict[str, tuple[int, ...]]]:
+        """(kept positions, compact shapes of the float keys) of ``mask``, cached on it."""
         self.slicer.validate(mask)
         plan = self.slicer.plan(mask)
         if plan.flat is not None and plan.flat[0] is self:
-            return plan.flat[1]
+            return plan.flat[1:]
         keep_units = self.slicer.keep_units(mask)
         unit_keep = torch.zeros(self._num_units, dtype=torch.bool)
         unit_keep[self._true] = True
@@ -194,6 +227,15 @@ class FlatMap:
             start = self._group_offset[g.name]
             unit_keep[start:start + g.size] = keep_units[g.name]
         position_keep = unit_keep[self._positions].any(dim=1)
+        cumulative = torch.zeros(position_keep.numel() + 1, dtype=torch.int64)
+        torch.cumsum(position_keep, 0, out=cumulative[1:])
+        sizes = (cumulative[self._bounds[:, 1]] - cumulative[self._bounds[:, 0]]).tolist()
+        shapes = {}
+        for k, shape in self.shapes.items():
+            new = list(shape)
+            for d, i in self._segments.get(k, ()):
+                new[d] = sizes[i]
+            shapes[k] = tuple(new)
         entry_keep = position_keep.index_select(0, self._entries[0])
         for column in self._entries[1:]:
             entry_keep &= position_keep.index_select(0, column)
@@ -205,8 +247,8 @@ class FlatMap:
         if self.numel < 2**31:
             kept = kept.to(torch.int32)
         if self.numel <= CACHE_NUMEL:
-            plan.flat = (self, kept)
-        return kept
+            plan.flat = (self, kept, shapes)
+        return kept, shapes
 
     def split(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
         """A full-length ``(N,)`` vector as views of every key's full shape."""
