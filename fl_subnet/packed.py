@@ -258,9 +258,9 @@ def unpack_state(arrays: ArrayRecord, layout: Layout, copy: bool = True) -> dict
         values of that kind (:func:`raw_values`), or its length differs from the
         layout's total.
     """
-    wanted: dict[str, list[tuple[str, tuple[int, ...]]]] = {}
+    wanted: dict[str, list[tuple[str, tuple[int, ...], int]]] = {}
     for key, shape, kind in layout:
-        wanted.setdefault(kind, []).append((key, tuple(shape)))
+        wanted.setdefault(kind, []).append((key, tuple(shape), math.prod(shape)))
     names = {PACKED_PREFIX + kind for kind in wanted}
     extra = sorted(str(k) for k in arrays if k not in names)
     if extra:
@@ -273,7 +273,7 @@ def unpack_state(arrays: ArrayRecord, layout: Layout, copy: bool = True) -> dict
         view = raw_values(arrays[name], name)
         if _np_kind(view.dtype) != kind:
             raise ValueError(f"array '{name}' must hold {kind} values, got dtype {view.dtype}")
-        count = sum(math.prod(s) for _, s in entries)
+        count = sum(n for _, _, n in entries)
         if view.size != count:
             raise ValueError(f"array '{name}' holds {view.size} values, the slice layout {count}")
         if copy:
@@ -282,14 +282,11 @@ def unpack_state(arrays: ArrayRecord, layout: Layout, copy: bool = True) -> dict
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)  # read-only buffer: we only read
                 flat[kind] = torch.from_numpy(view)
-    out: dict[str, torch.Tensor] = {}
-    offsets = dict.fromkeys(wanted, 0)
-    for key, shape, kind in layout:
-        n = math.prod(shape)
-        start = offsets[kind]
-        out[key] = flat[kind][start:start + n].view(shape)
-        offsets[kind] = start + n
-    return out
+    views: dict[str, torch.Tensor] = {}
+    for kind, entries in wanted.items():  # one split per kind (views), then each in its shape
+        parts = torch.split(flat[kind], [n for _, _, n in entries])
+        views.update((key, part.view(shape)) for (key, shape, _), part in zip(entries, parts))
+    return {key: views[key] for key, _, _ in layout}
 
 
 def decode_slice(arrays: ArrayRecord, layout, copy: bool = True) -> dict[str, torch.Tensor]:

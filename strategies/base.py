@@ -474,7 +474,7 @@ class SubnetStrategy(NodeSampling, FedAvg):
                     log.warning("aggregate_train: round %d: node %d reports %s %g, capped at %d",
                                 server_round, node, self.weighted_by_key, weight, self.max_num_examples)
                     weight = cap_weight(weight, self.max_num_examples)
-                agg.add(compact, mask, weight if self.weighted else 1.0)
+                agg.add(compact, mask, weight if self.weighted else 1.0, checked=True)  # checked above
             except Exception as err:  # noqa: BLE001
                 reject(node, err)
                 continue

@@ -127,7 +127,8 @@ class MaskedAggregator:
             if t.dtype != full.dtype:
                 raise ValueError(f"'{key}' has dtype {t.dtype}, expected {full.dtype}")
 
-    def add(self, compact: Mapping[str, torch.Tensor], mask: Mask, weight: float = 1.0) -> None:
+    def add(self, compact: Mapping[str, torch.Tensor], mask: Mask, weight: float = 1.0,
+            checked: bool = False) -> None:
         """Add one client's trained compact slice.
 
         Parameters
@@ -138,6 +139,9 @@ class MaskedAggregator:
             The mask the slice was cut with.
         weight : float
             ``n_c`` (the client's ``num-examples``), or 1 for a count mean.
+        checked : bool
+            The caller already ran :meth:`check` on these keys and shapes (the
+            strategy checks every reply before screening it): not checked again.
 
         Raises
         ------
@@ -147,7 +151,8 @@ class MaskedAggregator:
         if not (isinstance(weight, (int, float)) and math.isfinite(weight) and weight > 0):
             raise ValueError(f"weight (num-examples) must be finite and > 0, got {weight!r}")
         self.slicer.validate(mask)
-        self.check(compact, mask)
+        if not checked or self._shapes is None:
+            self.check(compact, mask)
         w = float(weight)
         # Check every float tensor now, so a rejected reply leaves no trace; the scatter
         # itself happens in finalize() (the flat path adds the reply at once, after the checks).
