@@ -4,11 +4,10 @@ digits and the transformer on the offline sequence task, 2 rounds each.
 The bytes every round's nodes sent back must equal the analytic size of their compact
 slices: per node, the tensor sizes written out by hand below from the kept counts of
 its mask (the masks are redrawn from the strategy's seeded sampler), packed into one
-``.npy`` array per dtype kind (float32 and, for BatchNorm's counters, int64): plus one
-``.npy`` header per kind.
+raw array per dtype kind (float32 and, for BatchNorm's counters, int64): exactly their
+raw bytes, no header.
 """
 
-import io
 import json
 
 import numpy as np
@@ -39,12 +38,6 @@ MODELS = {
 pytestmark = pytest.mark.slow
 
 
-def _npy_header(shape, dtype) -> int:
-    buf = io.BytesIO()
-    np.save(buf, np.empty(shape, dtype=dtype))
-    return len(buf.getvalue()) - int(np.prod(shape)) * np.dtype(dtype).itemsize
-
-
 def cnn_bn_shapes(k: dict[str, int]) -> list[tuple[tuple[int, ...], str]]:
     """CNNBN(1, 10, width 16) with k1, k2, k3 kept channels of conv1..3."""
     k1, k2, k3 = k["conv1"], k["conv2"], k["conv3"]
@@ -71,8 +64,8 @@ SHAPES = {"cnn-bn": cnn_bn_shapes, "transformer": transformer_shapes}
 
 
 def expected_bytes_up(overrides: dict, rounds: int) -> list[int]:
-    """Per round: Σ over the nodes' masks of (Σ over tensors of their raw bytes + one
-    .npy header per dtype kind of the packed slice)."""
+    """Per round: Σ over the nodes' masks of Σ over tensors of their raw bytes (the
+    packed slice's raw arrays carry nothing else)."""
     cfg = RunConfig.from_mapping(overrides)
     strategy = build_strategy(cfg, factory_for(cfg), example_input=example_input(cfg))
     out = []
@@ -83,7 +76,7 @@ def expected_bytes_up(overrides: dict, rounds: int) -> list[int]:
             shapes = SHAPES[cfg.model](kept)
             for dtype in {d for _, d in shapes}:
                 count = sum(int(np.prod(s)) for s, d in shapes if d == dtype)
-                total += count * np.dtype(dtype).itemsize + _npy_header((count,), dtype)
+                total += count * np.dtype(dtype).itemsize
         out.append(total)
     return out
 
