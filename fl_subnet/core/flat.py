@@ -209,9 +209,8 @@ class FlatMap:
         if hit is None:
             ours = {} if plan.full else self._compute(mask)[1]
             rest = {k: s for k, s in shapes.items() if k not in ours or self.shapes[k] != tuple(s)}
-            out = {**{k: ours[k] for k in shapes if k not in rest},
-                   **(self.slicer.compact_shapes(mask, rest) if rest else {})}
-            hit = plan.shapes[memo] = {k: out[k] for k in shapes}
+            theirs = self.slicer.compact_shapes(mask, rest) if rest else {}
+            hit = plan.shapes[memo] = {k: theirs[k] if k in rest else ours[k] for k in shapes}
         return dict(hit)
 
     def _compute(self, mask: Mask) -> tuple[torch.Tensor, dict[str, tuple[int, ...]]]:
