@@ -36,3 +36,18 @@ def train_config(**over):
 
 def grid(num_nodes=4):
     return InProcessGrid(make_client_app(factory, load_data), num_nodes)
+
+
+def central_loss(arrays, num_nodes=4):
+    """Cross-entropy of the full model in ``arrays`` on every node's training data
+    (the union of the partitions ``load_data`` gives ``num_nodes`` nodes)."""
+    from types import SimpleNamespace
+
+    from fl_subnet.wire import arrays_to_state
+
+    model = factory()
+    model.load_state_dict(arrays_to_state(arrays))
+    parts = [load_data(SimpleNamespace(node_config={"partition-id": i}))[0].tensors for i in range(num_nodes)]
+    x, y = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    with torch.no_grad():
+        return float(torch.nn.functional.cross_entropy(model(x), y))

@@ -368,3 +368,28 @@ def test_cap_weight():
                         (0, 10), (-1, None), (float("nan"), 10), (float("inf"), None)]:
         with pytest.raises(ValueError, match="weight|cap"):
             cap_weight(weight, cap)
+
+
+# ---- through strategy.start ------------------------------------------------------------
+
+@pytest.mark.parametrize("aggregation", ["median", "trimmed-mean"])
+@pytest.mark.parametrize("protocol", ["federated-dropout", "ist"])
+def test_robust_rules_accept_honest_replies_through_strategy_start(aggregation, protocol):
+    """A robust rule behind the strategy (Flower serde both ways on the in-process grid):
+    every honest reply is accepted and the model learns."""
+    from fl_subnet.strategies import IST, FederatedDropout
+    from strategy_helpers import central_loss, factory, grid, initial_arrays, train_config
+
+    n = 4
+    if protocol == "ist":
+        strategy = IST(factory, 2, local_steps=3, num_train_nodes=n, aggregation=aggregation,
+                       fraction_evaluate=0.0)
+    else:
+        strategy = FederatedDropout(factory, 0.75, num_train_nodes=n, aggregation=aggregation,
+                                    fraction_evaluate=0.0)
+    result = strategy.start(grid=grid(n), initial_arrays=initial_arrays(), num_rounds=3,
+                            train_config=train_config())
+    for rnd in (1, 2, 3):
+        m = result.train_metrics_clientapp[rnd]
+        assert m["num-replies"] == n and m["num-rejected"] == 0, (rnd, dict(m))
+    assert central_loss(result.arrays) < central_loss(initial_arrays()) - 0.05

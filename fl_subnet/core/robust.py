@@ -63,8 +63,10 @@ class _RobustAggregator:
         """
         self._inner.check(compact, mask)
 
-    def add(self, compact: Mapping[str, torch.Tensor], mask: Mask, weight: float = 1.0) -> None:
-        """Add one client's trained compact slice.
+    def add(self, compact: Mapping[str, torch.Tensor], mask: Mask, weight: float = 1.0,
+            checked: bool = False) -> None:
+        """Add one client's trained compact slice (the same contract as
+        :meth:`MaskedAggregator.add`).
 
         Parameters
         ----------
@@ -77,6 +79,9 @@ class _RobustAggregator:
             Validated exactly as by :meth:`MaskedAggregator.add` (finite, > 0) but
             otherwise IGNORED: the robust rules are unweighted, as in Yin et al. 2018
             (a weight is a client's own claim, which a robust rule must not trust).
+        checked : bool
+            The caller already ran :meth:`check` on these keys and shapes: not
+            checked again (passed on to :meth:`MaskedAggregator.add`).
 
         Raises
         ------
@@ -84,7 +89,7 @@ class _RobustAggregator:
             If the mask, a tensor (keys, shape, dtype, NaN/Inf) or the weight is
             invalid (:meth:`MaskedAggregator.add`); nothing is accumulated then.
         """
-        self._inner.add(compact, mask, weight)  # all checks; integer tensors: running max
+        self._inner.add(compact, mask, weight, checked=checked)  # all checks; integer tensors: running max
         self._replies.append(({k: compact[k] for k, full in self.state.items()
                                if full.is_floating_point() and k in compact}, mask))
 
