@@ -29,7 +29,9 @@ def partition_reply(msg: Message, context: Context) -> Message:
     ``partition-id`` and ``capacity`` (width share in (0, 1], for HeteroFL/FedRolex)
     from its node config (``--node-config "partition-id=0 capacity=0.25"``), each only if set.
 
-    Add it to your own ClientApp to let the strategy order nodes reproducibly::
+    Add it to your own ClientApp, and pass ``order_by_partition=True`` to the strategy
+    (off by default, since a plain ClientApp cannot answer), to let the strategy order
+    nodes reproducibly and learn declared capacities::
 
         @app.query()
         def query(msg, context):

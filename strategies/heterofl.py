@@ -13,8 +13,13 @@ from .base import SubnetStrategy
 class CapacityStrategy(SubnetStrategy):
     """Base of the width-heterogeneous protocols (HeteroFL, FedRolex, FjORD): a
     :class:`~fl_subnet.core.samplers.CapacitySampler` draws each node's mask from its
-    capacity (declared in its node config, else ``capacity_tiers`` by node order), and
-    nodes are ordered by partition-id (the query that also learns declared capacities).
+    capacity (declared in its node config, else ``capacity_tiers`` by node order).
+
+    With ``order_by_partition=True`` nodes are ordered by the partition-id they report to
+    a one-off QUERY, which also learns their declared capacities; it needs a ClientApp
+    that answers it (fl-subnet's own App turns it on). Off by default, so a plain Flower
+    ClientApp (only ``@app.train()`` / ``@app.evaluate()``) works unchanged: the tiers
+    then go to the nodes by node order, and the strategy logs that once.
 
     Raises
     ------
@@ -22,9 +27,9 @@ class CapacityStrategy(SubnetStrategy):
         If a tier is outside (0, 1] (naming ``capacity``).
     """
 
-    def __init__(self, model_factory, sampler: CapacitySampler, capacity_tiers: Sequence[float] = (1.0,), *,
-                 order_by_partition: bool = True, **kwargs):
-        super().__init__(model_factory, sampler, order_by_partition=order_by_partition, **kwargs)
+    def __init__(self, model_factory, sampler: CapacitySampler, capacity_tiers: Sequence[float] = (1.0,),
+                 **kwargs):
+        super().__init__(model_factory, sampler, **kwargs)
         self.capacity_tiers = tuple(sampler.capacities(len(capacity_tiers), capacity_tiers))
 
 
@@ -42,7 +47,8 @@ class HeteroFL(CapacityStrategy):
         Capacities for nodes that declare none: node ``i`` of the ordered node list gets
         ``capacity_tiers[i mod len]`` (a simulation's distribution of tiers). A node
         declares its own with ``--node-config "capacity=0.25"``, reported to the node
-        query (fl-subnet's ClientApp, or :func:`fl_subnet.clients.partition_reply`).
+        query when ``order_by_partition=True`` (fl-subnet's ClientApp answers it; in
+        your own, ``@app.query()`` returning :func:`fl_subnet.clients.partition_reply`).
     scale : bool
         The 1/r scaler (default True).
     **kwargs

@@ -39,6 +39,7 @@ class NodeSampling:
         self._capacity: dict[int, float] = {}  # capacities the nodes declared (node config "capacity")
         self._order: list[int] = []
         self._unranked: set[int] = set()
+        self._said_tiers_by_order = False
 
     @property
     def declared_capacities(self) -> dict[int, float]:
@@ -93,8 +94,28 @@ class NodeSampling:
         if node in self._capacity:
             return self._capacity[node]
         if self.capacity_tiers and node in self._order:
+            if node not in self._rank:
+                self._say_tiers_by_node_order()
             return self.capacity_tiers[self._order.index(node) % len(self.capacity_tiers)]
         return None
+
+    def _say_tiers_by_node_order(self) -> None:
+        """Log once per strategy that tiers go to nodes that reported no partition-id by node
+        order, and how a node declares its own capacity."""
+        if self._said_tiers_by_order:
+            return
+        self._said_tiers_by_order = True
+        why = ("some nodes did not answer the partition-id query (a ClientApp without an @app.query() handler)"
+               if self.order_by_partition else
+               "the nodes did not answer the partition-id query (order_by_partition=False: they were not asked, "
+               "since a plain ClientApp has no @app.query() handler)")
+        log.warning(
+            "%s: %s, so capacity tiers %s are assigned by node order (node i of the sorted node ids gets tier "
+            "i mod %d; Flower node ids are random per run in a simulation). To declare a node's capacity, set "
+            "it in its node config (--node-config \"partition-id=0 capacity=0.25\"), answer the query with "
+            "@app.query() returning fl_subnet.clients.partition_reply(msg, context) (fl-subnet's own ClientApp "
+            "does) and pass order_by_partition=True",
+            type(self).__name__, why, list(self.capacity_tiers), len(self.capacity_tiers))
 
     def wait_for_nodes(self, grid: Grid, need: int) -> list[int]:
         """The connected node ids once at least ``need`` are connected.

@@ -91,7 +91,8 @@ def test_each_node_receives_its_tiers_shapes(cls):
     tiers = (0.25, 0.5, 1.0)
     torch.manual_seed(0)
     init = small_factory().state_dict()  # MLP 8-16-3: one group "1" of 16 units
-    strategy = cls(small_factory, capacity_tiers=tiers, fraction_evaluate=0.0, min_available_nodes=3)
+    strategy = cls(small_factory, capacity_tiers=tiers, fraction_evaluate=0.0, min_available_nodes=3,
+                   order_by_partition=True)
     grid = InProcessGrid(make_client_app(small_factory, load_data), 3)
     cfg = ConfigRecord({"local-steps": 2, "lr": 0.1, "batch-size": 8, "loss": "cross-entropy", "seed": 0})
     messages = list(strategy.configure_train(1, ArrayRecord(init), cfg, grid))
