@@ -1,12 +1,14 @@
-# make demo  — set up .venv (once) and run the main comparison on real digits data
-# make test  — set up .venv (once) and run the test suite
+# make demo       — set up .venv (once) and run the main comparison on real digits data
+# make test       — set up .venv (once) and run the test suite (PYTEST_ARGS="-k robust" adds pytest options)
+# make test-fast  — the same without the slow tests (-m "not slow")
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 OUT    ?= runs/demo
+PYTEST_ARGS ?=
 
-.PHONY: setup test demo bench figures clean
+.PHONY: setup test test-fast demo bench figures clean
 
 setup: $(STAMP)
 
@@ -20,7 +22,10 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 test: setup
-	$(PY) -m pytest -q -ra
+	$(PY) -m pytest -q -ra --durations=25 $(PYTEST_ARGS)
+
+test-fast: setup
+	$(PY) -m pytest -q -ra --durations=25 -m "not slow" $(PYTEST_ARGS)
 
 demo: setup
 	$(VENV)/bin/fl-subnet compare scenarios/digits-fedavg.toml scenarios/digits-ist.toml scenarios/digits-fedsubdrop.toml --out $(OUT)
