@@ -20,16 +20,18 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Validate the run config (a bad key stops here, naming it), run, save results and the
-    global model after every round (``model.safetensors`` in the results folder)."""
+    global model after every round (``model.safetensors`` in the results folder:
+    :func:`~fl_subnet.experiments.results.server_out_dir`, logged with its absolute path)."""
     try:
         cfg = RunConfig.from_mapping(context.run_config)
     except ValueError as err:  # one clear line; the run still fails
         log.error("fl-subnet: invalid run config: %s", err)
         raise ValueError(f"invalid run config: {err}") from None
-    recorder = RunRecorder.for_config(cfg)
+    recorder = RunRecorder.for_config(cfg)  # absolute: a relative out-dir is under ~/flwr-runs/
     log.info("fl-subnet: %s, %d rounds; results in %s", cfg.strategy, cfg.num_server_rounds, recorder.out_dir)
     try:
         run_server(grid, cfg, on_round=recorder.add_row, checkpoint_dir=recorder.out_dir)
     finally:
         recorder.finish()  # what it has, also when the run failed (the error then ends the ServerApp)
+        log.info("fl-subnet: results in %s", recorder.out_dir)
     log.info("fl-subnet: model saved in %s", recorder.out_dir / "model.safetensors")

@@ -198,7 +198,8 @@ HiddenWidths = Annotated[
 ]
 FolderPath = Annotated[
     str, AfterValidator(_check_path), _Allowed("a folder path (a string without NUL characters)"),
-    Field(strict=True, description="Output folder of ``flwr run`` (empty: ``runs/<strategy>-<time>``); "
+    Field(strict=True, description="Output folder of ``flwr run``: an absolute path, or one relative to "
+                                   "``~/flwr-runs/`` (empty: ``~/flwr-runs/<strategy>-<time>``); "
                                    "``fl-subnet`` sets it from ``--out``."),
 ]
 

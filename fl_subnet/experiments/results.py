@@ -13,7 +13,6 @@ import io
 import json
 import logging
 import math
-import os
 import time
 from pathlib import Path
 
@@ -35,6 +34,23 @@ def config_dict(cfg: RunConfig) -> dict:
 
 def _clean(value):
     return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+#: Where a ServerApp's relative ``out-dir`` (and its default) is taken: under the home directory.
+SERVER_RUNS = Path("~") / "flwr-runs"
+
+
+def server_out_dir(out_dir: str, strategy: str) -> Path:
+    """The absolute results folder of a ServerApp run (``flwr run``).
+
+    An absolute ``out-dir`` (``~`` expanded) is used as it is; a relative one is taken
+    under ``~/flwr-runs/``; an empty one is ``~/flwr-runs/<strategy>-<time>``. A relative
+    path is not resolved against the working directory, since a ServerApp runs in the
+    SuperLink's: for Flower's local SuperLink, the directory of whichever ``flwr run``
+    started it, not the app's.
+    """
+    path = Path(out_dir or f"{strategy}-{time.strftime('%Y%m%d-%H%M%S')}").expanduser()
+    return (SERVER_RUNS.expanduser() / path).resolve()  # an absolute path replaces the base
 
 
 class RunRecorder:
@@ -65,9 +81,8 @@ class RunRecorder:
 
     @classmethod
     def for_config(cls, cfg: RunConfig) -> "RunRecorder":
-        """``out-dir`` of the config, else ``runs/<strategy>-<time>`` under the cwd."""
-        out = cfg.out_dir or os.path.join("runs", f"{cfg.strategy}-{time.strftime('%Y%m%d-%H%M%S')}")
-        return cls(out, cfg)
+        """The recorder of a ServerApp: into :func:`server_out_dir` of the config."""
+        return cls(server_out_dir(cfg.out_dir, cfg.strategy), cfg)
 
     def add_row(self, row: dict) -> None:
         """Append one round's metrics and rewrite the metrics files."""

@@ -41,14 +41,16 @@ def main(grid: Grid, context: Context) -> None:
         evaluate_fn=global_evaluate,
     )
 
-    # Save final model to disk (to `out-dir` if set, else the current directory)
+    # Save final model and metrics to disk: to `out-dir` if absolute, else under
+    # ~/flwr-runs/ (`out-dir`, or the run ID). Not relative to the current directory:
+    # the ServerApp runs in the SuperLink's, not in this app's folder.
     print("\nSaving final model to disk...")
     state_dict = result.arrays.to_torch_state_dict()
-    out_path = Path(out_dir)  # Path("") is the current directory
+    out_path = Path.home() / "flwr-runs" / Path(out_dir or str(context.run_id)).expanduser()
     out_path.mkdir(parents=True, exist_ok=True)
     torch.save(state_dict, out_path / "final_model.pt")
-    if out_dir:
-        save_metrics(result, out_path / "result.json")
+    save_metrics(result, out_path / "result.json")
+    print(f"Saved final_model.pt and result.json in {out_path.resolve()}")
 
 
 def global_evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
