@@ -139,8 +139,10 @@ class NodeSampling:
             if now - t0 >= self.node_wait_timeout:
                 raise NotEnoughNodes(
                     f"{type(self).__name__} needs {need} nodes per round ({self._need_reason()}) but only "
-                    f"{len(nodes)} connected within {self.node_wait_timeout:.0f} s: start more SuperNodes, "
-                    f"raise options.num-supernodes of the simulation, or lower the requirement")
+                    f"{len(nodes)} connected within {self.node_wait_timeout:.0f} s: start more SuperNodes (a "
+                    f"local simulation: flwr run . --federation-config \"num-supernodes={need}\", or flwr "
+                    f"federation simulation-config @none/default --num-supernodes {need} for the running "
+                    f"SuperLink's later runs), or lower the requirement")
             if now - last >= 30:
                 log.info("still waiting for nodes: %d of %d connected", len(nodes), need)
                 last = now
