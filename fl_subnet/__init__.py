@@ -19,7 +19,8 @@ if _os.path.isfile(_os.path.join(_root, "strategies", "__init__.py")):
 __version__ = "0.1.0"
 
 from .core.analysis.resolve import AnalysisError  # noqa: E402
+from .core.groups import Coupling, UnitGroup  # noqa: E402
 from .core.masks import Mask  # noqa: E402
 from .core.spec import SubnetSpec, analyze  # noqa: E402
 
-__all__ = ["analyze", "SubnetSpec", "Mask", "AnalysisError"]
+__all__ = ["analyze", "SubnetSpec", "Mask", "AnalysisError", "UnitGroup", "Coupling"]

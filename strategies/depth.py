@@ -63,6 +63,8 @@ class RandomPath(SubnetStrategy):
         the key) or a count of blocks outside ``[2, B]``.
     """
 
+    masks_units = False  # full width: it skips depth blocks, no unit group needed
+
     def __init__(self, model_factory, path_length: int | float | None = None, *,
                  schedule: Sequence[tuple[int, int | float]] | None = None, mode: str = "random",
                  seed: int = 0, **kwargs):

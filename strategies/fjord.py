@@ -60,8 +60,9 @@ class FjORD(CapacityStrategy):
     Raises
     ------
     ValueError
-        If a width or tier is outside (0, 1] (naming ``widths`` / ``capacity``), or a
-        tier is below the smallest width (no sub-model fits it).
+        If a width or tier is outside (0, 1] (naming ``widths`` / ``capacity``), a
+        tier is below the smallest width (no sub-model fits it), or the model declares
+        its groups with ``unit_groups()`` (ordered dropout needs the traced model).
     """
 
     def __init__(self, model_factory, capacity_tiers: Sequence[float] = (1.0,),
@@ -70,6 +71,10 @@ class FjORD(CapacityStrategy):
         kwargs.setdefault("weighted", True)
         super().__init__(model_factory, NestedPrefixSampler(1.0, scale=False, seed=seed), capacity_tiers,
                          seed=seed, **kwargs)
+        if self.spec.graph is None:  # the nodes would fail building the ordered model, every round
+            raise ValueError(f"FjORD's per-batch widths need a traced model, but {self.spec.model_name} declares its "
+                             f"groups with unit_groups() (no per-layer sites to narrow per batch): use HeteroFL "
+                             f"for nested widths per node")
         for r in self.capacity_tiers:
             if r < self.widths[0]:
                 raise ValueError(f"capacity tier {r} is below FjORD's smallest width {self.widths[0]}: "

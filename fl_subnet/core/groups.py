@@ -5,7 +5,8 @@ A *unit group* is, e.g., the hidden neurons of one Linear layer, the channels of
 Hidden neuron ``j`` of Linear ``l`` couples row ``j`` of ``W_l``, entry ``j`` of ``b_l``
 and column ``j`` of ``W_{l+1}``. Keeping or dropping a unit keeps or drops all of them.
 Groups are found by :func:`fl_subnet.analyze`; a model can also declare its own with a
-``unit_groups() -> list[UnitGroup]`` method.
+``unit_groups() -> list[UnitGroup]`` method (see :class:`UnitGroup` for an example, and
+docs/any-architecture.md).
 """
 
 from __future__ import annotations
@@ -59,6 +60,39 @@ class UnitGroup:
         declared by hand, the compact builder uses exactly these.
     kind : str
         ``neurons``, ``channels``, ``heads``, ``features`` or ``units``.
+
+    Examples
+    --------
+    A model declares its groups with a ``unit_groups()`` method when the analysis cannot
+    find them, e.g. around an ``nn.LSTM`` (recurrent layers have no rule). Then
+    :func:`fl_subnet.analyze` uses exactly these groups, without tracing or verifying.
+    Here the hidden neurons of the head after an LSTM: neuron ``j`` of ``fc1`` is row
+    ``j`` of ``fc1.weight``, entry ``j`` of ``fc1.bias`` and column ``j`` of
+    ``fc2.weight``, and ``fc2`` mixes them (their output scale applies at its input);
+    the LSTM's tensors stay full.
+
+    >>> import torch
+    >>> from torch import nn
+    >>> from fl_subnet import Coupling, Mask, UnitGroup, analyze
+    >>> class LSTMClassifier(nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.lstm = nn.LSTM(6, 32, batch_first=True)
+    ...         self.fc1 = nn.Linear(32, 64)
+    ...         self.fc2 = nn.Linear(64, 3)
+    ...
+    ...     def forward(self, x):
+    ...         out, _ = self.lstm(x)
+    ...         return self.fc2(torch.relu(self.fc1(out[:, -1])))
+    ...
+    ...     def unit_groups(self):
+    ...         fc1 = (Coupling("fc1.weight", 0), Coupling("fc1.bias", 0), Coupling("fc2.weight", 1))
+    ...         return [UnitGroup("fc1", 64, fc1, consumers=("fc2",), kind="neurons")]
+    >>> spec = analyze(LSTMClassifier)
+    >>> mask = Mask({"fc1": torch.arange(0, 64, 2)})  # keep 32 of the 64 neurons
+    >>> small = spec.build(spec.gather(LSTMClassifier().state_dict(), mask), mask)
+    >>> tuple(small.fc1.weight.shape), tuple(small.fc2.weight.shape)
+    ((32, 32), (3, 32))
     """
 
     name: str

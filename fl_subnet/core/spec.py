@@ -59,7 +59,17 @@ class SubnetSpec:
     blocks : list[DepthBlock]
         Skippable residual branches (depth groups), each with a ``.name`` a mask can
         list in ``Mask.skip`` (random-path / depth training).
+    model_name : str
+        The analysed model's class name (for messages).
+    declared : bool
+        Whether the groups were declared by the model's ``unit_groups()``, not traced.
+    left_out : tuple[str, ...]
+        Groups the caller's ``exclude=`` left full.
     """
+
+    model_name: str = "the model"
+    declared: bool = False
+    left_out: tuple[str, ...] = ()
 
     def __init__(self, factory: Callable[[], nn.Module], all_groups: Sequence[UnitGroup],
                  groups: Sequence[UnitGroup], resolved: Resolved | None = None, graph=None) -> None:
@@ -73,6 +83,33 @@ class SubnetSpec:
         self.slicer = Slicer(self.all_groups, {b.name: b.keys for b in self.blocks})
         self.excluded = dict(resolved.excluded) if resolved else {}
         self.pinned = dict(resolved.pinned) if resolved else {}
+
+    def nothing_to_mask(self, who: str) -> str:
+        """Why this spec has no unit group to mask, and what to do: the message of the
+        ``ValueError`` a masking strategy (``who``) raises for such a model."""
+        if self.declared:
+            found = (f"{self.model_name}.unit_groups() declared "
+                     + (f"the groups {[g.name for g in self.all_groups]}, all left full by exclude="
+                        f"{list(self.left_out)}" if self.all_groups else "no group"))
+        else:
+            found = f"the analysis of {self.model_name} found 0 unit groups to mask"
+            details = [f"{', '.join(map(repr, self.left_out))} left full by exclude={list(self.left_out)}"] \
+                if self.left_out else []
+            for name, why in self.excluded.items():
+                if name in self.left_out or not any(g.name == name for g in self.all_groups):
+                    continue
+                details.append(f"'{name}' left full by default ({why}): " + (
+                    "a sub-model would normalize over its kept units only, so include="
+                    f"['{name}'] fails the verification" if why.startswith("normalized") or "; normalized" in why
+                    else f"mask it with include=['{name}']"))
+            details += [f"'{name}' can never be masked ({why})" for name, why in self.pinned.items()]
+            if not details:
+                details = ["it has no Linear, conv or attention layer whose units feed another layer"]
+            found += ": " + "; ".join(details)
+        return (f"{who} masks unit groups, but {found}. Nothing would be masked: every node would train the "
+                f"full model. Opt groups in with include=[...] or out with exclude=[...] (fl_subnet.analyze), or "
+                f"declare the groups by hand with a model.unit_groups() method (docs/any-architecture.md); "
+                f"to train the full model on every node, use SubnetFedAvg")
 
     @functools.cached_property
     def state_meta(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
@@ -158,7 +195,7 @@ class SubnetSpec:
             raise AnalysisError(
                 "the compact forward differs from the full forward with the dropped units removed "
                 f"for group(s) {'; '.join(bad) or '(only in combination)'}; leave them full with "
-                f"exclude=[...] or declare groups with model.unit_groups()") from None
+                f"exclude=[...] or declare groups with model.unit_groups() (docs/any-architecture.md)") from None
 
 
 def _args(example: Example) -> tuple:
@@ -173,6 +210,17 @@ def analyze(model_or_factory: nn.Module | Callable[[], nn.Module], example_input
             *, include: Sequence[str] = (), exclude: Sequence[str] = (), verify: bool = True,
             seed: int = 0) -> SubnetSpec:
     """Find a model's unit groups by tracing it, and (by default) prove them right.
+
+    The model is traced with torch.fx through per-layer rules: the hidden neurons of a
+    Linear, the channels of a conv (with its BatchNorm), attention heads and FFN neurons
+    become groups. Left full, with the reason in :attr:`SubnetSpec.excluded` (by default;
+    ``include=`` can opt a residual stream in) or :attr:`SubnetSpec.pinned` (never):
+    input features, output classes, residual streams, dims a softmax / LayerNorm /
+    GroupNorm normalizes over, and units an op without a rule touches. A model that
+    defines ``unit_groups() -> list[UnitGroup]`` is not traced: its declared groups are
+    used as they are (not verified; see :class:`~fl_subnet.core.groups.UnitGroup` for an
+    example, and docs/any-architecture.md). Recurrent layers (``nn.LSTM``, ``nn.GRU``,
+    ``nn.RNN``) have no rule: such a model must declare its groups.
 
     Parameters
     ----------
@@ -200,8 +248,27 @@ def analyze(model_or_factory: nn.Module | Callable[[], nn.Module], example_input
     AnalysisError
         (a ``NotImplementedError``) If a group to be masked passes through a layer with
         no rule, or the verification fails; the message names the module and the group.
+        Also for a model with a recurrent layer or that torch.fx cannot trace, unless it
+        declares ``unit_groups()``.
     ValueError
         If ``include``/``exclude`` names an unknown group or one that cannot be masked.
+
+    Notes
+    -----
+    A spec with no group to mask is returned as is (FedAvg needs none); the masking
+    strategies refuse it with a ``ValueError`` that says what was found
+    (:meth:`SubnetSpec.nothing_to_mask`).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from fl_subnet import analyze
+    >>> from fl_subnet.models import FlowerCNN
+    >>> spec = analyze(FlowerCNN, torch.zeros(1, 1, 8, 8), exclude=["conv1"])
+    >>> [(g.name, g.size) for g in spec.groups]
+    [('conv2', 16), ('fc1', 120), ('fc2', 84)]
+    >>> spec.pinned["fc3"]
+    'output: reaches the model output'
     """
     factory = as_factory(model_or_factory)
     with torch.device("meta"):
@@ -214,7 +281,11 @@ def _analyze(model_or_factory, factory, skeleton, example_input, include, exclud
     custom = getattr(skeleton, "unit_groups", None)
     if callable(custom):
         groups = list(custom())
-        return SubnetSpec(factory, groups, [g for g in groups if g.name not in set(exclude)])
+        spec = SubnetSpec(factory, groups, [g for g in groups if g.name not in set(exclude)])
+        spec.declared = True
+        spec.model_name = type(skeleton).__name__
+        spec.left_out = tuple(g.name for g in groups if g.name in set(exclude))
+        return spec
     example = example_input if example_input is not None else default_example(skeleton)
     prop = trace(skeleton, example)
     resolved = resolve(prop, frozenset(exclude))
@@ -227,6 +298,8 @@ def _analyze(model_or_factory, factory, skeleton, example_input, include, exclud
     chosen = [g for g in resolved.groups
               if (g.name in resolved.default or g.name in include) and g.name not in exclude]
     spec = SubnetSpec(factory, resolved.groups, chosen, resolved, prop.gm)
+    spec.model_name = type(skeleton).__name__
+    spec.left_out = tuple(g.name for g in resolved.groups if g.name in exclude)
     if verify:
         real = model_or_factory if isinstance(model_or_factory, nn.Module) else factory()
         spec.verify(real, _real_example(example, seed), seed=seed)

@@ -96,16 +96,30 @@ def trace(model: nn.Module, example: torch.Tensor | tuple) -> Propagation:
 
     Raises
     ------
-    NotImplementedError
-        If torch.fx cannot trace the model (data-dependent control flow); the message
-        says how to declare groups by hand instead.
+    AnalysisError
+        (a ``NotImplementedError``) If the model has a recurrent layer (``nn.LSTM``,
+        ``nn.GRU``, ``nn.RNN`` or a cell: no rule, their hidden units are not a supported
+        unit group), or torch.fx cannot trace it (data-dependent control flow); the
+        message says how to declare groups by hand instead.
     """
+    from .resolve import AnalysisError  # resolve imports this module
+
+    recurrent = [(path, type(m).__name__) for path, m in model.named_modules()
+                 if isinstance(m, (nn.RNNBase, nn.RNNCellBase))]
+    if recurrent:
+        raise AnalysisError(
+            f"{type(model).__name__} has recurrent layer(s) "
+            f"{', '.join(f'{path!r} (nn.{cls})' for path, cls in recurrent)}: recurrent layers (nn.LSTM, nn.GRU, "
+            f"nn.RNN and their cells) have no fl_subnet rule, their hidden units are not a supported unit group, "
+            f"so the model cannot be analysed automatically. Declare the groups to mask by hand with a "
+            f"model.unit_groups() method (e.g. the hidden neurons of the Linear layers after the recurrent one; "
+            f"the recurrent layer's tensors then stay full): see docs/any-architecture.md")
     try:
         graph = SubnetTracer().trace(model)
     except Exception as err:  # noqa: BLE001 — fx raises many kinds
-        raise NotImplementedError(
-            f"torch.fx cannot trace {type(model).__name__}: {err}. Define model.unit_groups() "
-            "to declare its unit groups by hand") from err
+        raise AnalysisError(
+            f"torch.fx cannot trace {type(model).__name__}: {err}. Declare its unit groups by hand with a "
+            "model.unit_groups() method (docs/any-architecture.md)") from err
     gm = fx.GraphModule(model, graph)
     examples = example if isinstance(example, tuple) else (example,)
     meta_gm = gm.to("meta") if any(t.device.type != "meta" for t in gm.state_dict().values()) else gm
