@@ -42,8 +42,10 @@ class Received:
         The compact sub-model in training mode (its parameters are the slice sent).
     mask : Mask
         The node's mask (kept units per group, output scales).
-    spec : SubnetSpec
-        The analysis of the architecture (cached per process).
+    spec : SubnetSpec or None
+        The analysis of the architecture (cached per process); None for a plain message
+        (no mask, no example shape: Flower's own FedAvg), whose model is the factory's
+        full model with the arrays loaded, and its mask empty.
     arrays_key : str
         Name of the message's ArrayRecord: reply under the same key.
     config : Mapping[str, object]
@@ -59,7 +61,7 @@ class Received:
 
     model: nn.Module
     mask: Mask
-    spec: SubnetSpec
+    spec: SubnetSpec | None
     arrays_key: str
     config: Mapping[str, object]
     widths: tuple[float, ...] = ()
@@ -97,8 +99,15 @@ def receive(msg: Message | RecordDict, model_factory: Callable[[], nn.Module]) -
     content = msg.content if isinstance(msg, Message) else msg
     arrays_key, arrays, config = read_train(content)
     shape, dtype = example_from_config(config)
-    spec = cached_spec(model_factory, shape, dtype)  # analysed once per process
     masked = has_mask(config)
+    if not masked and shape is None and not is_packed(arrays) and not widths_from_config(config):
+        # a plain message (Flower's own FedAvg): the full model, as the template builds it;
+        # no analysis (a model whose first layer is not an nn.Linear needs an example input)
+        model = model_factory()
+        model.load_state_dict(arrays_to_state(arrays))
+        model.train()
+        return Received(model, Mask({}), None, arrays_key, config)
+    spec = cached_spec(model_factory, shape, dtype)  # analysed once per process
     mask = mask_from_config(config, spec.all_groups) if masked else full_mask(spec.all_groups)
     spec.slicer.skipped_keys(mask)  # a depth block this model lacks: ValueError naming it
     widths = widths_from_config(config)  # FjORD: ValueError naming 'fjord-widths'
