@@ -37,6 +37,9 @@ log = logging.getLogger(__name__)
 
 
 AGGREGATIONS = ("mean", "median", "trimmed-mean")
+#: How a node's ``lr`` follows its sub-model's output scale s (the largest scale of its
+#: mask): ``auto`` is the protocol's own default (:attr:`SubnetStrategy.default_lr_scaling`).
+LR_SCALINGS = ("auto", "none", "linear", "square")
 COMPACT_HINT = ("their ClientApp must train the sub-model the message carries: build it with "
                 "`model = fl_subnet.clients.compact_model(msg, Net)` instead of `Net()` + `load_state_dict(...)` "
                 "(README: 'Switch your own Flower app to fl-subnet')")
@@ -124,6 +127,15 @@ class SubnetStrategy(NodeSampling, FedAvg):
         With every defence at its default (off) the aggregation is exactly Flower's
         FedAvg rule on the held entries; with defences on, a run in which nothing is
         screened or capped is bit-identical to one without them.
+    lr_scaling : {"auto", "none", "linear", "square"}
+        How a node's ``lr`` (the train config's, sent per node) follows the output scale
+        ``s`` of its sub-model (1/ξ for dropout, 1/r for HeteroFL, p for IST):
+        ``square`` multiplies it by 1/s², ``linear`` by 1/s, ``none`` leaves it
+        (:meth:`lr_factor` says why). ``auto``: the protocol's default
+        (:attr:`default_lr_scaling`: ``square``; ``none`` for :class:`Dropout` and
+        :class:`MultiSampleDropout`, one step per mask as in the paper). It acts only
+        on masks with a scale above 1 and only where the ClientApp trains with the
+        message's ``lr`` (Flower's templates and fl-subnet's ClientApp do).
     server_optimizer : MaskedServerOptimizer, optional
         A server optimizer applied to the masked pseudo-gradient after aggregation
         (:mod:`fl_subnet.core.server_opt`: FedAvgM, FedAdam, FedYogi, FedAdagrad; Reddi
@@ -181,6 +193,7 @@ class SubnetStrategy(NodeSampling, FedAvg):
         screen: str = "reject",
         max_num_examples: float | None = None,
         max_failed_rounds: int | None = 3,
+        lr_scaling: str = "auto",
         node_wait_timeout: float = 300.0,
         server_optimizer: MaskedServerOptimizer | None = None,
         **fedavg_kwargs,
@@ -240,6 +253,10 @@ class SubnetStrategy(NodeSampling, FedAvg):
                 max_failed_rounds, int) or max_failed_rounds < 1):
             raise ValueError(f"max_failed_rounds must be an integer >= 1 or None, got {max_failed_rounds!r}")
         self.max_failed_rounds = max_failed_rounds
+        if lr_scaling not in LR_SCALINGS:
+            raise ValueError(f"lr-scaling must be one of {LR_SCALINGS}, got {lr_scaling!r}")
+        self.lr_scaling = self.default_lr_scaling if lr_scaling == "auto" else lr_scaling
+        self._warned_no_lr = False
         self._failed_rounds = 0
         self._flat = None  # FlatMap of the global model, when it has many small tensors
         self.weighted = weighted
@@ -263,6 +280,10 @@ class SubnetStrategy(NodeSampling, FedAvg):
     #: node would silently train the full model. False for the full mask (SubnetFedAvg)
     #: and for depth-only protocols (RandomPath).
     masks_units: bool = True
+
+    #: The protocol's ``lr_scaling`` when given ``"auto"``: ``square`` (a node's lr ×1/s²,
+    #: see :meth:`lr_factor`); ``none`` for the one-step dropout protocols of the paper.
+    default_lr_scaling: str = "square"
 
     #: torch intra-op threads while the server cuts and folds slices (configure_train,
     #: aggregate_train; restored after): see :data:`fl_subnet.core.slicing.SERVER_THREADS`.
@@ -291,6 +312,7 @@ class SubnetStrategy(NodeSampling, FedAvg):
             "depth blocks": len(self.spec.blocks),
             "local steps": self.local_steps if self.local_steps is not None else "local-epochs",
             "weighted": self.weighted, "aggregation": self.aggregation, "batchnorm": self.batchnorm,
+            "lr scaling": self.lr_scaling,
         }
         if self.capacity_tiers:
             out["capacity tiers"] = ",".join(f"{t:g}" for t in self.capacity_tiers)
@@ -381,7 +403,8 @@ class SubnetStrategy(NodeSampling, FedAvg):
         shared: tuple[dict, RecordDict] | None = None
         for node_id, mask in zip(nodes, masks):
             full = self.slicer.is_full(mask)  # validates the mask
-            extra = {**self._example_config, **mask_to_config(mask, self.spec.all_groups, self.groups), **self.node_config(node_id, mask)}
+            extra = {**self._example_config, **mask_to_config(mask, self.spec.all_groups, self.groups),
+                     **self._node_lr(config, mask), **self.node_config(node_id, mask)}
             if full and shared is not None and shared[0] == extra:
                 content = shared[1]
             else:
@@ -407,6 +430,40 @@ class SubnetStrategy(NodeSampling, FedAvg):
         log.info("configure_train: round %d, %d nodes, coverage %.3f, %.2f MB down",
                  server_round, len(nodes), coverage(masks, self.groups), self._bytes_down / 1e6)
         return messages
+
+    def lr_factor(self, mask: Mask) -> float:
+        """The factor on a node's ``lr`` for ``mask`` under :attr:`lr_scaling`: with ``s``
+        the mask's largest output scale (1/ξ, 1/r or p), ``1/s`` (``linear``), ``1/s²``
+        (``square``) or 1 (``none``, or no scale above 1).
+
+        Why: a tensor that consumes scaled units sees its input ×s, so its gradient is
+        ×s, and a tensor between two scaled groups ×s² (the scale multiplies both its
+        input and the gradient flowing back into it); over τ local steps on a fixed
+        mask the node's effective step grows accordingly, where dropout's per-batch
+        masks average it out (Liao & Kyrillidis, TMLR 2022, shrink the step size with ξ
+        for the same reason). ``square`` never lets any tensor step further than at
+        the user's ``lr`` on the full model.
+        """
+        if self.lr_scaling == "none":
+            return 1.0
+        s = 1.0
+        for value in mask.scale.values():
+            s = max(s, float(value.max()) if isinstance(value, torch.Tensor) else float(value))
+        return 1.0 / s if self.lr_scaling == "linear" else 1.0 / (s * s)
+
+    def _node_lr(self, config: ConfigRecord, mask: Mask) -> dict[str, object]:
+        """``{"lr": config's lr × lr_factor(mask)}`` when the factor is not 1, else ``{}``."""
+        factor = self.lr_factor(mask)
+        if factor == 1.0:
+            return {}
+        if "lr" not in config:
+            if not self._warned_no_lr:
+                self._warned_no_lr = True
+                log.warning("lr-scaling %r: the train config has no 'lr', so the nodes' step size cannot follow "
+                            "their sub-models' output scale (x%.3g); send train_config=ConfigRecord({'lr': ...}) "
+                            "and train with the message's lr", self.lr_scaling, 1.0 / factor)
+            return {}
+        return {"lr": float(config["lr"]) * factor}
 
     def node_config(self, node: int, mask: Mask) -> dict[str, object]:
         """Protocol-specific train-config entries for ``node`` (sent with its mask and

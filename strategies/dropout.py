@@ -29,6 +29,8 @@ class Dropout(SubnetStrategy):
         If ``keep_prob`` is outside (0, 1] (names ``keep-prob``).
     """
 
+    default_lr_scaling = "none"  # one dropout SGD step per mask: the user's lr is dropout's lr
+
     def __init__(self, model_factory, keep_prob: float, *, scale: bool = True, seed: int = 0, **kwargs):
         kwargs.setdefault("local_steps", 1)
         super().__init__(model_factory, BernoulliSampler(keep_prob, scale=scale, seed=seed),
@@ -58,6 +60,8 @@ class MultiSampleDropout(SubnetStrategy):
     ValueError
         If ``keep_prob`` ∉ (0, 1] or ``num_subnets`` < 1 (the message names the key).
     """
+
+    default_lr_scaling = "none"  # one dropout SGD step per mask and node, as in the paper
 
     def __init__(self, model_factory, keep_prob: float, num_subnets: int, *,
                  loss_average: bool = False, scale: bool = True, seed: int = 0, **kwargs):

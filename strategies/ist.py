@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord
-from flwr.serverapp import Grid
 
-from fl_subnet.clients.train import TrainConfig
 from fl_subnet.core.batchnorm import batchnorm_layers
 from fl_subnet.core.fold import fold_output_scales
 from fl_subnet.core.samplers import PartitionSampler
@@ -42,14 +39,13 @@ class IST(SubnetStrategy):
         the full model sums p times as many):
 
         * ``none``: no scaling (IST's code, Yuan et al.), the full model as reassembled;
-        * ``p``: kept units' outputs scaled by p = 1/ξ while training (Liao & Kyrillidis
-          §3), at the nodes' learning rate;
-        * ``p-lr`` (default): scaled by p and the nodes' ``lr`` multiplied by ξ = 1/p
-          (Liao & Kyrillidis shrink the step size with the scale). On digits over 3
-          seeds it is the most accurate (0.923 vs 0.877 for ``none``) and its full
-          model is calibrated (training loss 0.33 vs 1.95). Your ClientApp must train
-          with the ``lr`` of the message's ``config`` (Flower's templates do);
-          otherwise use ``none``;
+        * ``p`` (default): kept units' outputs scaled by p = 1/ξ while training (Liao &
+          Kyrillidis §3), the nodes' ``lr`` following the scale by the strategy's
+          ``lr_scaling`` (default ×1/p², :meth:`SubnetStrategy.lr_factor`); the
+          ClientApp must train with the ``lr`` of the message's ``config`` (Flower's
+          templates do), otherwise use ``none``;
+        * ``p-lr``: scaled by p and the nodes' ``lr`` multiplied by 1/p whatever
+          ``lr_scaling`` says (``lr_scaling="linear"``);
         * ``eval``: trained unscaled, and the full model multiplies the split units'
           outputs by 1/p at evaluation only (ResIST, Dun et al. UAI 2022): the scale is
           folded into the consuming layers' weights (:func:`fl_subnet.core.fold.fold_output_scales`)
@@ -65,7 +61,7 @@ class IST(SubnetStrategy):
     """
 
     def __init__(self, model_factory, num_subnets: int, *, local_steps: int = 1,
-                 partition_mode: str = "equal", scaling: str = "p-lr", seed: int = 0,
+                 partition_mode: str = "equal", scaling: str = "p", seed: int = 0,
                  num_train_nodes: int | None = None, precision: str = "float64", **kwargs):
         if scaling not in IST_SCALINGS:
             raise ValueError(f"ist-scaling must be one of {IST_SCALINGS}, got {scaling!r}")
@@ -76,6 +72,8 @@ class IST(SubnetStrategy):
         if num_train_nodes is None:  # Flower's fraction rule, but never fewer than p nodes
             kwargs["min_train_nodes"] = max(kwargs.get("min_train_nodes", 1), sampler.num_subnets)
             kwargs.setdefault("min_available_nodes", sampler.num_subnets)
+        if scaling == "p-lr":  # ×p and lr ×1/p: the linear lr scaling of the base strategy
+            kwargs["lr_scaling"] = "linear"
         super().__init__(model_factory, sampler, local_steps=local_steps, seed=seed,
                          num_train_nodes=num_train_nodes, precision=precision, **kwargs)
 
@@ -89,14 +87,6 @@ class IST(SubnetStrategy):
                                  "normalise the folded scale away and their statistics were not taken under it; "
                                  "use ist-scaling 'none' or 'p'")
             self.deployed_state(model.state_dict())
-
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
-        """:meth:`SubnetStrategy.configure_train`; with ``scaling="p-lr"`` the nodes' ``lr``
-        is multiplied by ξ = 1/p."""
-        if self.scaling == "p-lr":
-            config = ConfigRecord(dict(config))
-            config["lr"] = float(config.get("lr", TrainConfig.lr)) / self.sampler.num_subnets
-        return super().configure_train(server_round, arrays, config, grid)
 
     def deployed_state(self, state: dict) -> dict:
         """With ``scaling="eval"``: ``state`` with 1/p folded into the layers that consume

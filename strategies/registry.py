@@ -39,6 +39,7 @@ def build_strategy(cfg: RunConfig, model_factory: Callable[[], nn.Module], *, ex
                   max_update_ratio=cfg.max_update_ratio or None, max_ratio_to_median=cfg.max_ratio_to_median or None,
                   screen=cfg.screen, max_num_examples=cfg.max_num_examples or None,
                   max_failed_rounds=cfg.max_failed_rounds or None, node_wait_timeout=cfg.node_wait_timeout,
+                  lr_scaling=cfg.lr_scaling,
                   server_optimizer=make_server_optimizer(cfg.server_optimizer, lr=cfg.server_lr or None,
                                                          momentum=cfg.server_momentum),
                   order_by_partition=True,  # fl-subnet's ClientApp answers the partition-id query

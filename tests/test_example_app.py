@@ -168,7 +168,8 @@ def test_example_train_handler_replies_with_the_compact_slices():
 
 def test_run_config_local_epochs_reaches_the_users_train_function(monkeypatch):
     """The user's own train(net, loader, epochs, lr, device) gets the run config's
-    local-epochs, the message's lr (÷p under IST's default ``p-lr`` scaling) and the
+    local-epochs, the message's lr (÷p² under IST's default scaling ``p`` with the
+    default ``lr_scaling="square"``) and the
     compact model, with the handler's Context as in Flower's template."""
     from fl_subnet.experiments.inprocess_grid import InProcessGrid
     from fl_subnet.strategies import IST
@@ -190,8 +191,34 @@ def test_run_config_local_epochs_reaches_the_users_train_function(monkeypatch):
                                                  ConfigRecord({"lr": 0.03}), grid))
         replies = list(grid.send_and_receive(messages))
     assert all(not r.has_error() for r in replies)
-    assert [(e, lr) for e, lr, _ in seen] == [(7, 0.03 / 2), (7, 0.03 / 2)]  # IST's default p-lr: lr/p
+    assert [(e, lr) for e, lr, _ in seen] == [(7, 0.03 / 4), (7, 0.03 / 4)]  # IST's default: lr/p²
     assert all(width < 120 for _, _, width in seen)  # the compact model: fc1 has about half its 120 units
+
+
+def test_switched_clientapp_still_answers_flowers_own_fedavg():
+    """compact_model(msg, Net) on a plain FedAvg message (no mask, no example shape) is
+    the template's full Net with the arrays loaded: the switched app still runs Flower's
+    FedAvg, on a CNN whose analysis would need an example input."""
+    import random
+
+    from flwr.serverapp.strategy import FedAvg
+
+    from fl_subnet.experiments.inprocess_grid import InProcessGrid
+    from fl_subnet.wire import arrays_to_state, state_to_arrays
+
+    with example_package(SUBNET):
+        from pytorchexample import client_app
+        from pytorchexample.task import Net
+
+        random.seed(0)
+        torch.manual_seed(0)
+        start = Net().state_dict()
+        grid = InProcessGrid(client_app.app, 2, run_config={**app_config(SUBNET), "local-epochs": 1})
+        result = FedAvg(fraction_evaluate=0.0).start(grid=grid, initial_arrays=state_to_arrays(start),
+                                                     num_rounds=1, train_config=ConfigRecord({"lr": 0.05}))
+    new = arrays_to_state(result.arrays)
+    assert set(new) == set(start) and all(new[k].shape == start[k].shape for k in start)
+    assert not torch.equal(new["fc1.weight"], start["fc1.weight"])  # both nodes' replies were averaged
 
 
 @pytest.mark.parametrize("order_by_partition", [False, True])
@@ -298,7 +325,7 @@ def test_flwr_run_example_simulation(tmp_path):
         result = json.loads(result_file.read_text())
         central = {int(r): m for r, m in result["evaluate-serverapp"].items()}
         assert sorted(central) == [0, 1, 2]
-        # it learns: the central loss falls. Two rounds of IST at its default p-lr (lr/2) are
+        # it learns: the central loss falls. Two rounds of IST at its defaults (lr/p²) are
         # noisy under Ray's scheduling, and the accuracy after them is not a reliable
         # signal: fresh-clone CI runs read 0.35 then 0.28, 0.12 then 0.23, and 0.09 then
         # 0.13 (from 0.11 at chance), while the loss fell every time (2.30 -> 2.12, 2.31 ->

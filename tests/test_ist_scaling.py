@@ -25,9 +25,13 @@ def test_p_lr_scales_the_outputs_by_p_and_the_nodes_lr_by_one_over_p():
     assert {m.content["config"]["lr"] for m in msgs} == {0.05}
     assert {mask_from_config(m.content["config"], s.spec.all_groups).scale[g.name]
             for m in msgs for g in s.groups} == {4.0}
-    plain = IST(factory, 4, scaling="p", num_train_nodes=4, min_available_nodes=4, fraction_evaluate=0.0)
+    plain = IST(factory, 4, scaling="p", lr_scaling="none", num_train_nodes=4, min_available_nodes=4,
+                fraction_evaluate=0.0)
     msgs = list(plain.configure_train(1, initial_arrays(), train_config(lr=0.2), grid(4)))
     assert {m.content["config"]["lr"] for m in msgs} == {0.2}
+    square = IST(factory, 4, scaling="p", num_train_nodes=4, min_available_nodes=4, fraction_evaluate=0.0)
+    msgs = list(square.configure_train(1, initial_arrays(), train_config(lr=0.2), grid(4)))
+    assert {m.content["config"]["lr"] for m in msgs} == {0.2 / 16}  # the base default: lr / p**2
 
 
 def test_eval_scaling_trains_unscaled_and_deploys_the_one_over_p_model():
@@ -139,3 +143,10 @@ def test_eval_scaling_refuses_batchnorm_models():
 
     with pytest.raises(ValueError, match=r"ist-scaling 'eval' cannot be used with BatchNorm layers \(3 × BatchNorm2d"):
         IST(functools.partial(CNNBN, 1, 10), 2, scaling="eval", example_input=torch.zeros(2, 1, 8, 8))
+
+
+def test_lr_scaling_choices_equal_the_run_configs():
+    from fl_subnet.experiments.config import CHOICES
+    from fl_subnet.strategies.base import LR_SCALINGS
+
+    assert CHOICES["lr-scaling"] == LR_SCALINGS

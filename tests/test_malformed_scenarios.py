@@ -38,6 +38,7 @@ KEY_CASES = [
     ("data-scope-unknown", 'data-scope = "global"', "data-scope"),
     ("batchnorm-unknown", 'batchnorm = "batch"', "batchnorm"),
     ("ist-scaling-unknown", 'ist-scaling = "q"', "ist-scaling"),
+    ("lr-scaling-unknown", 'lr-scaling = "cubic"', "lr-scaling"),
     ("partition-mode-unknown", 'partition-mode = "random"', "partition-mode"),
     ("untouched-unknown", 'untouched = "drop"', "untouched"),
     ("loss-unknown", 'loss = "hinge"', "loss"),

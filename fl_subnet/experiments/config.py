@@ -39,6 +39,7 @@ DataScope = Literal["local", "all"]
 LossChoice = Literal["auto", "cross-entropy", "mse"]
 BatchNormPolicy = Literal["averaged", "static"]
 IstScaling = Literal["none", "p", "p-lr", "eval"]  # = strategies.ist.IST_SCALINGS (tested)
+LrScaling = Literal["auto", "none", "linear", "square"]  # = strategies.base.LR_SCALINGS (tested)
 PartitionMode = Literal["equal", "iid"]
 Untouched = Literal["keep", "zero"]
 Aggregation = Literal["mean", "median", "trimmed-mean"]  # = strategies.base.AGGREGATIONS (tested)
@@ -265,10 +266,12 @@ class RunConfig:
                            ge=0.0, le=1.0) = 1.0
     fraction_evaluate: Number("Fraction of the nodes evaluating per round.", ge=0.0, le=1.0) = 0.0
     ist_scaling: Choice(IstScaling, "IST output scaling: ``none`` (IST's code), ``p`` (outputs ×p while "
-                                    "training), ``p-lr`` (×p and the nodes' lr ×1/p), ``eval`` (trained unscaled, "
-                                    "the full model's split units ×1/p at evaluation, folded into the weights: "
-                                    "ResIST). Default ``p-lr``: the most accurate and calibrated on digits over "
-                                    "3 seeds (README, IST's output scale).") = "p-lr"
+                                    "training, the nodes' lr following ``lr-scaling``), ``p-lr`` (×p and the "
+                                    "nodes' lr ×1/p), ``eval`` (trained unscaled, the full model's split units "
+                                    "×1/p at evaluation, folded into the weights: ResIST).") = "p"
+    lr_scaling: Choice(LrScaling, "How a node's lr follows its sub-model's output scale s (1/ξ, 1/r, p): "
+                                  "``square`` ×1/s², ``linear`` ×1/s, ``none``; ``auto``: the protocol's "
+                                  "default (``square``; ``none`` for dropout and multi-sample dropout).") = "auto"
     partition_mode: Choice(PartitionMode, "IST unit partition: ``equal`` sizes or ``iid`` assignment.") = "equal"
     loss_average: Annotated[bool, Field(strict=True, description="Multi-sample dropout: Inoue's 1/p loss "
                                         "average instead of the per-unit mean over holders.")] = False
