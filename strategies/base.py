@@ -210,6 +210,8 @@ class SubnetStrategy(NodeSampling, FedAvg):
                              f"do not pass server_optimizer={server_optimizer!r} too")
         self.server_optimizer = server_optimizer if server_optimizer is not None else composed
         self.spec = analyze(model_factory, example_input, include=include, exclude=exclude, seed=seed)
+        if self.server_optimizer is not None:  # it steps the parameters; buffers take the aggregate
+            self.server_optimizer.set_parameter_keys(self.spec.parameter_keys)
         if self.masks_units and not self.spec.groups:
             raise ValueError(self.spec.nothing_to_mask(type(self).__name__))
         self.groups = self.spec.groups

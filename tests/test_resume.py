@@ -104,6 +104,25 @@ def test_resume_restores_the_server_optimizer_state(tmp_path):
     assert not all(torch.equal(a[k], c[k]) for k in a)  # the optimizer changed the model
 
 
+def test_resume_with_batchnorm_and_a_server_optimizer(tmp_path):
+    """CNN with BatchNorm and FedAdam: the optimizer file holds state for the parameters
+    only (the running statistics take the nodes' average, unstepped), and the run resumed
+    after round 2 ends with the uninterrupted run's model, running statistics included."""
+    from fl_subnet.checkpoint import load_optimizer_state
+    from fl_subnet.models import CNNBN
+
+    bn = {"model": "cnn-bn", "server-optimizer": "fedadam", "server-lr": 0.01, "num-nodes": 2}
+    run(tmp_path / "full", 3, **bn)
+    run(tmp_path / "cut", 2, **bn)
+    model = CNNBN()
+    params, buffers = set(dict(model.named_parameters())), set(dict(model.named_buffers()))
+    saved = load_optimizer_state(tmp_path / "cut", 2)
+    assert {k.rpartition("/")[0] for k in saved} == params and buffers
+    run(tmp_path / "cut", 3, resume=True, **bn)
+    a, b = load_model(tmp_path / "full" / "model.safetensors"), load_model(tmp_path / "cut" / "model.safetensors")
+    assert a.keys() == b.keys() >= buffers and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_a_checkpoint_older_than_a_config_key_resumes(tmp_path):
     """A checkpoint written before a run-config key existed resumes: the key counts with
     its default (here ``fjord-widths`` is removed from the saved config)."""

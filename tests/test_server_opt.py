@@ -1,7 +1,12 @@
 """Masked server optimizers (FedAvgM, FedAdam, FedYogi, FedAdagrad; Reddi et al. 2021).
 
 * With the full mask each equals Flower's own strategy (≤ 1e-6) over 3 rounds, both as
-  ``SubnetFedAvg(server_optimizer=...)`` and composed, ``class X(SubnetFedAvg, FedAdam)``.
+  ``SubnetFedAvg(server_optimizer=...)`` and composed, ``class X(SubnetFedAvg, FedAdam)``,
+  on a model without buffers.
+* Buffers (BatchNorm's running statistics, ``num_batches_tracked``) take the aggregate,
+  the mean over their holders, with no optimizer state; only the parameters are stepped.
+  Flower's strategies step the buffers too, so with BatchNorm the full mask equals
+  Flower's strategy on the parameters only.
 * An entry no node held keeps its value and its optimizer state (Flower's FedAdam
   applied to the masked aggregate would move it through momentum).
 * The masked rules equal a plain-numpy implementation on random inputs and masks.
@@ -10,6 +15,7 @@
 import numpy as np
 import pytest
 import torch
+from torch import nn
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedAvgM, FedYogi
@@ -25,7 +31,7 @@ from fl_subnet.clients import receive
 from fl_subnet.packed import is_packed
 from fl_subnet.wire import arrays_to_state
 
-from strategy_helpers import factory, grid, initial_arrays, train_config
+from strategy_helpers import D_IN, D_OUT, factory, grid, initial_arrays, train_config
 
 FLOWER = {
     "fedadam": (FedAdam, dict(eta=0.05, beta_1=0.9, beta_2=0.99, tau=1e-3),
@@ -39,10 +45,11 @@ FLOWER = {
 NODES = 3
 
 
-def _echo_grid(num_nodes):
+def _echo_grid(num_nodes, model_factory=factory):
     """Nodes that answer a train message with deterministic updates: node i returns the
     arrays it was sent plus noise seeded by (server round, i), num-examples 10 + 5i (as
-    float32, whatever dtype it received: Flower's FedAdam sends float64)."""
+    float32, whatever dtype it received: Flower's FedAdam sends float64). A BatchNorm
+    variance stays positive (times e^noise), ``num_batches_tracked`` counts one more."""
     app = ClientApp()
 
     @app.train()
@@ -51,24 +58,37 @@ def _echo_grid(num_nodes):
         rnd = int(msg.content["config"]["server-round"])
         gen = torch.Generator().manual_seed(1000 * rnd + i)
         arrays = msg.content["arrays"]  # a sub-model's slice is packed: decoded as a node does
-        sent = receive(msg, factory).model.state_dict() if is_packed(arrays) else arrays_to_state(arrays)
-        state = {k: (v.float() + 0.05 * torch.randn(v.shape, generator=gen)) for k, v in sent.items()}
+        sent = receive(msg, model_factory).model.state_dict() if is_packed(arrays) else arrays_to_state(arrays)
+        state = {k: _noisy(k, v, gen) for k, v in sent.items()}
         return Message(RecordDict({"arrays": ArrayRecord(state),
                                    "metrics": MetricRecord({"num-examples": 10 + 5 * i})}), reply_to=msg)
 
     return InProcessGrid(app, num_nodes)
 
 
+def _noisy(key, v, gen):
+    if key.endswith("num_batches_tracked"):
+        return v.double().round().long() + 1  # Flower's FedAdam sends it as a float
+    noise = 0.05 * torch.randn(v.shape, generator=gen)
+    return v.float() * noise.exp() if key.endswith("running_var") else v.float() + noise
+
+
 def _replies(strategy, g, arrays, server_round):
     return g.send_and_receive(list(strategy.configure_train(server_round, arrays, train_config(), g)))
 
 
-def _run(strategy, rounds=3):
-    g = _echo_grid(NODES)
-    arrays = initial_arrays(seed=3)
+def _run(strategy, rounds=3, model_factory=factory, replies=None):
+    """``rounds`` rounds on the echo grid; the aggregated state of each (float64). The
+    replies of each round are appended to ``replies`` if given."""
+    g = _echo_grid(NODES, model_factory)
+    torch.manual_seed(3)
+    arrays = ArrayRecord(model_factory().state_dict())
     out = []
     for rnd in range(1, rounds + 1):
-        arrays, _ = strategy.aggregate_train(rnd, _replies(strategy, g, arrays, rnd))
+        got = list(_replies(strategy, g, arrays, rnd))
+        if replies is not None:
+            replies.append(got)
+        arrays, _ = strategy.aggregate_train(rnd, got)
         out.append({k: torch.as_tensor(v, dtype=torch.float64) for k, v in arrays_to_state(arrays).items()})
     return out
 
@@ -82,6 +102,7 @@ def _flower(name):
 @pytest.mark.parametrize("how", ["argument", "composed"])
 def test_full_mask_equals_flowers_own_over_three_rounds(name, how):
     cls, kw, masked = FLOWER[name]
+    assert not dict(factory().named_buffers())  # with buffers see test_with_batchnorm_...
     common = dict(fraction_evaluate=0.0, min_train_nodes=NODES, min_available_nodes=NODES, num_train_nodes=NODES)
     if how == "argument":
         ours = SubnetFedAvg(factory, server_optimizer=masked(kw), **common)
@@ -98,6 +119,88 @@ def test_full_mask_equals_flowers_own_over_three_rounds(name, how):
     # and the optimizer did something: not plain FedAvg
     plain = _run(SubnetFedAvg(factory, **common))
     assert max(float((plain[-1][k] - mine[-1][k]).abs().max()) for k in plain[-1]) > 1e-3
+
+
+def bn_factory():
+    """An MLP whose BatchNorm keeps running statistics: buffers 1.running_mean,
+    1.running_var, 1.num_batches_tracked."""
+    return nn.Sequential(nn.Linear(D_IN, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, D_OUT))
+
+
+BUFFERS = ("1.running_mean", "1.running_var", "1.num_batches_tracked")
+
+
+@pytest.mark.parametrize("name", list(FLOWER))
+def test_buffers_take_the_aggregate_and_parameters_the_step(name):
+    """BatchNorm's running statistics (and ``num_batches_tracked``) are the masked
+    aggregate as is, with no optimizer state; each parameter is the optimizer's step,
+    equal to the same optimizer given the parameters alone. The strategy hands the
+    optimizer its model's parameter names. Two rounds: every unit held, then units 0..7."""
+    opt = FLOWER[name][2](FLOWER[name][1])
+    spec = SubnetFedAvg(bn_factory, server_optimizer=opt).spec
+    alone = FLOWER[name][2](FLOWER[name][1])
+    (g,) = spec.groups
+    torch.manual_seed(0)
+    w = bn_factory().state_dict()
+    params = [k for k in w if k not in BUFFERS]
+    assert sorted(params) == sorted(dict(bn_factory().named_parameters()))
+    gen = torch.Generator().manual_seed(5)
+    for kept in (torch.arange(g.size), torch.arange(8)):
+        mask = Mask({g.name: kept})
+        agg = MaskedAggregator(w, spec.slicer)
+        for weight in (1.0, 2.0):
+            agg.add({k: _noisy(k, v, gen) for k, v in spec.slicer.gather(w, mask).items()}, mask, weight)
+        aggregated, held = agg.finalize(), agg.held()
+        new = opt.step(w, aggregated, held)
+        want = alone.step({k: w[k] for k in params}, {k: aggregated[k] for k in params}, held)
+        for key in BUFFERS:
+            assert torch.equal(new[key], aggregated[key]), (key, new[key], aggregated[key])
+            assert not torch.equal(new[key], w[key]), key
+        for key in params:
+            assert torch.equal(new[key], want[key]), key
+        assert not torch.equal(new["0.weight"], aggregated["0.weight"])  # the optimizer did step
+        assert not set(opt.state) & set(BUFFERS)
+        assert not any(k.rpartition("/")[0] in BUFFERS for k in opt.state_dict())
+        w = new
+
+
+@pytest.mark.parametrize("how", ["argument", "composed"])
+def test_with_batchnorm_buffers_are_the_holder_mean_and_parameters_flowers_fedadam_step(how):
+    """Where the full mask does not equal Flower's FedAdam: Flower sees an ArrayRecord and
+    steps BatchNorm's running statistics like weights; fl-subnet's are the mean of the
+    replies' statistics weighted by num-examples (computed here from the replies), while
+    the parameters equal Flower's FedAdam step (<= 1e-6) in each of 3 rounds."""
+    cls, kw, masked = FLOWER["fedadam"]
+    common = dict(fraction_evaluate=0.0, min_train_nodes=NODES, min_available_nodes=NODES, num_train_nodes=NODES)
+    if how == "argument":
+        ours = SubnetFedAvg(bn_factory, server_optimizer=masked(kw), **common)
+    else:
+        ours = type("SubnetFedAvgFedAdam", (SubnetFedAvg, cls), {})(bn_factory, **common, **kw)
+    replies = []
+    mine = _run(ours, model_factory=bn_factory, replies=replies)
+    theirs = _run(_flower("fedadam"), model_factory=bn_factory)
+    params = set(dict(bn_factory().named_parameters()))
+    for rnd, (a, b, got) in enumerate(zip(theirs, mine, replies), 1):
+        for key in params:
+            err = float((a[key] - b[key]).abs().max())
+            assert err <= 1e-6, (rnd, key, err)
+        n = [float(r.content["metrics"]["num-examples"]) for r in got]
+        for key in ("1.running_mean", "1.running_var"):
+            stats = [torch.as_tensor(r.content["arrays"][key].numpy(), dtype=torch.float64) for r in got]
+            mean = sum(ni * x for ni, x in zip(n, stats)) / sum(n)
+            assert float((b[key] - mean).abs().max()) <= 1e-6, (rnd, key)
+            assert float((a[key] - mean).abs().max()) > 1e-3, (rnd, key)  # Flower stepped it
+        assert float(b["1.num_batches_tracked"]) == rnd  # each node counts one batch a round
+
+
+def test_optimizer_state_of_buffers_is_not_loaded():
+    """A checkpoint that holds optimizer state for a buffer (written when buffers were
+    stepped) loads: that state is dropped, the parameters' is kept."""
+    opt = MaskedFedAdam()
+    SubnetFedAvg(bn_factory, server_optimizer=opt)
+    opt.load_state_dict({"0.weight/m": torch.ones(16, D_IN), "1.running_mean/m": torch.ones(16),
+                         "1.running_mean/v": torch.ones(16)})
+    assert set(opt.state_dict()) == {"0.weight/m"}
 
 
 def _state():

@@ -12,14 +12,22 @@ the second moment decays. Here an entry's value AND its optimizer state (first m
 node held it; held entries follow Flower's own update rule exactly, so the full mask
 reproduces ``flwr.serverapp.strategy.FedAdam`` & co. (tests/test_server_opt.py).
 
-Only floating-point tensors are optimized; integer ones (BatchNorm's
-``num_batches_tracked``) take the aggregate as is.
+Only the model's parameters are optimized. Buffers (BatchNorm's running mean and
+variance, ``num_batches_tracked``, any other non-parameter state) take the aggregate as
+is, the mean over their holders, and keep no optimizer state: a running statistic is an
+average of the nodes' statistics, not a weight to step (stepped, the deployed eval-mode
+model diverges while its weights learn). Which keys are parameters is
+:attr:`MaskedServerOptimizer.parameter_keys`, set by the strategy from its model; Flower's
+own strategies see only an ``ArrayRecord`` and step the buffers too, so with BatchNorm
+running statistics the full mask equals Flower's strategy on the parameters only.
+Without ``parameter_keys`` every floating-point tensor is optimized and integer ones take
+the aggregate as is.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import torch
 
@@ -38,12 +46,39 @@ class MaskedServerOptimizer:
 
     The state (per tensor key: ``m``, ``v``, ``t``, ...) is created lazily, at the
     tensor's shape and dtype, and changed only at held entries.
+
+    Attributes
+    ----------
+    parameter_keys : frozenset[str] or None
+        The ``state_dict`` keys of the model's parameters: only these are optimized, every
+        other key (a buffer) takes the aggregate as is and has no optimizer state. None
+        (the default, until a strategy sets it from its model): every floating-point
+        tensor is optimized.
     """
 
     name = ""
 
     def __init__(self) -> None:
         self.state: dict[str, dict[str, torch.Tensor]] = {}
+        self.parameter_keys: frozenset[str] | None = None
+
+    def set_parameter_keys(self, keys: Iterable[str] | None) -> MaskedServerOptimizer:
+        """Optimize only ``keys`` (the model's parameters); the rest take the aggregate.
+
+        Returns the optimizer itself. Optimizer state of any other key (e.g. from a
+        checkpoint written when buffers were stepped) is dropped.
+        """
+        self.parameter_keys = None if keys is None else frozenset(keys)
+        if self.parameter_keys is not None:
+            self.state = {k: v for k, v in self.state.items() if k in self.parameter_keys}
+        return self
+
+    def is_parameter(self, key: str, tensor: torch.Tensor) -> bool:
+        """Whether ``key`` is optimized: a parameter (see :attr:`parameter_keys`), or any
+        floating-point tensor while the parameters are unknown."""
+        if not tensor.is_floating_point():
+            return False
+        return self.parameter_keys is None or key in self.parameter_keys
 
     def step(self, current: Mapping[str, torch.Tensor], aggregated: Mapping[str, torch.Tensor],
              held: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -63,15 +98,17 @@ class MaskedServerOptimizer:
         Returns
         -------
         dict[str, torch.Tensor]
-            ``W_{k+1}``: the optimizer's update at held entries, ``W_k`` elsewhere.
+            ``W_{k+1}``: the optimizer's update at held entries, ``W_k`` elsewhere; a
+            buffer (not in :attr:`parameter_keys`, or not floating-point) is ``A_k``'s.
         """
         out = {}
         with torch.no_grad():
             for key, w in current.items():
                 a = aggregated[key]
                 h = held.get(key)
-                if not w.is_floating_point():
+                if not self.is_parameter(key, w):
                     out[key] = a.clone()
+                    self.state.pop(key, None)  # e.g. loaded from a checkpoint that stepped buffers
                     continue
                 if h is None or not bool(h.any()):
                     out[key] = w.clone()
@@ -95,11 +132,13 @@ class MaskedServerOptimizer:
         return {f"{key}/{slot}": t for key, slots in self.state.items() for slot, t in slots.items()}
 
     def load_state_dict(self, flat: Mapping[str, torch.Tensor]) -> None:
-        """Restore what :meth:`state_dict` returned."""
+        """Restore what :meth:`state_dict` returned (state of a key that is not in
+        :attr:`parameter_keys`, a buffer stepped by an older version, is left out)."""
         self.state = {}
         for name, t in flat.items():
             key, _, slot = name.rpartition("/")
-            self.state.setdefault(key, {})[slot] = t.clone()
+            if self.parameter_keys is None or key in self.parameter_keys:
+                self.state.setdefault(key, {})[slot] = t.clone()
 
     def settings(self) -> dict[str, float]:
         """The hyperparameters, for logs."""

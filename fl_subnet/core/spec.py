@@ -119,6 +119,14 @@ class SubnetSpec:
             model = self.factory()
         return {k: (tuple(t.shape), t.dtype) for k, t in model.state_dict().items()}
 
+    @functools.cached_property
+    def parameter_keys(self) -> frozenset[str]:
+        """The ``state_dict`` keys of the full model's parameters (every name of a tied
+        one); the other keys are buffers (BatchNorm's running statistics, ...)."""
+        with torch.device("meta"):
+            model = self.factory()
+        return frozenset(name for name, _ in model.named_parameters(remove_duplicate=False))
+
     def gather(self, full_state: Mapping[str, torch.Tensor], mask: Mask) -> dict[str, torch.Tensor]:
         """The compact slice of ``full_state`` under ``mask`` (see :meth:`Slicer.gather`)."""
         return self.slicer.gather(full_state, mask)
