@@ -7,7 +7,10 @@ Each figure is one documented ``fl-subnet`` command (the same one the README quo
 run in a fresh process from the repository root; its plot is then copied into the docs
 folder under the name the README uses:
 
-    demo         fl-subnet compare scenarios/digits-{fedavg,ist,fedsubdrop}.toml   -> demo-digits.png
+    demo         fl-subnet compare scenarios/digits-{fedavg,ist,fedsubdrop}.toml   -> demo-digits.png,
+                                                                                  demo-results.json
+    quickstart   python -m fl_subnet.experiments.quickstart --seeds 0,1,2   -> quickstart-protocols.json
+    quickstart-lr0.1  the same at Flower's own lr 0.1, 1 local epoch   -> quickstart-protocols-lr0.1.json
     cnn-bn       fl-subnet compare scenarios/digits-cnn-bn-*.toml                   -> cnn-bn-digits.png
     transformer  fl-subnet compare scenarios/sequence-transformer-*.toml            -> sequence-transformer.png
     tiers        fl-subnet compare scenarios/tiers-cnn-*.toml
@@ -49,6 +52,7 @@ class Figure:
 
     command: tuple[str, ...]  # fl-subnet arguments, scenario paths relative to ROOT
     outputs: tuple[tuple[str, str], ...]  # (file under the run's --out, name under docs/)
+    module: str = "fl_subnet.experiments.cli"  # run as python -m MODULE COMMAND --out DIR
 
 
 def _scenarios(pattern: str) -> tuple[str, ...]:
@@ -64,7 +68,12 @@ def figures() -> dict[str, Figure]:
     return {
         "demo": Figure(("compare", "scenarios/digits-fedavg.toml", "scenarios/digits-ist.toml",
                         "scenarios/digits-fedsubdrop.toml"),
-                       (("compare.png", "demo-digits.png"),)),
+                       (("compare.png", "demo-digits.png"), ("summary.json", "demo-results.json"))),
+        "quickstart": Figure(("--seeds", "0,1,2"), (("quickstart-protocols.json", "quickstart-protocols.json"),),
+                             module="fl_subnet.experiments.quickstart"),
+        "quickstart-lr0.1": Figure(("--seeds", "0,1,2", "--lr", "0.1", "--local-epochs", "1"),
+                                   (("quickstart-protocols.json", "quickstart-protocols-lr0.1.json"),),
+                                   module="fl_subnet.experiments.quickstart"),
         "cnn-bn": Figure(("compare", *_scenarios("scenarios/digits-cnn-bn-*.toml")),
                          (("compare.png", "cnn-bn-digits.png"),)),
         "transformer": Figure(("compare", *_scenarios("scenarios/sequence-transformer-*.toml")),
@@ -113,7 +122,7 @@ def make(name: str, fig: Figure, out: Path, docs: Path, rounds: int | None) -> l
     argv = [*fig.command, "--out", str(run_dir), *(["--rounds", str(rounds)] if rounds is not None else [])]
     print(f"\n== {name}: fl-subnet {' '.join(argv)}", flush=True)
     started = time.perf_counter()
-    rc = subprocess.call([sys.executable, "-m", "fl_subnet.experiments.cli", *argv], cwd=ROOT)
+    rc = subprocess.call([sys.executable, "-m", fig.module, *argv], cwd=ROOT)
     if rc != 0:
         raise RuntimeError(f"{name}: fl-subnet exited with status {rc}")
     missing = [src for src, _ in fig.outputs if not (run_dir / src).is_file()]

@@ -126,3 +126,17 @@ class RunRecorder:
 def load_rows(run_dir: str | Path) -> list[dict]:
     """The ``metrics.json`` rows of a finished (or interrupted) run."""
     return json.loads((Path(run_dir) / "metrics.json").read_text())
+
+
+def markdown_table(summaries: list[dict]) -> str:
+    """The README's table of a ``fl-subnet compare`` (its ``summary.json``): per run, the
+    strategy, the final test accuracy and the total MB, as ``make demo`` prints them,
+    and the MB against the first run's (FedAvg in the demo)."""
+    base = summaries[0]["total-mb"] if summaries else 0.0
+    lines = ["| run | strategy | final test accuracy | total MB (down + up) | MB vs first run |",
+             "|---|---|---|---|---|"]
+    for s in summaries:
+        acc = s["final-eval-acc"]
+        lines.append(f"| {Path(s['out-dir']).name} | {s['strategy']} | {'-' if acc is None else f'{acc:.3f}'} "
+                     f"| {s['total-mb']:.1f} | {s['total-mb'] / base:.2f} |")
+    return "\n".join(lines)
