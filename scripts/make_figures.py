@@ -10,6 +10,8 @@ folder under the name the README uses:
     demo         fl-subnet compare scenarios/digits-{fedavg,ist,fedsubdrop}.toml   -> demo-digits.png,
                                                                                   demo-results.json
     quickstart   python -m fl_subnet.experiments.quickstart --seeds 0,1,2   -> quickstart-protocols.json
+    example      python scripts/example_runs.py --runs 3 (three fresh flwr runs of each
+                 example app)                                           -> example-runs.json
     quickstart-lr0.1  the same at Flower's own lr 0.1, 1 local epoch   -> quickstart-protocols-lr0.1.json
     cnn-bn       fl-subnet compare scenarios/digits-cnn-bn-*.toml                   -> cnn-bn-digits.png
     transformer  fl-subnet compare scenarios/sequence-transformer-*.toml            -> sequence-transformer.png
@@ -52,7 +54,7 @@ class Figure:
 
     command: tuple[str, ...]  # fl-subnet arguments, scenario paths relative to ROOT
     outputs: tuple[tuple[str, str], ...]  # (file under the run's --out, name under docs/)
-    module: str = "fl_subnet.experiments.cli"  # run as python -m MODULE COMMAND --out DIR
+    module: str = "fl_subnet.experiments.cli"  # run as python -m MODULE COMMAND --out DIR (a .py: a script)
 
 
 def _scenarios(pattern: str) -> tuple[str, ...]:
@@ -71,6 +73,8 @@ def figures() -> dict[str, Figure]:
                        (("compare.png", "demo-digits.png"), ("summary.json", "demo-results.json"))),
         "quickstart": Figure(("--seeds", "0,1,2"), (("quickstart-protocols.json", "quickstart-protocols.json"),),
                              module="fl_subnet.experiments.quickstart"),
+        "example": Figure(("--runs", "3"), (("example-runs.json", "example-runs.json"),),
+                          module="scripts/example_runs.py"),
         "quickstart-lr0.1": Figure(("--seeds", "0,1,2", "--lr", "0.1", "--local-epochs", "1"),
                                    (("quickstart-protocols.json", "quickstart-protocols-lr0.1.json"),),
                                    module="fl_subnet.experiments.quickstart"),
@@ -122,7 +126,8 @@ def make(name: str, fig: Figure, out: Path, docs: Path, rounds: int | None) -> l
     argv = [*fig.command, "--out", str(run_dir), *(["--rounds", str(rounds)] if rounds is not None else [])]
     print(f"\n== {name}: fl-subnet {' '.join(argv)}", flush=True)
     started = time.perf_counter()
-    rc = subprocess.call([sys.executable, "-m", fig.module, *argv], cwd=ROOT)
+    entry = [str(ROOT / fig.module)] if fig.module.endswith(".py") else ["-m", fig.module]
+    rc = subprocess.call([sys.executable, *entry, *argv], cwd=ROOT)
     if rc != 0:
         raise RuntimeError(f"{name}: fl-subnet exited with status {rc}")
     missing = [src for src, _ in fig.outputs if not (run_dir / src).is_file()]

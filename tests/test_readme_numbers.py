@@ -53,3 +53,14 @@ def test_quickstart_at_flowers_own_lr_is_what_the_readme_says():
     worst = {p: min(r["accuracy"][-1] for r in results["runs"] if r["protocol"] == p) for p in results["protocols"]}
     for protocol in ("ist", "federated-dropout", "fedrolex", "fjord"):
         assert worst[protocol] < worst["fedavg"] - 0.2, (protocol, worst)
+
+
+def test_example_readme_states_the_range_of_its_fresh_runs():
+    """The example README's accuracies are the min-max of docs/example-runs.json (three
+    fresh `flwr run` runs of each app, scripts/example_runs.py), to two decimals."""
+    runs = json.loads((ROOT / "docs" / "example-runs.json").read_text())["runs"]
+    text = " ".join((ROOT / "examples" / "quickstart-pytorch" / "README.md").read_text().split())
+    for app, label in (("ist", "IST ended at"), ("fedavg", "FedAvg (`../quickstart-pytorch-fedavg`) at")):
+        final = [r["accuracy"][-1] for r in runs if r["app"] == app]
+        assert len(final) >= 3
+        assert f"{label} {min(final):.2f}–{max(final):.2f}" in text, (app, final)
