@@ -87,7 +87,7 @@ def figures() -> dict[str, Figure]:
         "frontier-mlp": Figure(("frontier", "scenarios/digits-fedavg.toml", "scenarios/digits-fedsubdrop.toml",
                                 "scenarios/digits-fedsubdrop-even.toml", "scenarios/digits-ist-mlp-bn.toml",
                                 "scenarios/digits-ist.toml", "--seeds", "0,1,2"),
-                               (("frontier.png", "frontier-digits-mlp.png"),)),
+                               (("frontier.png", "frontier-digits-mlp.png"), ("frontier.md", "frontier-digits-mlp.md"))),
         "frontier-cnn": Figure(("frontier", *_scenarios("scenarios/digits-cnn-bn-*.toml"), "--seeds", "0,1,2",
                                 "--rounds", "60"),
                                (("frontier.png", "frontier-digits-cnn.png"),)),

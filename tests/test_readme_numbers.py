@@ -64,3 +64,7 @@ def test_example_readme_states_the_range_of_its_fresh_runs():
         final = [r["accuracy"][-1] for r in runs if r["app"] == app]
         assert len(final) >= 3
         assert f"{label} {min(final):.2f}–{max(final):.2f}" in text, (app, final)
+
+
+def test_mlp_frontier_table_is_the_generated_one():
+    assert (ROOT / "docs" / "frontier-digits-mlp.md").read_text().strip() in README
