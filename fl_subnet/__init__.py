@@ -18,9 +18,10 @@ if _os.path.isfile(_os.path.join(_root, "strategies", "__init__.py")):
 
 __version__ = "0.1.0"
 
-from .core.analysis.resolve import AnalysisError  # noqa: E402
+from .exceptions import AnalysisError, NotEnoughNodes, ReplyError, RunFailed, TrainingStalled  # noqa: E402
 from .core.groups import Coupling, UnitGroup  # noqa: E402
 from .core.masks import Mask  # noqa: E402
 from .core.spec import SubnetSpec, analyze  # noqa: E402
 
-__all__ = ["analyze", "SubnetSpec", "Mask", "AnalysisError", "UnitGroup", "Coupling"]
+__all__ = sorted(["analyze", "SubnetSpec", "Mask", "UnitGroup", "Coupling",
+                  "AnalysisError", "NotEnoughNodes", "ReplyError", "RunFailed", "TrainingStalled"])

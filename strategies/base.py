@@ -32,6 +32,7 @@ from fl_subnet.core.server_opt import MaskedServerOptimizer
 from .compose import check_composition, refuse_dp_wrapper, server_optimizer_of
 from .nodes import NodeSampling, NotEnoughNodes  # noqa: F401  (NotEnoughNodes: part of this module's API)
 from .replies import ReplyError, parse_reply, payload_bytes
+from fl_subnet.exceptions import TrainingStalled  # noqa: F401  (re-exported: raised here)
 
 log = logging.getLogger(__name__)
 
@@ -43,10 +44,6 @@ LR_SCALINGS = ("auto", "none", "linear", "square")
 COMPACT_HINT = ("their ClientApp must train the sub-model the message carries: build it with "
                 "`model = fl_subnet.clients.compact_model(msg, Net)` instead of `Net()` + `load_state_dict(...)` "
                 "(README: 'Switch your own Flower app to fl-subnet')")
-
-
-class TrainingStalled(RuntimeError):
-    """No node produced a valid train reply for ``max_failed_rounds`` consecutive rounds."""
 
 
 class SubnetStrategy(NodeSampling, FedAvg):

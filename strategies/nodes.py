@@ -17,12 +17,9 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from fl_subnet.core.samplers import generator_for
+from fl_subnet.exceptions import NotEnoughNodes  # noqa: F401  (re-exported: raised here)
 
 log = logging.getLogger(__name__)
-
-
-class NotEnoughNodes(RuntimeError):
-    """Fewer nodes connected than a round needs, for longer than ``node_wait_timeout``."""
 
 
 class NodeSampling:

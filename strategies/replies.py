@@ -8,10 +8,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
 from fl_subnet.packed import decode_slice
-
-
-class ReplyError(ValueError):
-    """A reply that cannot be aggregated; the message says why."""
+from fl_subnet.exceptions import ReplyError  # noqa: F401  (re-exported: raised here)
 
 
 def payload_bytes(arrays: ArrayRecord, config: ConfigRecord | None = None) -> int:

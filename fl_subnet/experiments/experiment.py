@@ -20,6 +20,7 @@ from torch.utils.data import TensorDataset
 from .config import CONV_MODELS, RunConfig
 from fl_subnet.wire import arrays_to_state
 from .zoo import model_factory
+from fl_subnet.exceptions import RunFailed  # noqa: F401  (re-exported: raised here)
 
 log = logging.getLogger(__name__)
 
@@ -227,11 +228,6 @@ def _batches(dataset: TensorDataset, batch_size: int) -> list[torch.Tensor]:
     x = dataset.tensors[0]
     size = batch_size or len(x)
     return [x[i:i + size] for i in range(0, len(x), size)]
-
-
-class RunFailed(RuntimeError):
-    """A run that finished without a usable model (no valid reply, or a diverged loss);
-    its results were written before this is raised."""
 
 
 def run_server(grid: Grid, cfg: RunConfig, on_round: Callable[[dict], None] | None = None, *,

@@ -9,11 +9,7 @@ import torch
 from ..groups import Coupling, DimEntries, UnitGroup
 from .labels import HARD, SOFT, Label
 from .trace import Propagation
-
-
-class AnalysisError(NotImplementedError):
-    """The model cannot be split into sub-models as asked; the message names the module
-    and the group (raised at analysis time, never inside a round)."""
+from fl_subnet.exceptions import AnalysisError  # noqa: F401  (re-exported: raised here)
 
 
 @dataclass
