@@ -16,7 +16,7 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log as flwr_log
 from torch import nn
 
-from fl_subnet.core.aggregate import MaskedAggregator
+from fl_subnet.core.aggregate import MaskedAggregator, first_non_finite
 from fl_subnet.core.slicing import SERVER_THREADS, torch_threads
 from fl_subnet.core.robust import MaskedMedian, MaskedTrimmedMean, cap_weight, screen_update, update_ratio
 from fl_subnet.core.batchnorm import batchnorm_layers, check_policy, recompute_bn_stats
@@ -162,7 +162,9 @@ class SubnetStrategy(NodeSampling, FedAvg):
     ``train-loss``), plus the server's own, not averaged: ``bytes-down`` and
     ``bytes-up`` (serialized arrays and mask bytes, summed over nodes), ``coverage``
     (fraction of units held by at least one valid reply), ``num-replies``,
-    ``num-rejected``, ``num-clipped`` and ``round-seconds`` (wall time of the round).
+    ``num-rejected``, ``num-clipped``, ``model-kept`` (1 when the round left the global
+    model unchanged: no valid reply, or a new model or server-optimizer state that would
+    hold NaN or Inf; else 0) and ``round-seconds`` (wall time of the round).
     """
 
     def __init__(
@@ -480,7 +482,12 @@ class SubnetStrategy(NodeSampling, FedAvg):
         ``max_update_ratio`` and with ``max_ratio_to_median`` times the round's median;
         its weight is capped at ``max_num_examples``; then the aggregation rule
         (``aggregation``) folds the rest in. Returns ``(None, metrics)`` when no reply is
-        valid: Flower then keeps the model. Never raises because of a reply's content.
+        valid, or when the new model (after the server optimizer and BatchNorm
+        recalibration) or the server optimizer's new state would hold NaN or Inf (one
+        error line names the round and the first such key; the optimizer state is
+        restored; ``model-kept`` is 1; the round had valid replies, so it does not count
+        towards ``max_failed_rounds``): Flower then keeps the model. Never raises because
+        of a reply's content.
         """
         with torch_threads(self.server_threads):
             return self._aggregate_train(server_round, replies)
@@ -567,6 +574,7 @@ class SubnetStrategy(NodeSampling, FedAvg):
         metrics["num-replies"] = len(valid)
         metrics["num-rejected"] = rejected
         metrics["num-clipped"] = clipped
+        metrics["model-kept"] = 0 if valid else 1
         metrics["round-seconds"] = time.perf_counter() - self._t_round
         self.last_train_metrics = metrics
         if full_size:
@@ -584,11 +592,30 @@ class SubnetStrategy(NodeSampling, FedAvg):
                     f"(max_failed_rounds).{hint} Last round: {'; '.join(reasons[:3]) or 'no replies'}")
             return None, metrics
         self._failed_rounds = 0
-        new_state = agg.finalize()
+        new_state = aggregate = agg.finalize()
+        saved = None
         if self.server_optimizer is not None:
-            new_state = self.server_optimizer.step(self._state, new_state, agg.held())
+            saved = self.server_optimizer.snapshot()
+            new_state = stepped = self.server_optimizer.step(self._state, new_state, agg.held())
         if self.batchnorm == "static" and self.calibration_batches is not None:
             new_state = self._recalibrate(new_state)
+        bad = first_non_finite(new_state)
+        bad_state = None if bad is not None or saved is None else first_non_finite(self.server_optimizer.state_dict())
+        if bad is not None or bad_state is not None:
+            # a round must never make the model (or the optimizer state it steps with) NaN or Inf
+            if saved is not None:
+                self.server_optimizer.restore(saved)
+            if bad_state is not None:
+                where = f"the server optimizer's state '{bad_state}'"
+            elif first_non_finite({bad: aggregate[bad]}) is not None:
+                where = f"'{bad}' in the aggregate of the {len(valid)} valid replies"
+            elif saved is not None and first_non_finite({bad: stepped[bad]}) is not None:
+                where = f"'{bad}' after the server optimizer's step"
+            else:
+                where = f"'{bad}' after the BatchNorm recalibration"
+            log.error("aggregate_train: round %d: NaN or Inf in %s: kept the current model", server_round, where)
+            metrics["model-kept"] = 1
+            return None, metrics
         out = state_to_arrays(new_state)
         self._remember(out, new_state)
         return out, metrics

@@ -51,7 +51,13 @@ class MaskedAggregator:
         Dtype of the running sums (never below the tensor's own). ``float32`` is what
         Flower's FedAvg does and the fastest; an entry with a single holder then comes
         back within one ulp. ``float64`` makes it bit-exact (``n·x/n == x``): use it
-        where exact reassembly matters (IST).
+        where exact reassembly matters (IST). Either way the mean of finite replies is
+        finite and in the tensor's dtype: a key whose float32 sums overflowed (values
+        near the maximum, e.g. two float32 or bfloat16 replies of 3e38) is summed again
+        in float64 from the same replies, and every key is summed in float64 when the
+        weights do not fit float32 (their total above its maximum, or one below its
+        smallest normal number). Without overflow the result is unchanged, at the cost
+        of one finiteness check (a sum) per key.
 
     Notes
     -----
@@ -88,6 +94,8 @@ class MaskedAggregator:
         self._shapes: dict[str, tuple[int, ...]] | None = None
         self._flat_sum: torch.Tensor | None = None  # flat path: Σ n_c W_c and Σ n_c 1[c holds e], (N,)
         self._flat_den: torch.Tensor | None = None
+        self._weights_fit = True  # the weights and their total fit the sums' dtype (else see finalize)
+        self._total_weight = 0.0
         floats = {k: v for k, v in self.state.items() if v.is_floating_point()}
         # the flat path needs the map of exactly these float tensors, of one dtype
         self.flat = flat if flat is not None and flat.keys == sorted(floats) and all(
@@ -174,7 +182,11 @@ class MaskedAggregator:
         for key, full in self.state.items():
             if not full.is_floating_point() and key in compact:
                 self._add_int(key, full, compact[key], mask, kept.get(key, []))
-        if values is not None:
+        self._total_weight += w
+        if self._weights_fit and self.precision != torch.float64:
+            info = torch.finfo(self.precision)  # else finalize() sums in float64 instead
+            self._weights_fit = info.tiny <= w and self._total_weight <= info.max
+        if values is not None and self._weights_fit:
             self._add_flat(values, mask, w)
         self._pending.append({k: compact[k] for k in self.state if self.state[k].is_floating_point() and k in compact})
         self._masks.append(mask)
@@ -300,6 +312,8 @@ class MaskedAggregator:
         """
         if self._held is not None:  # finalize() already computed them
             return dict(self._held)
+        if not self._weights_fit:
+            return self._in_float64().held()
         self._indicators = {}
         if self.flat is not None:
             return {key: den > 0 for key, den in self._flat_sums()[1].items()}
@@ -312,11 +326,17 @@ class MaskedAggregator:
         if not self._weights:
             return {k: v.clone() for k, v in self.state.items()}
         with torch_threads():
+            if not self._weights_fit:  # the weights overflow (or underflow) the sums' dtype
+                exact = self._in_float64()
+                out = exact._finalize()
+                self._held = exact._held
+                return out
             return self._finalize()
 
-    def _finalize(self) -> dict[str, torch.Tensor]:
+    def _finalize(self, only: set[str] | None = None) -> dict[str, torch.Tensor]:
         weights = torch.tensor(self._weights, dtype=self.precision)
-        float_keys = sorted((k for k, v in self.state.items() if v.is_floating_point()),
+        float_keys = sorted((k for k, v in self.state.items()
+                             if v.is_floating_point() and (only is None or k in only)),
                             key=lambda k: -self.state[k].numel())
         self._held = {}
         self._indicators = {}
@@ -329,6 +349,8 @@ class MaskedAggregator:
                 sums = dict(zip(float_keys, pool.map(self._sum_key, float_keys)))
         out = {}
         for key, full in self.state.items():
+            if only is not None and key not in only:
+                continue
             if not full.is_floating_point():
                 out[key] = self._num.get(key, full).clone()  # nobody held it: unchanged
                 continue
@@ -349,7 +371,42 @@ class MaskedAggregator:
                 continue
             mean = num.div_(torch.where(held, den, torch.ones_like(den)).to(num.dtype)).to(full.dtype)
             out[key] = torch.where(held, mean, fallback)
+        if only is None:
+            redo = self._overflowed(out)
+            if redo:
+                exact = self._in_float64()
+                out.update(exact._finalize(redo))
+                self._held.update(exact._held)
         return out
+
+    def _overflowed(self, out: Mapping[str, torch.Tensor]) -> set[str]:
+        """The float keys whose mean in ``out`` is not finite although their sums ran
+        below float64: every replied value is finite, so their sums overflowed (none at
+        ``float64`` precision)."""
+        if self.precision == torch.float64:
+            return set()
+        return {k for k, v in self.state.items() if v.is_floating_point() and not _all_finite(out[k])}
+
+    def _in_float64(self) -> MaskedAggregator:
+        """A per-tensor aggregator over the same replies (not copied) that sums and
+        divides in float64."""
+        exact = MaskedAggregator(self.state, self.slicer, self.untouched, self.denominator, "float64")
+        exact._shapes = self._shapes
+        exact._pending, exact._masks, exact._weights = self._pending, self._masks, self._weights
+        # the flat path kept the integer keys' positions only
+        exact._kept = self._kept if self.flat is None else [self.slicer.kept_all(m, self._shapes) for m in self._masks]
+        exact._num = self._num
+        return exact
+
+
+def first_non_finite(state: Mapping[str, torch.Tensor]) -> str | None:
+    """The first key of ``state`` whose floating-point tensor holds a NaN or ±Inf entry
+    (in the mapping's order), or None when every one is finite (integer tensors always
+    are). One sum per tensor (:func:`_all_finite`)."""
+    for key, t in state.items():
+        if t.is_floating_point() and not _all_finite(t):
+            return key
+    return None
 
 
 def _all_finite(t: torch.Tensor) -> bool:

@@ -124,6 +124,21 @@ class MaskedServerOptimizer:
             slots[name] = torch.zeros_like(like, dtype=dtype or like.dtype)
         return slots[name]
 
+    def _put(self, key: str, name: str, value: torch.Tensor) -> torch.Tensor:
+        """Replace a state tensor (never written into: see :meth:`snapshot`)."""
+        self.state.setdefault(key, {})[name] = value
+        return value
+
+    def snapshot(self) -> dict[str, dict[str, torch.Tensor]]:
+        """The state as it is now, for :meth:`restore` (e.g. when the strategy keeps the
+        model of a round whose step is not finite). No tensor is copied: :meth:`step`
+        replaces state tensors and never writes into them."""
+        return {key: dict(slots) for key, slots in self.state.items()}
+
+    def restore(self, snapshot: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
+        """Go back to the state of :meth:`snapshot`, as if the steps since were not taken."""
+        self.state = {key: dict(slots) for key, slots in snapshot.items()}
+
     def _update(self, key: str, w: torch.Tensor, a: torch.Tensor, held: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
@@ -182,8 +197,7 @@ class MaskedFedAvgM(MaskedServerOptimizer):
         g = w - a
         if self.server_momentum > 0:
             u = self._slot(key, "momentum", w)
-            u.copy_(torch.where(held, self.server_momentum * u + g, u))
-            g = u
+            g = self._put(key, "momentum", torch.where(held, self.server_momentum * u + g, u))
         return w - self.server_learning_rate * g
 
 
@@ -207,8 +221,8 @@ class _FedOpt(MaskedServerOptimizer):
         delta = a - w
         m = self._slot(key, "m", w)
         v = self._slot(key, "v", w)
-        m.copy_(torch.where(held, self.beta_1 * m + (1 - self.beta_1) * delta, m))
-        v.copy_(torch.where(held, self._second_moment(v, delta), v))
+        m = self._put(key, "m", torch.where(held, self.beta_1 * m + (1 - self.beta_1) * delta, m))
+        v = self._put(key, "v", torch.where(held, self._second_moment(v, delta), v))
         return w + self._step_size(key, w, held) * m / (v.sqrt() + self.tau)
 
     def _second_moment(self, v: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
@@ -241,8 +255,7 @@ class MaskedFedAdam(_FedOpt):
         return self.beta_2 * v + (1 - self.beta_2) * delta.square()
 
     def _step_size(self, key, w, held):
-        t = self._slot(key, "t", w, torch.int64)
-        t.add_(held.to(torch.int64))
+        t = self._put(key, "t", self._slot(key, "t", w, torch.int64) + held.to(torch.int64))
         e = (t + 1).to(torch.float64)
         size = self.eta * torch.sqrt(1 - self.beta_2 ** e) / (1 - self.beta_1 ** e)
         return size.to(w.dtype)
