@@ -30,6 +30,7 @@ from fl_subnet.core.samplers import MaskSampler
 from fl_subnet.core.server_opt import MaskedServerOptimizer
 
 from .compose import check_composition, refuse_dp_wrapper, server_optimizer_of
+from .lr_scaling import LR_SCALINGS, lr_factor
 from .nodes import NodeSampling, NotEnoughNodes  # noqa: F401  (NotEnoughNodes: part of this module's API)
 from .replies import ReplyError, parse_reply, payload_bytes
 from fl_subnet.exceptions import TrainingStalled  # noqa: F401  (re-exported: raised here)
@@ -38,9 +39,6 @@ log = logging.getLogger(__name__)
 
 
 AGGREGATIONS = ("mean", "median", "trimmed-mean")
-#: How a node's ``lr`` follows its sub-model's output scale s (the largest scale of its
-#: mask): ``auto`` is the protocol's own default (:attr:`SubnetStrategy.default_lr_scaling`).
-LR_SCALINGS = ("auto", "none", "linear", "square")
 COMPACT_HINT = ("their ClientApp must train the sub-model the message carries: build it with "
                 "`model = fl_subnet.clients.compact_model(msg, Net)` instead of `Net()` + `load_state_dict(...)` "
                 "(README: 'Switch your own Flower app to fl-subnet')")
@@ -433,24 +431,9 @@ class SubnetStrategy(NodeSampling, FedAvg):
         return messages
 
     def lr_factor(self, mask: Mask) -> float:
-        """The factor on a node's ``lr`` for ``mask`` under :attr:`lr_scaling`: with ``s``
-        the mask's largest output scale (1/ξ, 1/r or p), ``1/s`` (``linear``), ``1/s²``
-        (``square``) or 1 (``none``, or no scale above 1).
-
-        Why: a tensor that consumes scaled units sees its input ×s, so its gradient is
-        ×s, and a tensor between two scaled groups ×s² (the scale multiplies both its
-        input and the gradient flowing back into it); over τ local steps on a fixed
-        mask the node's effective step grows accordingly, where dropout's per-batch
-        masks average it out (Liao & Kyrillidis, TMLR 2022, shrink the step size with ξ
-        for the same reason). ``square`` never lets any tensor step further than at
-        the user's ``lr`` on the full model.
-        """
-        if self.lr_scaling == "none":
-            return 1.0
-        s = 1.0
-        for value in mask.scale.values():
-            s = max(s, float(value.max()) if isinstance(value, torch.Tensor) else float(value))
-        return 1.0 / s if self.lr_scaling == "linear" else 1.0 / (s * s)
+        """The factor on a node's ``lr`` for ``mask`` under :attr:`lr_scaling`
+        (:func:`strategies.lr_scaling.lr_factor`, which says why)."""
+        return lr_factor(mask, self.lr_scaling)
 
     def _node_lr(self, config: ConfigRecord, mask: Mask) -> dict[str, object]:
         """``{"lr": config's lr × lr_factor(mask)}`` when the factor is not 1, else ``{}``."""

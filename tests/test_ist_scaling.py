@@ -144,9 +144,3 @@ def test_eval_scaling_refuses_batchnorm_models():
     with pytest.raises(ValueError, match=r"ist-scaling 'eval' cannot be used with BatchNorm layers \(3 × BatchNorm2d"):
         IST(functools.partial(CNNBN, 1, 10), 2, scaling="eval", example_input=torch.zeros(2, 1, 8, 8))
 
-
-def test_lr_scaling_choices_equal_the_run_configs():
-    from fl_subnet.experiments.config import CHOICES
-    from fl_subnet.strategies.base import LR_SCALINGS
-
-    assert CHOICES["lr-scaling"] == LR_SCALINGS

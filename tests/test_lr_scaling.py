@@ -65,3 +65,25 @@ def test_no_lr_in_the_train_config_warns_once_and_sends_none(caplog):
 def test_unknown_lr_scaling_names_the_key():
     with pytest.raises(ValueError, match="lr-scaling must be one of"):
         FederatedDropout(factory, 0.5, lr_scaling="cubic")
+
+
+def test_lr_scaling_choices_equal_the_run_configs():
+    from fl_subnet.experiments.config import CHOICES
+    from fl_subnet.strategies.lr_scaling import LR_SCALINGS
+
+    assert CHOICES["lr-scaling"] == LR_SCALINGS
+
+
+def test_lr_factor_by_hand():
+    import torch
+
+    from fl_subnet.core.masks import Mask
+    from fl_subnet.strategies.lr_scaling import lr_factor
+
+    idx = torch.arange(2)
+    mask = Mask({"a": idx, "b": idx}, {"a": 2.0, "b": torch.tensor([1.0, 4.0])})  # per-unit scales: max 4
+    assert lr_factor(mask, "square") == 1 / 16 and lr_factor(mask, "linear") == 1 / 4
+    assert lr_factor(mask, "none") == 1.0
+    assert lr_factor(Mask({"a": idx}, {"a": 0.5}), "square") == 1.0  # no scale above 1: the lr given
+    with pytest.raises(ValueError, match="lr-scaling"):
+        lr_factor(mask, "auto")

@@ -39,7 +39,7 @@ DataScope = Literal["local", "all"]
 LossChoice = Literal["auto", "cross-entropy", "mse"]
 BatchNormPolicy = Literal["averaged", "static"]
 IstScaling = Literal["none", "p", "p-lr", "eval"]  # = strategies.ist.IST_SCALINGS (tested)
-LrScaling = Literal["auto", "none", "linear", "square"]  # = strategies.base.LR_SCALINGS (tested)
+LrScaling = Literal["auto", "none", "linear", "square"]  # = strategies.lr_scaling.LR_SCALINGS (tested)
 PartitionMode = Literal["equal", "iid"]
 Untouched = Literal["keep", "zero"]
 Aggregation = Literal["mean", "median", "trimmed-mean"]  # = strategies.base.AGGREGATIONS (tested)
