@@ -108,7 +108,6 @@ class MaskedServerOptimizer:
                 h = held.get(key)
                 if not self.is_parameter(key, w):
                     out[key] = a.clone()
-                    self.state.pop(key, None)  # e.g. loaded from a checkpoint that stepped buffers
                     continue
                 if h is None or not bool(h.any()):
                     out[key] = w.clone()
