@@ -5,7 +5,7 @@ What is measured, per keep probability ξ (``--keep-probs``), on one model (defa
 data set with 784 input features and ``--num-samples`` rows split over ``--num-nodes``
 nodes; node 0's partition is trained):
 
-* **ours**: the real ``fl_subnet.client_app.app`` (the ClientApp ``flwr run`` starts),
+* **ours**: the real ``fl_subnet.app.client_app.app`` (the ClientApp ``flwr run`` starts),
   pointed at that model by its run config (``dataset = "synthetic-regression"``,
   ``input-dim``, ``hidden``, ``num-samples``). Its message is the one the server sends:
   ``FederatedDropout(ξ)`` (``--strategy ist``: ``IST`` with p = round(1/ξ)) built by
@@ -116,9 +116,9 @@ def fedavg_client_app():
 
 def client_apps() -> dict[str, object]:
     """``{"ours": fl-subnet's ClientApp, "fedavg": the plain Flower one}``."""
-    import fl_subnet.client_app
+    import fl_subnet.app.client_app
 
-    return {"ours": fl_subnet.client_app.app, "fedavg": fedavg_client_app()}
+    return {"ours": fl_subnet.app.client_app.app, "fedavg": fedavg_client_app()}
 
 
 def node_context(run_config: Mapping[str, object], num_nodes: int):
@@ -187,7 +187,7 @@ def server_messages(config: Mapping[str, object]) -> tuple[bytes, bytes, dict[st
     from flwr.app import ArrayRecord, ConfigRecord
     from flwr.serverapp.strategy import FedAvg
 
-    import fl_subnet.client_app
+    import fl_subnet.app.client_app
     from fl_subnet.experiments.config import RunConfig
     from fl_subnet.experiments.experiment import example_input, factory_for
     from fl_subnet.experiments.inprocess_grid import InProcessGrid
@@ -202,7 +202,7 @@ def server_messages(config: Mapping[str, object]) -> tuple[bytes, bytes, dict[st
     info: dict[str, object] = {"full_params": int(sum(v.numel() for v in state.values())),
                                "full_largest_tensor_numel": int(max(v.numel() for v in state.values()))}
     del state
-    grid = InProcessGrid(fl_subnet.client_app.app, cfg.num_nodes, run_config=dict(config))
+    grid = InProcessGrid(fl_subnet.app.client_app.app, cfg.num_nodes, run_config=dict(config))
     node0 = grid.get_node_ids()[0]
     train_config = ConfigRecord(cfg.train_config())
     strategy = build_strategy(cfg, factory, example_input=example_input(cfg))
@@ -278,7 +278,7 @@ def child(kind: str, wire_file: str | None, config: Mapping[str, object]) -> dic
         ``reset`` (whether the peak was reset there), and for a client ``seconds``,
         ``reply_params``, ``reply_wire_bytes``.
     """
-    import fl_subnet.client_app  # noqa: F401  (every child imports the same modules)
+    import fl_subnet.app.client_app  # noqa: F401  (every child imports the same modules)
     from fl_subnet.experiments.experiment import context_data
 
     context = node_context(config, int(config["num-nodes"]))
@@ -371,7 +371,7 @@ def measure(args: argparse.Namespace, keep_prob: float, workdir: Path) -> list[d
         **({"num_subnets": config["num-subnets"]} if config["strategy"] == "ist" else {}),
         "local_steps": args.local_steps, "batch_size": args.batch_size,
         "data": f"synthetic-regression, {args.num_samples} rows over {args.num_nodes} nodes, node 0",
-        "ours": "fl_subnet.client_app.app via its run config; message from the strategy's configure_train",
+        "ours": "fl_subnet.app.client_app.app via its run config; message from the strategy's configure_train",
         "fedavg": "Flower's FedAvg.configure_train message + a template ClientApp (full model)",
     }
     cold = {"cold_median": statistics.median(r["seconds"] for r in runs["ours"]),

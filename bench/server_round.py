@@ -82,7 +82,7 @@ from fl_subnet.core.aggregate import MaskedAggregator  # noqa: E402
 from fl_subnet.experiments.inprocess_grid import InProcessGrid  # noqa: E402
 from fl_subnet.models import MLP, PreActResNet  # noqa: E402
 from fl_subnet.strategies import IST, FederatedDropout  # noqa: E402
-from fl_subnet.packed import RAW_STYPE, raw_array, raw_values  # noqa: E402
+from fl_subnet.wire.packed import RAW_STYPE, raw_array, raw_values  # noqa: E402
 from fl_subnet.wire import arrays_to_state  # noqa: E402
 
 log = logging.getLogger("bench.server_round")

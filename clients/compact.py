@@ -27,7 +27,7 @@ from fl_subnet.core.batchnorm import check_policy, use_batch_statistics
 from fl_subnet.core.masks import Mask, full_mask
 from fl_subnet.core.ordered import WidthSchedule, build_ordered, width_generator
 from fl_subnet.core.spec import SubnetSpec, cached_spec
-from fl_subnet.packed import Layout, is_packed, pack_state, slice_layout, unpack_state
+from fl_subnet.wire.packed import Layout, is_packed, pack_state, slice_layout, unpack_state
 from fl_subnet.wire import (BATCHNORM_KEY, arrays_to_state, example_from_config,
                             has_mask, mask_from_config, read_train, state_to_arrays, widths_from_config)
 
@@ -54,7 +54,7 @@ class Received:
         FjORD's allowed per-batch widths (``fjord-widths``), empty otherwise; when set,
         ``model`` was built by :func:`fl_subnet.core.ordered.build_ordered`.
     layout : Layout or None
-        The packing layout of the slice (:mod:`fl_subnet.packed`) when it came packed
+        The packing layout of the slice (:mod:`fl_subnet.wire.packed`) when it came packed
         (a sub-model), else None (a full model, one array per tensor):
         :func:`reply_arrays` replies in the same format.
     """

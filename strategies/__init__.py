@@ -9,12 +9,12 @@ if __name__ == "strategies":  # imported as a top-level package by accident
 from .base import SubnetStrategy  # noqa: E402
 from .dropout import Dropout, MultiSampleDropout  # noqa: E402
 from .fedavg import SubnetFedAvg  # noqa: E402
-from .fedsubdrop import FederatedDropout  # noqa: E402
+from .federated_dropout import FederatedDropout  # noqa: E402
 from .heterofl import FedRolex, HeteroFL  # noqa: E402
 from .ist import IST  # noqa: E402
-from .depth import RandomPath  # noqa: E402
+from .random_path import RandomPath  # noqa: E402
 from .fjord import FjORD  # noqa: E402
-from .core import CoreAlternation  # noqa: E402
+from .core_alternation import CoreAlternation  # noqa: E402
 
 __all__ = ["SubnetStrategy", "SubnetFedAvg", "IST", "Dropout", "MultiSampleDropout", "FederatedDropout",
            "HeteroFL", "FedRolex"]

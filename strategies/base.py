@@ -23,7 +23,7 @@ from fl_subnet.core.batchnorm import batchnorm_layers, check_policy, recompute_b
 from fl_subnet.core.spec import analyze
 from fl_subnet.core.masks import Mask, coverage
 from fl_subnet.core.flat import flat_map_of
-from fl_subnet.packed import PACKED_PREFIX, RAW_STYPE, decode_slice, gather_packed, is_packed, slice_layout
+from fl_subnet.wire.packed import PACKED_PREFIX, RAW_STYPE, decode_slice, gather_packed, is_packed, slice_layout
 from fl_subnet.wire import BATCHNORM_KEY, arrays_to_state, example_to_config, mask_to_config, state_to_arrays
 from fl_subnet.core.samplers import MaskSampler
 

@@ -13,12 +13,12 @@ from fl_subnet.core.server_opt import make_server_optimizer
 from .base import SubnetStrategy
 from .dropout import Dropout, MultiSampleDropout
 from .fedavg import SubnetFedAvg
-from .fedsubdrop import FederatedDropout
+from .federated_dropout import FederatedDropout
 from .heterofl import FedRolex, HeteroFL
-from .core import CoreAlternation
+from .core_alternation import CoreAlternation
 from .fjord import FjORD
 from .ist import IST
-from .depth import RandomPath
+from .random_path import RandomPath
 from fl_subnet.core.paths import progressive_schedule
 
 

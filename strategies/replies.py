@@ -7,7 +7,7 @@ import math
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
-from fl_subnet.packed import decode_slice
+from fl_subnet.wire.packed import decode_slice
 from fl_subnet.exceptions import ReplyError  # noqa: F401  (re-exported: raised here)
 
 
@@ -28,7 +28,7 @@ def parse_reply(content: RecordDict, weighted_by_key: str, layout=None) -> tuple
     """The compact state, the weight and the arrays' size (bytes) of a train reply.
 
     ``layout``: the node's slice layout, or a function computing it
-    (:func:`fl_subnet.packed.slice_layout`), to read a packed reply; a reply of one
+    (:func:`fl_subnet.wire.packed.slice_layout`), to read a packed reply; a reply of one
     array per tensor needs none.
 
     Raises

@@ -262,14 +262,14 @@ def flwr_run(procs: Processes, connection: str, overrides: Mapping[str, object] 
 
 def inprocess_rows(overrides: Mapping[str, object], num_nodes: int) -> list[dict]:
     """The metrics rows of the same run on :class:`InProcessGrid` (no Flower processes)."""
-    import fl_subnet.client_app
+    import fl_subnet.app.client_app
     from fl_subnet.experiments.config import RunConfig
     from fl_subnet.experiments.experiment import run_server
     from fl_subnet.experiments.inprocess_grid import InProcessGrid
 
     config = app_config(overrides)
     rows: list[dict] = []
-    grid = InProcessGrid(fl_subnet.client_app.app, num_nodes, run_config=config)
+    grid = InProcessGrid(fl_subnet.app.client_app.app, num_nodes, run_config=config)
     run_server(grid, RunConfig.from_mapping(config), on_round=rows.append)
     return rows
 

@@ -1,4 +1,4 @@
-"""Core alternation (strategies/core.py): the masks alternate exactly between one fixed core
+"""Core alternation (strategies/core_alternation.py): the masks alternate exactly between one fixed core
 (the nested prefix of width core-fraction) and the full model; a core round is FedAvg
 restricted to the core's entries (numpy reference) and leaves every other entry as it
 was; the core splits off after a short run and works alone."""
@@ -119,7 +119,7 @@ def test_core_splits_off_and_works_alone(tmp_path):
     from fl_subnet.clients.train import evaluate_model
     from fl_subnet.experiments.cli import run_one
     from fl_subnet.experiments.experiment import CentralEvaluation, factory_for
-    from fl_subnet.submodel import load_submodel, tier_file
+    from fl_subnet.tiers import load_submodel, tier_file
 
     values = {"strategy": "core-alternation", "core-fraction": 0.5, "core-period": 2, "num-nodes": 3,
               "num-server-rounds": 4, "dataset": "digits", "model": "mlp", "hidden": "64,32",

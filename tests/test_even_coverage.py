@@ -9,7 +9,7 @@ from fl_subnet.core.groups import UnitGroup
 from fl_subnet.core.masks import coverage
 from fl_subnet.core.samplers import BernoulliSampler
 from fl_subnet.strategies import FederatedDropout
-from fl_subnet.strategies.fedsubdrop import DROPOUT_SAMPLINGS
+from fl_subnet.strategies.federated_dropout import DROPOUT_SAMPLINGS
 
 from strategy_helpers import factory
 

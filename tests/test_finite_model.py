@@ -29,7 +29,7 @@ from fl_subnet.core.server_opt import MaskedFedAvgM
 from fl_subnet.core.slicing import Slicer
 from fl_subnet.experiments.inprocess_grid import InProcessGrid
 from fl_subnet.models import MLP
-from fl_subnet.packed import is_packed
+from fl_subnet.wire.packed import is_packed
 from fl_subnet.strategies import SubnetFedAvg
 from fl_subnet.wire import METRICS_KEY, arrays_to_state, read_train
 

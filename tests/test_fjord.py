@@ -430,7 +430,7 @@ def one_thread():
 
 @pytest.mark.slow
 def test_fjord_run_on_digits(one_thread):
-    from fl_subnet.client_app import app
+    from fl_subnet.app.client_app import app
     from fl_subnet.experiments.config import RunConfig
     from fl_subnet.experiments.experiment import run_server
 

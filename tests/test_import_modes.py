@@ -43,6 +43,8 @@ print(json.dumps({{
     "finders": [type(f).__name__ if not isinstance(f, type) else f.__name__ for f in sys.meta_path],
     "top_level_strategies": importlib.util.find_spec("strategies") is not None,
     "top_level_clients": importlib.util.find_spec("clients") is not None,
+    "other_folders": [n for n in ("fl_subnet.tests", "fl_subnet.fl_subnet", "fl_subnet.scenarios")
+                      if importlib.util.find_spec(n) is not None],
 }}))
 """
 
@@ -88,12 +90,15 @@ def _expected_layout(files: dict[str, str | None], pkg: Path, strategies: Path, 
 
 def test_source_tree_without_install(tmp_path):
     """A copy of the three source folders, on sys.path, with the editable hook absent."""
-    for folder in ("fl_subnet", "strategies", "clients"):
+    for folder in ("fl_subnet", "strategies", "clients", "tests"):
         shutil.copytree(REPO / folder, tmp_path / folder, ignore=COPY_IGNORE)
+    (tmp_path / "scenarios").mkdir()
+    (tmp_path / "scenarios" / "__init__.py").write_text("")
     out = _probe(cwd=tmp_path, pythonpath=tmp_path)
     assert "_EditableFinder" not in out["finders"], "editable import hook leaked into the child"
     _assert_all_under(out["files"], tmp_path)
     _expected_layout(out["files"], tmp_path / "fl_subnet", tmp_path / "strategies", tmp_path / "clients")
+    assert out["other_folders"] == [], "only strategies/ and clients/ may resolve under fl_subnet"
 
 
 def test_wheel_install(tmp_path):

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import array_shapes, arrays
 
 from fl_subnet.core.aggregate import MaskedAggregator
-from fl_subnet.packed import raw_array, raw_values
+from fl_subnet.wire.packed import raw_array, raw_values
 from fl_subnet.wire import arrays_to_state
 from fl_subnet.strategies import FederatedDropout
 

@@ -19,7 +19,7 @@ import pytest
 import torch
 from flwr.app import Context, RecordDict
 
-import fl_subnet.server_app as server_app
+import fl_subnet.app.server_app as server_app
 from fl_subnet.experiments.results import COLUMNS, server_out_dir
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,4 +1,4 @@
-"""The packed compact slice (fl_subnet.packed): exact bytes, round trips, errors, and a
+"""The packed compact slice (fl_subnet.wire.packed): exact bytes, round trips, errors, and a
 round whose replies come packed or one array per tensor aggregating to the same model."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from fl_subnet.clients import make_client_app, receive
 from fl_subnet.experiments.inprocess_grid import InProcessGrid
 from fl_subnet.models import FlowerCNN
-from fl_subnet.packed import decode_slice, is_packed, kind_of, pack_state, raw_array, slice_layout, unpack_state
+from fl_subnet.wire.packed import decode_slice, is_packed, kind_of, pack_state, raw_array, slice_layout, unpack_state
 from fl_subnet.strategies import FederatedDropout
 from fl_subnet.wire import state_to_arrays
 
@@ -169,7 +169,7 @@ def test_gather_packed_over_a_flat_map_sends_the_bytes_of_pack_state():
     from fl_subnet.core.masks import Mask
     from fl_subnet.core.spec import analyze
     from fl_subnet.models import PreActResNet
-    from fl_subnet.packed import gather_packed
+    from fl_subnet.wire.packed import gather_packed
 
     torch.manual_seed(0)
     model = PreActResNet(1, 10, (8, 12), 2)

@@ -9,7 +9,7 @@ asserted here: within a fast test's budget plain GD has not converged far enough
 
 import pytest
 
-from fl_subnet.client_app import app
+from fl_subnet.app.client_app import app
 from fl_subnet.experiments.config import RunConfig
 from fl_subnet.experiments.experiment import run_server
 from fl_subnet.experiments.inprocess_grid import InProcessGrid

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from fl_subnet.client_app import app
+from fl_subnet.app.client_app import app
 from fl_subnet.experiments.cli import load_scenario
 from fl_subnet.experiments.config import RunConfig
 from fl_subnet.experiments.experiment import CentralEvaluation, factory_for, run_server

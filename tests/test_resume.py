@@ -26,14 +26,14 @@ VALUES = {"strategy": "federated-dropout", "num-nodes": 3, "num-server-rounds": 
 
 def run(out: Path, rounds: int, resume: bool = False, **over) -> None:
     """``fl-subnet run`` in-process: results and checkpoints in ``out``."""
-    import fl_subnet.client_app
+    import fl_subnet.app.client_app
 
     values = {**VALUES, **over, "num-server-rounds": rounds, "out-dir": str(out)}
     cfg = RunConfig.from_mapping(values)
     recorder = RunRecorder(out, cfg)
     if resume:
         recorder.resume(load_checkpoint(out)[1]["server-round"])
-    grid = InProcessGrid(fl_subnet.client_app.app, cfg.num_nodes, run_config=values)
+    grid = InProcessGrid(fl_subnet.app.client_app.app, cfg.num_nodes, run_config=values)
     run_server(grid, cfg, on_round=recorder.add_row, checkpoint_dir=out, resume=resume)
     recorder.finish(plot=False)
 
@@ -138,10 +138,10 @@ def test_a_checkpoint_older_than_a_config_key_resumes(tmp_path):
 
 def test_resume_refuses_another_config(uninterrupted, tmp_path):
     run(tmp_path, 1)
-    import fl_subnet.client_app
+    import fl_subnet.app.client_app
 
     values = {**VALUES, "lr": 0.2, "out-dir": str(tmp_path)}
-    grid = InProcessGrid(fl_subnet.client_app.app, 3, run_config=values)
+    grid = InProcessGrid(fl_subnet.app.client_app.app, 3, run_config=values)
     with pytest.raises(ValueError, match=r"\['lr'\]"):
         run_server(grid, RunConfig.from_mapping(values), checkpoint_dir=tmp_path, resume=True)
 

@@ -28,7 +28,7 @@ from fl_subnet.core.spec import analyze
 from fl_subnet.strategies import FederatedDropout, SubnetFedAvg
 from fl_subnet.experiments.inprocess_grid import InProcessGrid
 from fl_subnet.clients import receive
-from fl_subnet.packed import is_packed
+from fl_subnet.wire.packed import is_packed
 from fl_subnet.wire import arrays_to_state
 
 from strategy_helpers import D_IN, D_OUT, factory, grid, initial_arrays, train_config

@@ -24,7 +24,7 @@ OVERRIDES = {"strategy": "fedavg", "num-server-rounds": 2, "num-nodes": NUM_NODE
 SLOW_CLIENT = '''
 import time
 
-from fl_subnet.client_app import _factory
+from fl_subnet.app.client_app import _factory
 from fl_subnet.clients import make_client_app
 from fl_subnet.experiments.experiment import context_data
 
@@ -50,7 +50,7 @@ def write_app(folder):
         "build-system": project["build-system"],
         "project": {"name": "slow-node-app", "version": "0.1.0", "dependencies": []},
         "tool": {"flwr": {"app": {"publisher": "fl-subnet-tests",
-                                  "components": {"serverapp": "fl_subnet.server_app:app",
+                                  "components": {"serverapp": "fl_subnet.app.server_app:app",
                                                  "clientapp": "slownode:app"},
                                   "config": project["tool"]["flwr"]["app"]["config"]}}},
     }))

@@ -3,7 +3,7 @@
 The core is the nested prefix of width ``core_fraction`` of every unit group (the first
 ``⌈f·size⌉`` units, :func:`~fl_subnet.core.samplers.prefix_size`): the same sub-model a
 HeteroFL node of capacity ``f`` trains, so after training it splits off as a capacity
-tier (:func:`fl_subnet.submodel.extract_submodel` with ``capacity=f``) and runs alone.
+tier (:func:`fl_subnet.tiers.extract_submodel` with ``capacity=f``) and runs alone.
 A prefix rather than a seeded random subset keeps the core a plain slice of leading
 rows/columns, which any tool can cut without the mask.
 """
@@ -39,7 +39,7 @@ class CoreAlternationSampler(MaskSampler):
     scale : bool
         Multiply the core's kept outputs by ``1/f`` in core rounds (HeteroFL's scaler).
         Default False: the core then trains exactly the function it computes once split
-        off (:func:`fl_subnet.submodel.extract_submodel` with ``scale=False``).
+        off (:func:`fl_subnet.tiers.extract_submodel` with ``scale=False``).
     seed : int
         Unused (the schedule is deterministic); kept for the sampler interface.
 

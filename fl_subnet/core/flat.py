@@ -9,7 +9,7 @@ to end (sorted keys, each row-major), which unit of which group each of its dims
 belongs to; a mask's kept entries are then a look-up of its unit bits, an ``any`` per
 position and one ``index_select`` and ``and`` per coupled dim, with no loop over tensors. The kept positions are in ascending order, which is the order of
 the compact slice (each tensor row-major, tensors in sorted-key order: the packed
-``packed-float`` array of :mod:`fl_subnet.packed`).
+``packed-float`` array of :mod:`fl_subnet.wire.packed`).
 
 Semantics are those of :func:`fl_subnet.core.groups.dim_keep` (a position of a coupled
 dim is kept if no group lists it, or if a kept unit lists it) and of

@@ -108,7 +108,7 @@ def run_one(values: dict, out_dir: Path, progress: Progress | None = None, label
     """Run one validated scenario into ``out_dir`` (results, and the model checkpointed
     after every round); ``resume``: continue from the checkpoint there. Returns the summary."""
     from fl_subnet.checkpoint import load_checkpoint
-    from fl_subnet.client_app import app as client_app
+    from fl_subnet.app.client_app import app as client_app
     from .experiment import run_server
     from .inprocess_grid import InProcessGrid
 
@@ -202,9 +202,9 @@ def extract_run(run_dir: str | Path, capacity: float, out: str | Path | None = N
     """Cut the tier of width ``capacity`` out of a run's saved global model.
 
     Reads ``RUN_DIR/model.safetensors`` (its header holds the run config: model, data
-    set, seed), writes the sub-model with :func:`fl_subnet.submodel.save_submodel` to
+    set, seed), writes the sub-model with :func:`fl_subnet.tiers.save_submodel` to
     ``out`` (default ``RUN_DIR/tier-<r>.safetensors``; load it with
-    :func:`fl_subnet.submodel.load_submodel` and the model factory alone) and evaluates it
+    :func:`fl_subnet.tiers.load_submodel` and the model factory alone) and evaluates it
     on the run's test set. Static BatchNorm runs get the sub-model's statistics
     recomputed on the training set.
 
@@ -222,7 +222,7 @@ def extract_run(run_dir: str | Path, capacity: float, out: str | Path | None = N
 
     from fl_subnet.checkpoint import load_checkpoint
     from fl_subnet.clients.train import evaluate_model
-    from fl_subnet.submodel import save_submodel, tier_file
+    from fl_subnet.tiers import save_submodel, tier_file
 
     from .data import load_centralized_test
     from .experiment import CentralEvaluation, _batches, as_model_input, data_kwargs, example_input, factory_for

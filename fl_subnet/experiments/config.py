@@ -44,7 +44,7 @@ PartitionMode = Literal["equal", "iid"]
 Untouched = Literal["keep", "zero"]
 Aggregation = Literal["mean", "median", "trimmed-mean"]  # = strategies.base.AGGREGATIONS (tested)
 ScreenMode = Literal["reject", "clip"]  # = fl_subnet.core.robust.SCREEN_MODES (tested)
-DropoutSampling = Literal["bernoulli", "even"]  # = strategies.fedsubdrop.DROPOUT_SAMPLINGS (tested)
+DropoutSampling = Literal["bernoulli", "even"]  # = strategies.federated_dropout.DROPOUT_SAMPLINGS (tested)
 ServerOptimizer = Literal["none", "fedavgm", "fedadam", "fedyogi", "fedadagrad"]  # core.server_opt (tested)
 
 STRATEGIES: tuple[str, ...] = get_args(Strategy)

@@ -191,12 +191,12 @@ class CentralEvaluation:
 
     def tier_metrics(self, state: dict) -> dict[str, float]:
         """``tier-<r>-acc``/``-loss``/``-params`` of each capacity tier of the strategy
-        (HeteroFL, FedRolex, FjORD, core alternation; :mod:`fl_subnet.submodel`), each
+        (HeteroFL, FedRolex, FjORD, core alternation; :mod:`fl_subnet.tiers`), each
         sub-model evaluated alone on the test set and, with a checkpoint folder, saved
         there as ``tier-<r>.safetensors``. A strategy without tiers reports the
         ``capacity-tiers`` of the run config if it names any (the nested prefixes of its
         model), else ``{}``."""
-        from fl_subnet.submodel import capacity_tiers, evaluate_tiers
+        from fl_subnet.tiers import capacity_tiers, evaluate_tiers
 
         from .results import config_dict
 

@@ -146,7 +146,7 @@ def plot_tiers(summaries: Sequence[Mapping[str, object]], path: str | Path, titl
     ----------
     summaries : Sequence[Mapping[str, object]]
         Run summaries (``summary.json``): ``total-mb``, ``final-eval-acc``,
-        ``tier-<r>-acc`` (:func:`fl_subnet.submodel.evaluate_tiers`), ``out-dir``.
+        ``tier-<r>-acc`` (:func:`fl_subnet.tiers.evaluate_tiers`), ``out-dir``.
     path : str or Path
         PNG file to write.
 

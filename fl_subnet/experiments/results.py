@@ -108,7 +108,7 @@ class RunRecorder:
             "final-full-train-loss": last.get("full-train-loss"),
             "total-mb": (last.get("cumulative-bytes") or 0) / 1e6, "seconds": last.get("seconds"),
             "out-dir": str(self.out_dir),
-            **{k: v for k, v in last.items() if k.startswith("tier-")},  # fl_subnet.submodel.evaluate_tiers
+            **{k: v for k, v in last.items() if k.startswith("tier-")},  # fl_subnet.tiers.evaluate_tiers
         }
 
     def finish(self, plot: bool = True) -> dict:

@@ -18,7 +18,7 @@ class CoreAlternation(SubnetStrategy):
     holds (weighted by ``num-examples``), so a core round updates exactly the core's
     entries and leaves every other entry unchanged, and a full round is plain FedAvg.
     After training the core is the capacity tier ``core_fraction``:
-    ``fl_subnet.submodel.extract_submodel(state, model_factory, core_fraction)``; the
+    ``fl_subnet.tiers.extract_submodel(state, model_factory, core_fraction)``; the
     harness reports it as ``tier-<f>-acc``.
 
     Parameters

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord
 
-from .wire import arrays_to_state
+from .records import arrays_to_state
 
 #: ArrayRecord key prefix of a packed slice: ``packed-float``, ``packed-int``, ...
 PACKED_PREFIX = "packed-"

@@ -8,9 +8,9 @@ from flwr.app import Context
 
 from fl_subnet.clients import make_client_app
 
-from .experiments.config import RunConfig
-from .experiments.experiment import context_data, factory_for
-from .logs import use_flower_console
+from fl_subnet.experiments.config import RunConfig
+from fl_subnet.experiments.experiment import context_data, factory_for
+from fl_subnet.logs import use_flower_console
 
 use_flower_console()
 

@@ -7,10 +7,10 @@ import logging
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from .experiments.config import RunConfig
-from .experiments.experiment import run_server
-from .experiments.results import RunRecorder
-from .logs import use_flower_console
+from fl_subnet.experiments.config import RunConfig
+from fl_subnet.experiments.experiment import run_server
+from fl_subnet.experiments.results import RunRecorder
+from fl_subnet.logs import use_flower_console
 
 log = logging.getLogger(__name__)
 use_flower_console()

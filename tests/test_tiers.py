@@ -1,4 +1,4 @@
-"""Capacity tiers after training (fl_subnet.submodel): the extracted tier equals slicing the
+"""Capacity tiers after training (fl_subnet.tiers): the extracted tier equals slicing the
 leading ⌈r·size⌉ rows/columns by hand, its forward equals the full model's with the units
 beyond the prefix removed (and scaled by 1/r with scale=True), a saved tier loads from the
 model factory alone, and a HeteroFL run reports each tier's accuracy and writes its file."""
@@ -15,7 +15,7 @@ from fl_subnet.checkpoint import MODEL_FILE, load_model, save_model
 from fl_subnet.clients.train import evaluate_model
 from fl_subnet.models import MLP
 from fl_subnet.models.cnn import CNNBN, FlowerCNN
-from fl_subnet.submodel import (evaluate_tiers, extract_submodel, extract_tier, load_submodel, read_header,
+from fl_subnet.tiers import (evaluate_tiers, extract_submodel, extract_tier, load_submodel, read_header,
                                 save_submodel, tier_file)
 
 CAPACITIES = [0.25, 0.3, 0.5, 1.0]

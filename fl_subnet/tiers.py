@@ -35,12 +35,12 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from .checkpoint import load_model, save_model
-from .core.batchnorm import batchnorm_layers, recompute_bn_stats
-from .core.masks import Mask
-from .core.samplers import NestedPrefixSampler, check_keep_prob
-from .core.spec import SubnetSpec, analyze
-from .wire import example_from_config, example_to_config
+from fl_subnet.checkpoint import load_model, save_model
+from fl_subnet.core.batchnorm import batchnorm_layers, recompute_bn_stats
+from fl_subnet.core.masks import Mask
+from fl_subnet.core.samplers import NestedPrefixSampler, check_keep_prob
+from fl_subnet.core.spec import SubnetSpec, analyze
+from fl_subnet.wire import example_from_config, example_to_config
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,209 @@
+"""Record keys, states ⇄ ArrayRecord (Flower's ``.npy`` bytes, one array per tensor), the
+example input's shape, the FjORD widths, and :func:`read_train`.
+
+A sub-model's slice travels packed, one array per dtype kind (:mod:`fl_subnet.wire.packed`);
+a full model as Flower sends it, one array per tensor; a mask as ConfigRecord values
+(:mod:`fl_subnet.wire.masks`).
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import math
+import warnings
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord
+from flwr.common.constant import SType
+
+
+MASK_KEY = "mask"  # the kept units of every masked group (mask_to_config)
+SCALE_KEY = "scale"  # their output scales: one float, or one per masked group
+UNIT_SCALES_KEY = "unit-scales"  # per-unit scales, float32, of the groups whose scale is 0
+SKIP_KEY = "skip"  # comma-separated depth blocks the sub-model leaves out; absent = none
+EXAMPLE_SHAPE = "example-shape"
+EXAMPLE_DTYPE = "example-dtype"
+METRICS_KEY = "metrics"
+BATCHNORM_KEY = "batchnorm"  # BatchNorm policy (fl_subnet.core.batchnorm), absent = "averaged"
+FJORD_WIDTHS = "fjord-widths"  # FjORD: comma-separated widths the node samples per batch; absent = off
+
+
+def example_to_config(example) -> dict[str, str]:
+    """``{"example-shape": "1,1,8,8", "example-dtype": "float32"}`` of the first input
+    tensor (empty for ``None``): a node analyses its model on a meta tensor of that shape."""
+    if example is None:
+        return {}
+    t = example[0] if isinstance(example, tuple) else example
+    return {EXAMPLE_SHAPE: ",".join(str(int(s)) for s in t.shape), EXAMPLE_DTYPE: str(t.dtype).removeprefix("torch.")}
+
+
+def example_from_config(config: Mapping[str, object]) -> tuple[tuple[int, ...] | None, str | None]:
+    """``(shape, dtype)`` sent by :func:`example_to_config`, or ``(None, None)``.
+
+    Raises
+    ------
+    ValueError
+        Naming the key, if the shape is not comma-separated ints or the dtype unknown.
+    """
+    raw = config.get(EXAMPLE_SHAPE)
+    if raw is None:
+        return None, None
+    try:
+        shape = tuple(int(s) for s in str(raw).split(","))
+    except ValueError:
+        raise ValueError(f"config key '{EXAMPLE_SHAPE}' must be comma-separated ints, got {raw!r}") from None
+    dtype = str(config.get(EXAMPLE_DTYPE, "float32"))
+    if not isinstance(getattr(torch, dtype, None), torch.dtype):
+        raise ValueError(f"config key '{EXAMPLE_DTYPE}' names no torch dtype: {dtype!r}")
+    return shape, dtype
+
+
+def widths_to_config(widths: Sequence[float]) -> str:
+    """FjORD's allowed widths as the ``fjord-widths`` value, e.g. ``"0.2,0.4"`` (``repr``
+    of each float, so they round-trip exactly)."""
+    return ",".join(repr(float(w)) for w in widths)
+
+
+def widths_from_config(config: Mapping[str, object]) -> tuple[float, ...]:
+    """FjORD's allowed widths (sorted, unique) from ``fjord-widths``; ``()`` when absent.
+
+    Raises
+    ------
+    ValueError
+        Naming ``fjord-widths``, unless it is a non-empty comma-separated string of
+        numbers in (0, 1].
+    """
+    raw = config.get(FJORD_WIDTHS)
+    if raw is None:
+        return ()
+    try:
+        if not isinstance(raw, str):
+            raise ValueError
+        widths = [float(w) for w in raw.split(",")]
+    except ValueError:
+        raise ValueError(f"config key '{FJORD_WIDTHS}' must be comma-separated numbers in (0, 1], "
+                         f"got {raw!r}") from None
+    if not all(0 < w <= 1 for w in widths):
+        raise ValueError(f"config key '{FJORD_WIDTHS}' must hold widths in (0, 1], got {raw!r}")
+    return tuple(sorted(set(widths)))
+
+
+def read_train(content) -> tuple[str, ArrayRecord, Mapping[str, object]]:
+    """``(arrays key, ArrayRecord, config)`` of a train/evaluate message, whatever the
+    records are called.
+
+    Raises
+    ------
+    ValueError
+        If the message does not hold exactly one ArrayRecord, or more than one ConfigRecord.
+    """
+    arrays = list(content.array_records.items())
+    configs = list(content.config_records.values())
+    if len(arrays) != 1:
+        raise ValueError(f"expected one ArrayRecord in the message, got {len(arrays)}")
+    if len(configs) > 1:
+        raise ValueError(f"expected at most one ConfigRecord in the message, got {len(configs)}")
+    return arrays[0][0], arrays[0][1], (configs[0] if configs else {})
+
+
+def state_to_arrays(state: Mapping[str, torch.Tensor]) -> ArrayRecord:
+    """A ``state_dict`` (full or compact) as a Flower ArrayRecord.
+
+    Byte-identical to ``ArrayRecord(state)`` (Flower's ``np.save`` of each tensor), with
+    one copy of each tensor's bytes instead of three (:func:`tensor_to_array`).
+    """
+    return ArrayRecord({k: tensor_to_array(v) for k, v in state.items()})
+
+
+def tensor_to_array(t: torch.Tensor) -> Array:
+    """A tensor as a Flower ``Array``: the ``.npy`` bytes ``np.save`` writes (the same
+    header, cached per shape and dtype), built with a single copy of the data."""
+    a = t.detach().cpu().contiguous().numpy()
+    if a.dtype.hasobject or not a.flags.c_contiguous:  # not reached for tensors; Flower's path
+        return Array(a)
+    header, name = npy_header_bytes(a.shape, a.dtype.str)
+    return Array(dtype=name, shape=a.shape, stype=SType.NUMPY,
+                 data=b"".join((header, memoryview(a).cast("B"))) if a.size else header)
+
+
+@functools.lru_cache(maxsize=4096)
+def npy_header_bytes(shape: tuple[int, ...], dtype: str) -> tuple[bytes, str]:
+    """The ``.npy`` header ``np.save`` writes for a C-ordered array (format 1.0 when it
+    fits, else 2.0, as ``np.save`` chooses), and the dtype's name (``str(dtype)``)."""
+    buf = io.BytesIO()
+    like = np.lib.stride_tricks.as_strided(np.zeros(1, dtype=dtype), shape=shape, strides=(0,) * len(shape))
+    header = np.lib.format.header_data_from_array_1_0(like)
+    header["fortran_order"] = False
+    try:
+        np.lib.format.write_array_header_1_0(buf, header)
+    except ValueError:  # header too long for format 1.0
+        buf = io.BytesIO()
+        np.lib.format.write_array_header_2_0(buf, header)
+    return buf.getvalue(), str(np.dtype(dtype))
+
+
+@functools.lru_cache(maxsize=4096)
+def _npy_header(head: bytes) -> tuple[tuple[int, ...], np.dtype, int] | None:
+    """(shape, dtype, data offset) of a C-ordered native ``.npy`` header, else None."""
+    fp = io.BytesIO(head)
+    try:
+        version = np.lib.format.read_magic(fp)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(fp)
+        elif version == (2, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(fp)
+        else:
+            return None
+    except (ValueError, OSError, SyntaxError):
+        return None
+    if fortran or dtype.hasobject or not dtype.isnative:
+        return None
+    return tuple(shape), dtype, fp.tell()
+
+
+def npy_view(array: Array) -> np.ndarray | None:
+    """A read-only view of a C-ordered, native-endian ``.npy`` payload, else None."""
+    data = array.data
+    if len(data) < 12 or data[:6] != b"\x93NUMPY":
+        return None
+    hlen = int.from_bytes(data[8:10], "little") + 10 if data[6] == 1 else int.from_bytes(data[8:12], "little") + 12
+    parsed = _npy_header(bytes(data[:hlen]))
+    if parsed is None:
+        return None
+    shape, dtype, offset = parsed
+    count = math.prod(shape)
+    if offset + count * dtype.itemsize != len(data):
+        return None
+    return np.frombuffer(data, dtype=dtype, count=count, offset=offset).reshape(shape)
+
+
+def arrays_to_state(arrays: ArrayRecord, copy: bool = True) -> dict[str, torch.Tensor]:
+    """An ArrayRecord as a ``state_dict`` of CPU tensors (0-dim arrays included).
+
+    Parameters
+    ----------
+    arrays : ArrayRecord
+        NumPy-serialized arrays, as Flower sends them.
+    copy : bool
+        ``False`` returns read-only tensors that share the message's bytes (no copy;
+        for the server's aggregation, which only reads them). Never write to them.
+
+    Raises
+    ------
+    ValueError
+        If an array cannot be decoded.
+    """
+    out = {}
+    for key, a in arrays.items():
+        view = None if copy else npy_view(a)
+        if view is None:
+            out[key] = torch.from_numpy(a.numpy())  # np.load returns a fresh array
+            continue
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # read-only buffer: we only read
+            out[key] = torch.from_numpy(view)
+    return out
+
