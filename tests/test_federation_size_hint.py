@@ -4,7 +4,7 @@ Since flwr 1.32 the local simulation federation has 2 SuperNodes and is resized 
 ``flwr run . --federation-config "num-supernodes=N"`` (one run) or ``flwr federation
 simulation-config @none/default --num-supernodes N`` (stored in the SuperLink); the
 ``options.num-supernodes`` connection entries of ``config.toml`` are deprecated. Every
-such command in the strategy's error and in README.md is parsed with flwr's own CLI.
+such command in the strategy's error, in README.md and in docs/*.md is parsed with flwr's own CLI.
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ from fl_subnet.models import MLP
 from fl_subnet.strategies import IST
 from fl_subnet.strategies.nodes import NotEnoughNodes
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
 COMMAND = re.compile(r"flwr (?:run|federation simulation-config)\b[^`\n]*")
 
 
@@ -68,10 +69,15 @@ def test_too_few_nodes_error_names_working_commands():
 
 
 def test_readme_resizes_the_simulation_with_flwr_141_syntax():
-    text = README.read_text()
-    assert "options.num-supernodes" not in text
-    commands = [c.split(" #")[0].strip() for c in COMMAND.findall(text) if "num-supernodes" in c]
-    assert len(commands) >= 3, commands
+    """README.md and the docs pages (docs/deployment.md, docs/scenarios.md, ...)."""
+    pages = [README, *sorted((ROOT / "docs").glob("*.md"))]
+    for page in pages:
+        assert "options.num-supernodes" not in page.read_text(), page.name
+    resizing = {page.name: [c.split(" #")[0].strip() for c in COMMAND.findall(page.read_text()) if "num-supernodes" in c]
+                for page in pages}
+    assert resizing["README.md"], "README.md shows no flwr command that sizes the simulation"
+    commands = [c for found in resizing.values() for c in found]
+    assert len(commands) >= 3, resizing
     for command in commands:
         command = command.replace("num-supernodes=N", "num-supernodes=4").replace("num-supernodes N", "num-supernodes 4")
         assert num_supernodes(command) == int(re.search(r"num-supernodes[= ](\d+)", command)[1]), command

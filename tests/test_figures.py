@@ -99,9 +99,12 @@ def test_log_ticks_at_least_two_inside(vmin, vmax):
 
 
 def test_every_readme_image_is_made_by_the_script():
+    """The images of README.md (``docs/NAME.png``) and of the docs pages (``NAME.png``)."""
     readme = (ROOT / "README.md").read_text()
     shown = set(re.findall(r"!\[[^\]]*\]\(docs/([^)]+\.png)\)", readme))
     assert shown, "README shows no docs/*.png image"
+    for page in (ROOT / "docs").glob("*.md"):
+        shown |= set(re.findall(r"!\[[^\]]*\]\(([^)/]+\.png)\)", page.read_text()))
     made = {dst for fig in _script().figures().values() for _, dst in fig.outputs}
     assert shown <= made, f"README images not made by scripts/make_figures.py: {sorted(shown - made)}"
 
