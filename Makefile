@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 OUT    ?= runs/demo
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-fast demo bench figures clean
+.PHONY: setup test test-fast demo bench figures readme clean
 
 setup: $(STAMP)
 
@@ -34,9 +34,15 @@ demo: setup
 bench: setup
 	$(PY) bench/run_all.py $(BENCH_ARGS)
 
-# every image in README.md, from the current code (runs under runs/figures, images to docs/)
+# every image and results file in README.md and docs/, from the current code (runs under
+# runs/figures, images to docs/), then the README's generated tables (make readme)
 figures: setup
 	$(PY) scripts/make_figures.py
+	$(PY) -m fl_subnet.experiments.readme
+
+# the README's generated blocks (protocol table, demo and quickstart tables) from the code and docs/
+readme: setup
+	$(PY) -m fl_subnet.experiments.readme
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

@@ -165,6 +165,14 @@ class SubnetStrategy(NodeSampling, FedAvg):
     hold NaN or Inf; else 0) and ``round-seconds`` (wall time of the round).
     """
 
+    protocol: str | None = None  # the run-config name, set by strategies.registry.register_protocol
+    needs_depth_blocks = False  # True: the model must have skippable residual blocks (random paths)
+
+    @classmethod
+    def check_run_config(cls, cfg) -> None:
+        """Raise ``ValueError`` naming the key if a run config does not suit this protocol
+        (beyond the checks every run config gets); none by default."""
+
     def __init__(
         self,
         model_factory: Callable[[], nn.Module],

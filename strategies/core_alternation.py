@@ -6,8 +6,16 @@ from fl_subnet.core.core_sampler import CoreAlternationSampler
 from fl_subnet.core.masks import Mask
 
 from .base import SubnetStrategy
+from .registry import register_protocol
 
 
+@register_protocol(
+    "core-alternation",
+    mask="the core (first ⌈`core-fraction`·size⌉ units) in rounds k mod `core-period` ≠ 0, else the full model",
+    local_work="τ",
+    scale="1",
+    aggregation="weighted mean over holders",
+    source="core sub-networks")
 class CoreAlternation(SubnetStrategy):
     """Train a core sub-network that can split off from the full model.
 
@@ -41,6 +49,12 @@ class CoreAlternation(SubnetStrategy):
     ValueError
         Naming ``core-fraction`` or ``core-period`` when out of range.
     """
+
+    @classmethod
+    def from_run_config(cls, cfg, model_factory, **common):
+        """Build from a run config (:func:`~fl_subnet.strategies.build_strategy` passes ``common``)."""
+        return cls(model_factory, cfg.core_fraction, cfg.core_period, local_steps=cfg.local_steps,
+                   fraction_train=cfg.fraction_train, **common)
 
     def __init__(self, model_factory, core_fraction: float = 0.5, period: int = 2, *, scale: bool = False,
                  seed: int = 0, **kwargs):

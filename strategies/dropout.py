@@ -5,8 +5,16 @@ from __future__ import annotations
 from fl_subnet.core.samplers import BernoulliSampler, check_num_subnets
 
 from .base import SubnetStrategy
+from .registry import register_protocol
 
 
+@register_protocol(
+    "dropout",
+    mask="1 node, Bernoulli(ξ)",
+    local_work="1 step",
+    scale="1/ξ",
+    aggregation="copy back (≡ one dropout SGD step, tested to 1e-6)",
+    source="Srivastava et al. 2014; Liao & Kyrillidis 2022 §3")
 class Dropout(SubnetStrategy):
     """One node per round trains one Bernoulli(ξ) sub-network for one step; copy back.
 
@@ -31,12 +39,24 @@ class Dropout(SubnetStrategy):
 
     default_lr_scaling = "none"  # one dropout SGD step per mask: the user's lr is dropout's lr
 
+    @classmethod
+    def from_run_config(cls, cfg, model_factory, **common):
+        """Build from a run config (:func:`~fl_subnet.strategies.build_strategy` passes ``common``)."""
+        return cls(model_factory, cfg.keep_prob, local_steps=cfg.local_steps, **common)
+
     def __init__(self, model_factory, keep_prob: float, *, scale: bool = True, seed: int = 0, **kwargs):
         kwargs.setdefault("local_steps", 1)
         super().__init__(model_factory, BernoulliSampler(keep_prob, scale=scale, seed=seed),
                          num_train_nodes=1, seed=seed, **kwargs)
 
 
+@register_protocol(
+    "multisample-dropout",
+    mask="p nodes, Bernoulli(ξ) each",
+    local_work="1 step (τ configurable)",
+    scale="1/ξ",
+    aggregation="per-unit mean over holders; `loss_average=True`: Inoue's 1/p loss average",
+    source="Liao & Kyrillidis 2022; Inoue 2019")
 class MultiSampleDropout(SubnetStrategy):
     """p nodes per round, each one Bernoulli(ξ) sub-network, one step each.
 
@@ -62,6 +82,19 @@ class MultiSampleDropout(SubnetStrategy):
     """
 
     default_lr_scaling = "none"  # one dropout SGD step per mask and node, as in the paper
+
+    @classmethod
+    def from_run_config(cls, cfg, model_factory, **common):
+        """Build from a run config (:func:`~fl_subnet.strategies.build_strategy` passes ``common``)."""
+        return cls(model_factory, cfg.keep_prob, cfg.num_subnets, loss_average=cfg.loss_average,
+                   local_steps=cfg.local_steps, **common)
+
+    @classmethod
+    def check_run_config(cls, cfg) -> None:
+        """``num-subnets`` must not exceed ``num-nodes``: one sub-network per node."""
+        if cfg.num_subnets > cfg.num_nodes:
+            raise ValueError(f"num-subnets ({cfg.num_subnets}) must not exceed num-nodes ({cfg.num_nodes}): "
+                             "multi-sample dropout trains one sub-network per node")
 
     def __init__(self, model_factory, keep_prob: float, num_subnets: int, *,
                  loss_average: bool = False, scale: bool = True, seed: int = 0, **kwargs):

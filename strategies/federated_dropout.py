@@ -8,8 +8,16 @@ from fl_subnet.core.samplers import BernoulliSampler
 DROPOUT_SAMPLINGS = ("bernoulli", "even")
 
 from .base import SubnetStrategy
+from .registry import register_protocol
 
 
+@register_protocol(
+    "federated-dropout",
+    mask="Bernoulli(ξ) per node",
+    local_work="τ",
+    scale="1/ξ (optional)",
+    aggregation="per-entry mean over holders",
+    source="Caldas et al. 2018")
 class FederatedDropout(SubnetStrategy):
     """Each sampled node trains its own Bernoulli(ξ) sub-model for τ steps or E epochs.
 
@@ -42,6 +50,12 @@ class FederatedDropout(SubnetStrategy):
         If ``keep_prob`` is outside (0, 1] (names ``keep-prob``) or ``sampling`` is
         unknown (names ``dropout-sampling``).
     """
+
+    @classmethod
+    def from_run_config(cls, cfg, model_factory, **common):
+        """Build from a run config (:func:`~fl_subnet.strategies.build_strategy` passes ``common``)."""
+        return cls(model_factory, cfg.keep_prob, local_steps=cfg.local_steps, sampling=cfg.dropout_sampling,
+                   fraction_train=cfg.fraction_train, **common)
 
     def __init__(self, model_factory, keep_prob: float, *, scale: bool = True, seed: int = 0,
                  sampling: str = "bernoulli", **kwargs):

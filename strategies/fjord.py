@@ -9,6 +9,7 @@ from fl_subnet.core.samplers import NestedPrefixSampler, check_keep_prob
 from fl_subnet.wire import FJORD_WIDTHS, widths_to_config
 
 from .heterofl import CapacityStrategy
+from .registry import register_protocol
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +28,13 @@ def check_widths(widths: Sequence[float], key: str = "widths") -> tuple[float, .
     return out
 
 
+@register_protocol(
+    "fjord",
+    mask="the nested prefix of the node's max width p_max ≤ r; per batch a width p ≤ p_max drawn from `fjord-widths`",
+    local_work="τ, width per batch",
+    scale="1",
+    aggregation="weighted mean over holders",
+    source="Horváth et al. NeurIPS 2021")
 class FjORD(CapacityStrategy):
     """FjORD (Horváth, Laskaridis, Almeida, Leontiadis, Venieris & Lane, "FjORD: Fair and
     Accurate Federated Learning under heterogeneous targets with Ordered Dropout",
@@ -64,6 +72,20 @@ class FjORD(CapacityStrategy):
         tier is below the smallest width (no sub-model fits it), or the model declares
         its groups with ``unit_groups()`` (ordered dropout needs the traced model).
     """
+
+    @classmethod
+    def check_run_config(cls, cfg) -> None:
+        """Every capacity tier must fit the smallest of ``fjord-widths``."""
+        low = min(cfg.tiers())
+        if low < min(cfg.widths()):
+            raise ValueError(f"capacity-tiers ({cfg.capacity_tiers}) has a tier {low:g} below the smallest of "
+                             f"fjord-widths ({cfg.fjord_widths}): no FjORD sub-model fits it")
+
+    @classmethod
+    def from_run_config(cls, cfg, model_factory, **common):
+        """Build from a run config (:func:`~fl_subnet.strategies.build_strategy` passes ``common``)."""
+        return cls(model_factory, cfg.tiers(), cfg.widths(), local_steps=cfg.local_steps,
+                   fraction_train=cfg.fraction_train, **common)
 
     def __init__(self, model_factory, capacity_tiers: Sequence[float] = (1.0,),
                  widths: Sequence[float] = DEFAULT_WIDTHS, *, seed: int = 0, **kwargs):

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from fl_subnet.core.samplers import CapacitySampler, NestedPrefixSampler, RollingWindowSampler
 
 from .base import SubnetStrategy
+from .registry import register_protocol
 
 
 class CapacityStrategy(SubnetStrategy):
@@ -33,6 +34,13 @@ class CapacityStrategy(SubnetStrategy):
         self.capacity_tiers = tuple(sampler.capacities(len(capacity_tiers), capacity_tiers))
 
 
+@register_protocol(
+    "heterofl",
+    mask="first ⌈r·size⌉ units of every group for a node of capacity r (nested)",
+    local_work="τ",
+    scale="1/r",
+    aggregation="count mean over holders",
+    source="Diao et al. ICLR 2021")
 class HeteroFL(CapacityStrategy):
     """HeteroFL (Diao, Ding & Tarokh, ICLR 2021): a node of capacity ``r`` trains the
     first ``⌈r·size⌉`` units of every group (nested sub-models), its kept outputs scaled
@@ -61,6 +69,12 @@ class HeteroFL(CapacityStrategy):
         If a tier is outside (0, 1] (naming ``capacity``).
     """
 
+    @classmethod
+    def from_run_config(cls, cfg, model_factory, **common):
+        """Build from a run config (:func:`~fl_subnet.strategies.build_strategy` passes ``common``)."""
+        return cls(model_factory, cfg.tiers(), local_steps=cfg.local_steps, fraction_train=cfg.fraction_train,
+                   **common)
+
     def __init__(self, model_factory, capacity_tiers: Sequence[float] = (1.0,), *, scale: bool = True,
                  seed: int = 0, **kwargs):
         kwargs.setdefault("weighted", False)
@@ -68,6 +82,13 @@ class HeteroFL(CapacityStrategy):
                          seed=seed, **kwargs)
 
 
+@register_protocol(
+    "fedrolex",
+    mask="a window of ⌈r·size⌉ units rolling by one unit per round",
+    local_work="τ",
+    scale="1",
+    aggregation="count mean over holders",
+    source="Alam et al. NeurIPS 2022")
 class FedRolex(CapacityStrategy):
     """FedRolex (Alam et al., NeurIPS 2022): a node of capacity ``r`` trains a window of
     ``⌈r·size⌉`` units of every group that rolls by one unit per server round (Eq. 3), so
@@ -77,6 +98,12 @@ class FedRolex(CapacityStrategy):
 
     Parameters are those of :class:`HeteroFL` (``scale`` defaults to False, as in FedRolex).
     """
+
+    @classmethod
+    def from_run_config(cls, cfg, model_factory, **common):
+        """Build from a run config (:func:`~fl_subnet.strategies.build_strategy` passes ``common``)."""
+        return cls(model_factory, cfg.tiers(), local_steps=cfg.local_steps, fraction_train=cfg.fraction_train,
+                   **common)
 
     def __init__(self, model_factory, capacity_tiers: Sequence[float] = (1.0,), *, scale: bool = False,
                  seed: int = 0, **kwargs):

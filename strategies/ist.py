@@ -9,10 +9,18 @@ from fl_subnet.core.fold import fold_output_scales
 from fl_subnet.core.samplers import PartitionSampler
 
 from .base import SubnetStrategy
+from .registry import register_protocol
 
 IST_SCALINGS = ("none", "p", "p-lr", "eval")
 
 
+@register_protocol(
+    "ist",
+    mask="disjoint partition into p parts (`equal` blocks or `iid` categorical)",
+    local_work="τ ≥ 1",
+    scale="none (IST) or p",
+    aggregation="reassembly, bit-exact (float64 sums); shared tensors averaged",
+    source="Yuan et al. VLDB 2022; Liao & Kyrillidis 2022")
 class IST(SubnetStrategy):
     """Partition every group's hidden units into ``p`` disjoint sub-networks per round.
 
@@ -59,6 +67,20 @@ class IST(SubnetStrategy):
     ValueError
         For p < 1, τ < 1, or an unknown mode/scaling (the message names the key).
     """
+
+    @classmethod
+    def from_run_config(cls, cfg, model_factory, **common):
+        """Build from a run config (:func:`~fl_subnet.strategies.build_strategy` passes ``common``)."""
+        return cls(model_factory, cfg.num_subnets, local_steps=max(cfg.local_steps, 1),
+                   partition_mode=cfg.partition_mode, scaling=cfg.ist_scaling,
+                   fraction_train=cfg.fraction_train, **common)
+
+    @classmethod
+    def check_run_config(cls, cfg) -> None:
+        """``num-subnets`` must not exceed ``num-nodes``: one sub-network per node."""
+        if cfg.num_subnets > cfg.num_nodes:
+            raise ValueError(f"num-subnets ({cfg.num_subnets}) must not exceed num-nodes ({cfg.num_nodes}): "
+                             "IST trains one sub-network per node")
 
     def __init__(self, model_factory, num_subnets: int, *, local_steps: int = 1,
                  partition_mode: str = "equal", scaling: str = "p", seed: int = 0,

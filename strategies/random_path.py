@@ -8,9 +8,10 @@ from collections.abc import Sequence
 
 import torch
 
-from fl_subnet.core.paths import RandomPathSampler
+from fl_subnet.core.paths import RandomPathSampler, progressive_schedule
 
 from .base import SubnetStrategy
+from .registry import register_protocol
 
 log = logging.getLogger(__name__)
 
@@ -19,6 +20,13 @@ DEPTH_ARCHITECTURES = ("residual networks whose blocks have an identity shortcut
                        "be skipped) and transformers (each attention and FFN branch is a block)")
 
 
+@register_protocol(
+    "random-path",
+    mask="full width; L of the B residual blocks (first and last always), L growing by stage (`path-length`)",
+    local_work="τ",
+    scale="1 (skipped block = identity)",
+    aggregation="per-block mean over holders",
+    source="RaPTr, Panigrahi et al. 2024; ResIST, Dun et al. 2022")
 class RandomPath(SubnetStrategy):
     """Every node trains the full-width model along a path of L of its B depth blocks.
 
@@ -64,6 +72,22 @@ class RandomPath(SubnetStrategy):
     """
 
     masks_units = False  # full width: it skips depth blocks, no unit group needed
+
+    needs_depth_blocks = True  # the run config checks that its model has skippable blocks
+
+    @classmethod
+    def check_run_config(cls, cfg) -> None:
+        """Every stage of ``path-length`` needs at least one server round."""
+        if len(cfg.path_lengths()) > cfg.num_server_rounds:
+            raise ValueError(f"path-length has {len(cfg.path_lengths())} stages but num-server-rounds is "
+                             f"{cfg.num_server_rounds}: every stage needs at least one round")
+
+    @classmethod
+    def from_run_config(cls, cfg, model_factory, **common):
+        """Build from a run config (:func:`~fl_subnet.strategies.build_strategy` passes ``common``)."""
+        schedule = progressive_schedule(cfg.path_lengths(), cfg.num_server_rounds)  # RaPTr: equal stages
+        return cls(model_factory, schedule=schedule, local_steps=cfg.local_steps, fraction_train=cfg.fraction_train,
+                   **common)
 
     def __init__(self, model_factory, path_length: int | float | None = None, *,
                  schedule: Sequence[tuple[int, int | float]] | None = None, mode: str = "random",

@@ -11,7 +11,9 @@ Axes (the README's protocol table, "Server optimizers", "Rogue nodes", "BatchNor
 
 * protocol: SubnetFedAvg, Dropout, MultiSampleDropout, FederatedDropout (bernoulli and
   even sampling), IST, HeteroFL, FedRolex, FjORD, RandomPath (a residual model),
-  CoreAlternation;
+  CoreAlternation; and every registered protocol (``fl_subnet.strategies.PROTOCOLS``)
+  built by ``build_strategy`` from a run config, as the App builds it (``<name>@run-config``),
+  so a new protocol module gets its cell without an edit here;
 * aggregation: mean, median, trimmed-mean;
 * defences: max_update_ratio, max_ratio_to_median, screen reject / clip, max_num_examples;
 * BatchNorm policy on a model with BatchNorm: averaged, static with calibration_batches;
@@ -59,8 +61,11 @@ from fl_subnet.clients import make_client_app
 from fl_subnet.core.paths import progressive_schedule
 from fl_subnet.core.server_opt import MaskedFedAdagrad, MaskedFedAdam, MaskedFedAvgM, MaskedFedYogi
 from fl_subnet.core.slicing import torch_threads
+from fl_subnet.experiments.config import RunConfig
 from fl_subnet.experiments.inprocess_grid import InProcessGrid
 from fl_subnet.models import CNNBN, MLP, MHATransformer, PreActResNet
+from fl_subnet.strategies import PROTOCOLS as REGISTERED
+from fl_subnet.strategies import build_strategy
 from fl_subnet.strategies import (IST, CoreAlternation, Dropout, FederatedDropout, FedRolex, FjORD, HeteroFL,
                                   MultiSampleDropout, RandomPath, SubnetFedAvg)
 from fl_subnet.wire import arrays_to_state
@@ -186,10 +191,10 @@ PROTOCOLS = {
     "fedavg": Protocol(lambda f, **kw: SubnetFedAvg(f, **kw)),
     # one node, one dropout step per round (τ = 1 is the protocol): more rounds instead
     "dropout": Protocol(lambda f, **kw: Dropout(f, 0.75, **kw), sampled=1, rounds=8),
-    "multi-sample-dropout": Protocol(lambda f, **kw: MultiSampleDropout(f, 0.75, 3, local_steps=3, **kw),
+    "multisample-dropout": Protocol(lambda f, **kw: MultiSampleDropout(f, 0.75, 3, local_steps=3, **kw),
                                      sampled=3),
-    "fed-dropout": Protocol(lambda f, **kw: FederatedDropout(f, 0.75, **kw)),
-    "fed-dropout-even": Protocol(lambda f, **kw: FederatedDropout(f, 0.75, sampling="even", **kw)),
+    "federated-dropout": Protocol(lambda f, **kw: FederatedDropout(f, 0.75, **kw)),
+    "federated-dropout-even": Protocol(lambda f, **kw: FederatedDropout(f, 0.75, sampling="even", **kw)),
     # IST's nodes train at an lr scaled down with their sub-network's output scale: τ = 5
     "ist": Protocol(lambda f, **kw: IST(f, 2, local_steps=5, **kw)),
     "heterofl": Protocol(lambda f, **kw: HeteroFL(f, capacity_tiers=(0.5, 1.0), **kw)),
@@ -198,7 +203,7 @@ PROTOCOLS = {
     "random-path": Protocol(lambda f, path_length=3, **kw: RandomPath(f, path_length, **kw)),  # 3 of 4 blocks
     "core-alternation": Protocol(lambda f, **kw: CoreAlternation(f, 0.5, 2, **kw)),  # core, full, core
     # the README's composition: protocol first, Flower's optimizer second
-    "fed-dropout+FedAdam": Protocol(lambda f, **kw: DropoutAdam(f, keep_prob=0.75, eta=0.05, beta_1=0.9, **kw),
+    "federated-dropout+FedAdam": Protocol(lambda f, **kw: DropoutAdam(f, keep_prob=0.75, eta=0.05, beta_1=0.9, **kw),
                                     optimizer="MaskedFedAdam"),
     "ist+FedYogi": Protocol(lambda f, **kw: ISTYogi(f, 2, local_steps=5, eta=0.05, beta_1=0.9, **kw),
                             optimizer="MaskedFedYogi"),
@@ -211,9 +216,34 @@ PROTOCOLS = {
 }
 FULL_LIKE = {"fedavg", "heterofl", "fedrolex", "fjord", "random-path", "core-alternation", "fedavg+FedAvgM",
              "heterofl+FedAdagrad", "random-path+FedAvgM"}
-SPARSE = {"dropout", "multi-sample-dropout", "fed-dropout", "fed-dropout-even", "ist", "fed-dropout+FedAdam",
+SPARSE = {"dropout", "multisample-dropout", "federated-dropout", "federated-dropout-even", "ist", "federated-dropout+FedAdam",
           "ist+FedYogi"}
-DEFAULT_PROBLEM = {"random-path": "resnet", "random-path+FedAvgM": "resnet"}  # RandomPath needs depth blocks
+# RandomPath needs depth blocks
+DEFAULT_PROBLEM = {"random-path": "resnet", "random-path+FedAvgM": "resnet", "random-path@run-config": "resnet"}
+
+
+# ------------------------------------------------------------------------ every registered protocol
+# Built by build_strategy from a run config, as the App builds it: a protocol registered in a
+# new module (strategies.registry) gets its end-to-end cell here without editing this file.
+RUN_CONFIG = dict(num_nodes=NUM_NODES, num_server_rounds=3, keep_prob=0.75, num_subnets=2,
+                  capacity_tiers="0.5,1.0", path_length="0.75", local_steps=5, seed=1)
+RUN_CONFIG_OVER = {"dropout": dict(num_server_rounds=8),  # one node a round: more rounds
+                   "random-path": dict(model="resnet", blocks_per_stage=2)}  # validation only: the cell's model
+
+
+def registered(name: str) -> Protocol:
+    cfg = RunConfig(strategy=name, **{**RUN_CONFIG, **RUN_CONFIG_OVER.get(name, {})})
+
+    def build(f, fraction_evaluate=0.0, **kw):  # the run config's fraction-evaluate is 0 already
+        return build_strategy(cfg, f, **kw)
+
+    problem = PROBLEMS[DEFAULT_PROBLEM.get(name, "mlp")]
+    sampled = build(problem.factory, example_input=problem.example_input).num_train_nodes or NUM_NODES
+    return Protocol(build, sampled=sampled, rounds=cfg.num_server_rounds)
+
+
+RUN_CONFIG_CELLS = {f"{name}@run-config": registered(name) for name in REGISTERED}
+PROTOCOLS.update(RUN_CONFIG_CELLS)
 
 
 # ------------------------------------------------------------------------ cells
@@ -267,62 +297,62 @@ for name in PROTOCOLS:
 
 # 2. aggregation rules
 for rule in ("median", "trimmed-mean"):
-    for name in ("fedavg", "fed-dropout", "ist", "heterofl", "fjord", "random-path"):
+    for name in ("fedavg", "federated-dropout", "ist", "heterofl", "fjord", "random-path"):
         cell(rule, name, options=dict(aggregation=rule))
 cell("median", "dropout", options=dict(aggregation="median"))  # one holder per entry
-cell("median", "fed-dropout-even", options=dict(aggregation="median"))
+cell("median", "federated-dropout-even", options=dict(aggregation="median"))
 cell("median", "core-alternation", options=dict(aggregation="median"))
-cell("median", "fed-dropout+FedAdam", options=dict(aggregation="median"))
+cell("median", "federated-dropout+FedAdam", options=dict(aggregation="median"))
 cell("trimmed-mean", "fedrolex", options=dict(aggregation="trimmed-mean"))
-cell("trimmed-mean-0.4", "multi-sample-dropout", options=dict(aggregation="trimmed-mean", trim_fraction=0.4))
+cell("trimmed-mean-0.4", "multisample-dropout", options=dict(aggregation="trimmed-mean", trim_fraction=0.4))
 
 # 3. defences (max_ratio_to_median needs >= 3 replies: not with Dropout's one node)
-for name in ("fedavg", "fed-dropout", "ist", "fedrolex", "core-alternation", "random-path"):
+for name in ("fedavg", "federated-dropout", "ist", "fedrolex", "core-alternation", "random-path"):
     cell("screen-reject", name, options=SCREEN_REJECT, bit_identical=True)
     cell("screen-clip-median", name, options=SCREEN_CLIP_MEDIAN, clips=True)
 for name in ("fedavg", "ist", "random-path"):
     cell("screen-clip-abs", name, options=SCREEN_CLIP_ABS, clips=True)
 cell("screen-reject", "dropout", options=dict(max_update_ratio=1.0, screen="reject"), bit_identical=True)
 cell("screen-clip-median", "ist+FedYogi", options=SCREEN_CLIP_MEDIAN, clips=True)
-for name in ("fedavg", "fed-dropout", "ist", "fjord", "multi-sample-dropout"):
+for name in ("fedavg", "federated-dropout", "ist", "fjord", "multisample-dropout"):
     cell("max-num-examples", name, options=CAP)
 for name in ("fedavg", "ist"):
     cell("max-num-examples-largest", name, options=dict(**SCREEN_REJECT, **CAP_LARGEST), bit_identical=True)
 # the robust rules are unweighted: capping a weight changes nothing there
-cell("all-defences-median", "fed-dropout", options=dict(aggregation="median", **SCREEN_REJECT, **CAP),
+cell("all-defences-median", "federated-dropout", options=dict(aggregation="median", **SCREEN_REJECT, **CAP),
      bit_identical=True)
 cell("all-defences-trimmed", "fedavg", options=dict(aggregation="trimmed-mean", **SCREEN_CLIP_MEDIAN, **CAP),
      clips=True)
 cell("median-screen-clip-abs", "ist", options=dict(aggregation="median", **SCREEN_CLIP_ABS), clips=True)
 
 # 4. BatchNorm policy on a model with BatchNorm (random-path: the ResNet's, averaged by default above)
-for name in ("fedavg", "fed-dropout", "ist", "heterofl", "core-alternation"):
+for name in ("fedavg", "federated-dropout", "ist", "heterofl", "core-alternation"):
     cell("bn-averaged", name, problem="cnn-bn")
     cell("bn-static", name, problem="cnn-bn", options=dict(batchnorm="static"), calibrate=True)
 cell("bn-static", "random-path", options=dict(batchnorm="static"), calibrate=True)
-cell("bn-static-median", "fed-dropout", problem="cnn-bn", options=dict(batchnorm="static", aggregation="median"),
+cell("bn-static-median", "federated-dropout", problem="cnn-bn", options=dict(batchnorm="static", aggregation="median"),
      calibrate=True)
 cell("bn-averaged-trimmed-mean", "ist", problem="cnn-bn", options=dict(aggregation="trimmed-mean"))
-cell("bn-static-FedAdam", "fed-dropout", problem="cnn-bn", options=dict(server_optimizer="FedAdam",
+cell("bn-static-FedAdam", "federated-dropout", problem="cnn-bn", options=dict(server_optimizer="FedAdam",
                                                                          batchnorm="static"), calibrate=True)
 
 # BatchNorm without running statistics (IST's model), and screening with BatchNorm's integer buffers
-for name in ("ist", "fed-dropout"):
+for name in ("ist", "federated-dropout"):
     cell("default", name, problem="mlp-bn")
     cell("bn-static", name, problem="mlp-bn", options=dict(batchnorm="static"), calibrate=True)
-cell("bn-averaged-screen-clip-median", "fed-dropout", problem="cnn-bn", options=SCREEN_CLIP_MEDIAN, clips=True)
+cell("bn-averaged-screen-clip-median", "federated-dropout", problem="cnn-bn", options=SCREEN_CLIP_MEDIAN, clips=True)
 cell("bn-static-screen-reject", "ist", problem="cnn-bn", options=dict(batchnorm="static", **SCREEN_REJECT),
      calibrate=True, bit_identical=True)
 
 # 5. server optimizers (argument) and the composition (protocols above)
 for opt in ("FedAvgM", "FedAdam", "FedYogi", "FedAdagrad"):
-    for name in ("fedavg", "fed-dropout", "ist"):
+    for name in ("fedavg", "federated-dropout", "ist"):
         cell(f"server-{opt}", name, options=dict(server_optimizer=opt))
 cell("server-FedAdam", "heterofl", options=dict(server_optimizer="FedAdam"))
 cell("server-FedYogi", "fjord", options=dict(server_optimizer="FedYogi"))
 cell("server-FedAvgM", "random-path", options=dict(server_optimizer="FedAvgM"))
 cell("server-FedAdagrad", "core-alternation", options=dict(server_optimizer="FedAdagrad"))
-cell("server-FedAvgM-FedEcover", "fed-dropout-even", options=dict(server_optimizer="FedAvgM-FedEcover"))
+cell("server-FedAvgM-FedEcover", "federated-dropout-even", options=dict(server_optimizer="FedAvgM-FedEcover"))
 
 # BatchNorm "averaged" + a server optimizer: the running statistics take the nodes' average, only the
 # parameters are stepped (stepped statistics made the eval-mode model diverge: 1.11 -> 4.6 / 1.13 -> 10.1 /
@@ -335,7 +365,7 @@ BN_AVERAGED_STATS_YOGI = pytest.mark.xfail(strict=True, raises=AssertionError, r
     "7.51 2.78, while the same weights score 0.31 in train mode or with recalibrated statistics "
     "(batchnorm='static' learns: 0.29)"))
 for name, problem, opt, rounds, marks in (("fedavg", "cnn-bn", "FedAdam-flower-defaults", 8, ()),
-                                          ("fed-dropout", "resnet", "FedAdam-flower-defaults", 8, ()),
+                                          ("federated-dropout", "resnet", "FedAdam-flower-defaults", 8, ()),
                                           ("random-path", "resnet", "FedYogi", 6, BN_AVERAGED_STATS_YOGI)):
     cell(f"bn-averaged-server-{opt}", name, problem=problem, rounds=rounds, options=dict(server_optimizer=opt),
          marks=marks)
@@ -343,17 +373,17 @@ for name, problem, opt, rounds, marks in (("fedavg", "cnn-bn", "FedAdam-flower-d
          options=dict(server_optimizer=opt, batchnorm="static"))
 
 # 6. a transformer: heads and FFN units as unit groups, attention/FFN branches as depth blocks
-for name in ("fedavg", "fed-dropout", "ist", "heterofl", "random-path"):
+for name in ("fedavg", "federated-dropout", "ist", "heterofl", "random-path"):
     cell("default", name, problem="transformer")
 cell("median", "random-path", problem="transformer", options=dict(aggregation="median"))
 
 # 7. other advertised knobs, once each
 cell("fraction-train-0.5", "fedavg", options=dict(fraction_train=0.5), sampled=2)
-cell("fraction-train-0.5", "fed-dropout", options=dict(fraction_train=0.5), sampled=2)
-cell("federated-evaluation", "fed-dropout", options=dict(fraction_evaluate=1.0))
-cell("unweighted", "fed-dropout", options=dict(weighted=False))
-cell("no-scale", "fed-dropout", options=dict(scale=False))
-cell("loss-average", "multi-sample-dropout", options=dict(loss_average=True))
+cell("fraction-train-0.5", "federated-dropout", options=dict(fraction_train=0.5), sampled=2)
+cell("federated-evaluation", "federated-dropout", options=dict(fraction_evaluate=1.0))
+cell("unweighted", "federated-dropout", options=dict(weighted=False))
+cell("no-scale", "federated-dropout", options=dict(scale=False))
+cell("loss-average", "multisample-dropout", options=dict(loss_average=True))
 for scaling in ("none", "p", "eval"):
     cell(f"scaling-{scaling}", "ist", options=dict(scaling=scaling))
 cell("partition-iid", "ist", options=dict(partition_mode="iid"))
@@ -365,7 +395,7 @@ cell("num-train-nodes-2", "ist", options=dict(num_train_nodes=2), sampled=2)  # 
 cell("federated-evaluation", "ist", options=dict(scaling="eval", fraction_evaluate=1.0))  # the deployed model
 cell("federated-evaluation-bn-static", "heterofl", problem="cnn-bn",
      options=dict(batchnorm="static", fraction_evaluate=1.0), calibrate=True)
-cell("evaluate-fn", "fed-dropout", evaluate_fn=True)
+cell("evaluate-fn", "federated-dropout", evaluate_fn=True)
 cell("evaluate-fn", "random-path", evaluate_fn=True)
 cell("schedule", "random-path", options=dict(path_length=None, schedule=progressive_schedule([0.5, 0.75, 1.0], 3)))
 cell("partition", "random-path", options=dict(path_length=None, mode="partition"))
@@ -475,7 +505,8 @@ def test_matrix_covers_every_option():
     them full-mask-like and one sparse."""
     cells = [p.values[0] for p in CELLS]
     assert len({p.id for p in CELLS}) == len(CELLS)  # one named test id per cell
-    assert set(PROTOCOLS) == FULL_LIKE | SPARSE
+    assert set(PROTOCOLS) == FULL_LIKE | SPARSE | set(RUN_CONFIG_CELLS)
+    assert {n.split('@')[0] for n in RUN_CONFIG_CELLS} == set(REGISTERED)
     assert {c.protocol for c in cells if not c.options and c.problem == DEFAULT_PROBLEM.get(c.protocol, "mlp")
             } == set(PROTOCOLS)
 

@@ -93,3 +93,22 @@ def test_mlp_frontier_claims_hold_in_the_generated_table():
     reached = {name: float(r["fraction"]) for name, r in rows.items() if r["fraction"] != "—"}
     assert min(reached, key=reached.get) == "digits-ist-mlp-bn", reached
     assert min(rows, key=lambda name: rows[name]["acc"]) == "digits-ist" and rows["digits-ist"]["fraction"] == "—"
+
+
+def test_readme_generated_blocks_are_current():
+    """Every generated block of the README (the protocol table from the registered protocols,
+    the demo and quickstart tables from their results files) equals its rendering
+    (``python -m fl_subnet.experiments.readme`` rewrites them; ``make figures`` runs it)."""
+    from fl_subnet.experiments.readme import BLOCK, RENDERERS, render
+
+    names = [m.group("name") for m in BLOCK.finditer(README)]
+    assert sorted(names) == sorted(RENDERERS), names  # each block once, each renderer used
+    assert render(README)[1] == [], "stale: run python -m fl_subnet.experiments.readme"
+
+
+def test_protocol_table_has_one_row_per_registered_protocol():
+    from fl_subnet.strategies import PROTOCOLS, protocol_table
+
+    rows = protocol_table().splitlines()[2:]
+    assert [row.split("|")[1].strip(" `") for row in rows] == list(PROTOCOLS)
+    assert [row.split("|")[2].strip(" `") for row in rows] == [p.cls.__name__ for p in PROTOCOLS.values()]

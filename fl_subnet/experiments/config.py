@@ -9,6 +9,10 @@ default and meaning. Everything else is derived from it: the tuples
 :data:`STRATEGIES`, :data:`DATASETS`, :data:`MODELS`, ... (``typing.get_args`` of the
 ``Literal`` types), the error messages (:func:`allowed`), the key list
 (:meth:`RunConfig.keys`) and the "Keys" section of :class:`RunConfig`'s docstring.
+Choices owned by other code are taken from it: ``strategy`` from the registered protocols
+(:data:`fl_subnet.strategies.PROTOCOLS`), ``ist-scaling``, ``lr-scaling``, ``aggregation``,
+``screen``, ``dropout-sampling`` and ``server-optimizer`` from the modules that implement
+them; a protocol's own requirements from its ``check_run_config``.
 
 Every invalid value raises ``ValueError`` (never pydantic's ``ValidationError``) whose
 message names the kebab-case key, the bad value and what is allowed, e.g.
@@ -26,10 +30,17 @@ import annotated_types as at
 from pydantic import AfterValidator, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 from pydantic.dataclasses import dataclass
 
+from fl_subnet.core.robust import SCREEN_MODES
+from fl_subnet.core.server_opt import SERVER_OPTIMIZERS
+from fl_subnet.strategies import PROTOCOLS, protocol_class
+from fl_subnet.strategies.base import AGGREGATIONS
+from fl_subnet.strategies.federated_dropout import DROPOUT_SAMPLINGS
+from fl_subnet.strategies.ist import IST_SCALINGS
+from fl_subnet.strategies.lr_scaling import LR_SCALINGS
+
 # --- Choices: one Literal per key; the public tuples are derived from them -------------------
 
-Strategy = Literal["fedavg", "ist", "dropout", "multisample-dropout", "federated-dropout", "heterofl", "fedrolex",
-                   "random-path", "fjord", "core-alternation"]
+Strategy = Literal[tuple(PROTOCOLS)]  # every registered protocol (strategies.registry)
 ImageDataset = Literal["digits", "mnist", "fashion-mnist", "cifar10"]
 Dataset = Literal[ImageDataset, "synthetic-regression", "synthetic-sequence"]
 Partitioning = Literal["iid", "dirichlet", "pathological"]
@@ -38,14 +49,14 @@ Model = Literal["mlp", "mlp-bn", "shallow-relu", ConvModel, "transformer"]
 DataScope = Literal["local", "all"]
 LossChoice = Literal["auto", "cross-entropy", "mse"]
 BatchNormPolicy = Literal["averaged", "static"]
-IstScaling = Literal["none", "p", "p-lr", "eval"]  # = strategies.ist.IST_SCALINGS (tested)
-LrScaling = Literal["auto", "none", "linear", "square"]  # = strategies.lr_scaling.LR_SCALINGS (tested)
+IstScaling = Literal[IST_SCALINGS]
+LrScaling = Literal[LR_SCALINGS]
 PartitionMode = Literal["equal", "iid"]
 Untouched = Literal["keep", "zero"]
-Aggregation = Literal["mean", "median", "trimmed-mean"]  # = strategies.base.AGGREGATIONS (tested)
-ScreenMode = Literal["reject", "clip"]  # = fl_subnet.core.robust.SCREEN_MODES (tested)
-DropoutSampling = Literal["bernoulli", "even"]  # = strategies.federated_dropout.DROPOUT_SAMPLINGS (tested)
-ServerOptimizer = Literal["none", "fedavgm", "fedadam", "fedyogi", "fedadagrad"]  # core.server_opt (tested)
+Aggregation = Literal[AGGREGATIONS]
+ScreenMode = Literal[SCREEN_MODES]
+DropoutSampling = Literal[DROPOUT_SAMPLINGS]
+ServerOptimizer = Literal[("none",) + SERVER_OPTIMIZERS]
 
 STRATEGIES: tuple[str, ...] = get_args(Strategy)
 DATASETS: tuple[str, ...] = get_args(Dataset)
@@ -54,9 +65,8 @@ PARTITIONINGS: tuple[str, ...] = get_args(Partitioning)
 MODELS: tuple[str, ...] = get_args(Model)
 CONV_MODELS: tuple[str, ...] = get_args(ConvModel)
 DATA_SCOPES: tuple[str, ...] = get_args(DataScope)
-#: Strategies that train one sub-network per node: ``num-subnets`` must not exceed ``num-nodes``.
-ONE_SUBNET_PER_NODE = {"ist": "IST", "multisample-dropout": "multi-sample dropout"}
-#: Models with depth blocks (skippable residual branches), which ``random-path`` needs.
+#: Models with depth blocks (skippable residual branches), which ``random-path`` needs
+#: (a protocol whose ``needs_depth_blocks`` is set).
 DEPTH_MODELS = ("resnet", "transformer")
 
 
@@ -367,24 +377,15 @@ class RunConfig:
             raise ValueError("local-steps and local-epochs cannot both be 0")
         if self.aggregation != "mean" and self.untouched != "keep":
             raise ValueError(f"aggregation {self.aggregation!r} needs untouched 'keep', got {self.untouched!r}")
-        if self.strategy in ONE_SUBNET_PER_NODE and self.num_subnets > self.num_nodes:
-            raise ValueError(f"num-subnets ({self.num_subnets}) must not exceed num-nodes ({self.num_nodes}): "
-                             f"{ONE_SUBNET_PER_NODE[self.strategy]} trains one sub-network per node")
-        if self.strategy == "random-path":
+        protocol = protocol_class(self.strategy)
+        if protocol.needs_depth_blocks:
             if self.model not in DEPTH_MODELS:
-                raise ValueError(f"strategy 'random-path' needs a model with depth blocks (skippable residual "
+                raise ValueError(f"strategy {self.strategy!r} needs a model with depth blocks (skippable residual "
                                  f"branches) {DEPTH_MODELS}; model {self.model!r} has none")
             if self.model == "resnet" and self.blocks_per_stage < 2:
-                raise ValueError("strategy 'random-path' with model 'resnet' needs blocks-per-stage >= 2, got 1: "
+                raise ValueError(f"strategy {self.strategy!r} with model 'resnet' needs blocks-per-stage >= 2, got 1: "
                                  "the ResNet then has a single skippable block and every path is the full model")
-            if len(self.path_lengths()) > self.num_server_rounds:
-                raise ValueError(f"path-length has {len(self.path_lengths())} stages but num-server-rounds is "
-                                 f"{self.num_server_rounds}: every stage needs at least one round")
-        if self.strategy == "fjord":
-            low = min(self.tiers())
-            if low < min(self.widths()):
-                raise ValueError(f"capacity-tiers ({self.capacity_tiers}) has a tier {low:g} below the smallest of "
-                                 f"fjord-widths ({self.fjord_widths}): no FjORD sub-model fits it")
+        protocol.check_run_config(self)
         rows = self.num_samples if info.train_rows is None else info.train_rows
         if self.data_scope == "local" and self.num_nodes > rows:
             source = "num-samples" if info.train_rows is None else f"dataset {self.dataset!r}"
