@@ -12,8 +12,8 @@ if __name__ == "strategies":  # imported as a top-level package by accident
 import importlib as _importlib  # noqa: E402
 import pkgutil as _pkgutil  # noqa: E402
 
-from .base import SubnetStrategy  # noqa: E402
-from .registry import PROTOCOLS, Protocol, build_strategy, protocol_class, protocol_table, register_protocol  # noqa: E402
+from .base import SubnetStrategy  # noqa: E402,F401
+from .registry import PROTOCOLS, Protocol, build_strategy, protocol_class, protocol_table, register_protocol  # noqa: E402,F401
 
 for _module in sorted(m.name for m in _pkgutil.iter_modules(__path__)):
     _importlib.import_module(f"{__name__}.{_module}")

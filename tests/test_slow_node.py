@@ -24,7 +24,7 @@ OVERRIDES = {"strategy": "fedavg", "num-server-rounds": 2, "num-nodes": NUM_NODE
 SLOW_CLIENT = '''
 import time
 
-from fl_subnet.app.client_app import _factory
+from fl_subnet.experiments.client import run_config_factory as _factory
 from fl_subnet.clients import make_client_app
 from fl_subnet.experiments.experiment import context_data
 

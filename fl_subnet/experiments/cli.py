@@ -108,7 +108,7 @@ def run_one(values: dict, out_dir: Path, progress: Progress | None = None, label
     """Run one validated scenario into ``out_dir`` (results, and the model checkpointed
     after every round); ``resume``: continue from the checkpoint there. Returns the summary."""
     from fl_subnet.checkpoint import load_checkpoint
-    from fl_subnet.app.client_app import app as client_app
+    from .client import harness_client_app
     from .experiment import run_server
     from .inprocess_grid import InProcessGrid
 
@@ -128,7 +128,7 @@ def run_one(values: dict, out_dir: Path, progress: Progress | None = None, label
             progress.update(task, advance=1, description=f"{label or cfg.strategy}: "
                             + (f"acc {acc:.3f}" if acc == acc else f"loss {row['full-train-loss']:.3g}"))
 
-    grid = InProcessGrid(client_app, cfg.num_nodes, run_config=values)
+    grid = InProcessGrid(harness_client_app(), cfg.num_nodes, run_config=values)
     try:
         run_server(grid, cfg, on_round=on_round, checkpoint_dir=out_dir, resume=resume)
     finally:
