@@ -8,6 +8,7 @@ import logging
 import time
 from logging import INFO
 from collections.abc import Callable, Iterable, Sequence
+from typing import NamedTuple
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
@@ -16,9 +17,10 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log as flwr_log
 from torch import nn
 
-from fl_subnet.core.aggregate import MaskedAggregator, first_non_finite
+from fl_subnet.core.aggregate import first_non_finite
+from fl_subnet.core.rules import AGGREGATION_RULES, AggregationRule, make_rule
 from fl_subnet.core.slicing import SERVER_THREADS, torch_threads
-from fl_subnet.core.robust import MaskedMedian, MaskedTrimmedMean, cap_weight, screen_update, update_ratio
+from fl_subnet.core.robust import update_ratio
 from fl_subnet.core.batchnorm import batchnorm_layers, check_policy, recompute_bn_stats
 from fl_subnet.core.spec import analyze
 from fl_subnet.core.masks import Mask, coverage
@@ -29,6 +31,7 @@ from fl_subnet.core.samplers import MaskSampler
 
 from fl_subnet.core.server_opt import MaskedServerOptimizer
 
+from .defences import NO_DEFENCES, Defences
 from .compose import check_composition, refuse_dp_wrapper, server_optimizer_of
 from .lr_scaling import LR_SCALINGS, lr_factor
 from .nodes import NodeSampling, NotEnoughNodes  # noqa: F401  (NotEnoughNodes: part of this module's API)
@@ -38,7 +41,7 @@ from fl_subnet.exceptions import TrainingStalled  # noqa: F401  (re-exported: ra
 log = logging.getLogger(__name__)
 
 
-AGGREGATIONS = ("mean", "median", "trimmed-mean")
+AGGREGATIONS = tuple(AGGREGATION_RULES)
 COMPACT_HINT = ("their ClientApp must train the sub-model the message carries: build it with "
                 "`model = fl_subnet.clients.compact_model(msg, Net)` instead of `Net()` + `load_state_dict(...)` "
                 "(README: 'Switch your own Flower app to fl-subnet')")
@@ -103,25 +106,18 @@ class SubnetStrategy(NodeSampling, FedAvg):
         of rogue nodes among an entry's holders.
     trim_fraction : float
         β of ``trimmed-mean``: ⌊β·h⌋ values dropped at each end of an entry's h holders.
-    max_update_ratio : float, optional
-        Screen every reply: its update norm ``‖W_c − W_k[slice]‖ / ‖W_k[slice]‖`` above
-        this bound is rejected or clipped (``screen``).
-    max_ratio_to_median : float, optional
-        Screen replies whose ratio exceeds this many times the round's median ratio
-        (with ≥ 3 replies): catches a scaled update among honest ones.
-    screen : {"reject", "clip"}
-        What screening does to a reply over the bound.
+    defences : Defences, optional
+        Bounds every reply must meet before the rule folds it in: norm screening
+        (``max_update_ratio``, ``max_ratio_to_median``, ``screen``) and the weight cap
+        (``max_num_examples``), :class:`~fl_subnet.strategies.defences.Defences`. Off by
+        default: the aggregation is then exactly Flower's FedAvg rule on the held
+        entries; with defences on, a run in which nothing is screened or capped is
+        bit-identical to one without them.
     node_wait_timeout : float
         Seconds to wait for enough connected nodes before :class:`NotEnoughNodes`.
     max_failed_rounds : int, optional
         Stop the run (:class:`TrainingStalled`) after this many consecutive rounds
         without a valid reply (default 3; ``None``: never).
-    max_num_examples : float, optional
-        Cap on a reply's self-reported ``num-examples`` weight (e.g. the largest
-        partition size the operator knows): one node cannot buy unbounded weight.
-        With every defence at its default (off) the aggregation is exactly Flower's
-        FedAvg rule on the held entries; with defences on, a run in which nothing is
-        screened or capped is bit-identical to one without them.
     lr_scaling : {"auto", "none", "linear", "square"}
         How a node's ``lr`` (the train config's, sent per node) follows the output scale
         ``s`` of its sub-model (1/ξ for dropout, 1/r for HeteroFL, p for IST):
@@ -193,10 +189,7 @@ class SubnetStrategy(NodeSampling, FedAvg):
         calibration_batches: Iterable[torch.Tensor] | None = None,
         aggregation: str = "mean",
         trim_fraction: float = 0.25,
-        max_update_ratio: float | None = None,
-        max_ratio_to_median: float | None = None,
-        screen: str = "reject",
-        max_num_examples: float | None = None,
+        defences: Defences | None = None,
         max_failed_rounds: int | None = 3,
         lr_scaling: str = "auto",
         node_wait_timeout: float = 300.0,
@@ -238,24 +231,18 @@ class SubnetStrategy(NodeSampling, FedAvg):
         self.untouched = untouched
         self.denominator = denominator
         self.precision = precision
-        MaskedAggregator({}, self.slicer, untouched, denominator, precision)  # validates
-        if aggregation not in AGGREGATIONS:
-            raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
-        if aggregation != "mean" and (denominator != "holders" or untouched != "keep"):
+        make_rule("mean", {}, self.slicer, untouched=untouched, denominator=denominator,
+                  precision=precision)  # validates the mean's options, which the masks always use
+        if aggregation in AGGREGATION_RULES and aggregation != "mean" and (denominator != "holders"
+                                                                          or untouched != "keep"):
             raise ValueError(f"aggregation {aggregation!r} needs denominator='holders' and untouched='keep'")
         self.aggregation = aggregation
         self.trim_fraction = float(trim_fraction)
-        if aggregation == "trimmed-mean":
-            MaskedTrimmedMean({}, self.slicer, self.trim_fraction)  # validates
-        for key, bound in (("max_update_ratio", max_update_ratio), ("max_ratio_to_median", max_ratio_to_median)):
-            if bound is not None:
-                screen_update({}, {}, bound, screen)  # validates (ValueError naming max_ratio / mode)
-        self.max_update_ratio = max_update_ratio
-        self.max_ratio_to_median = max_ratio_to_median
-        self._screening = max_update_ratio is not None or max_ratio_to_median is not None
-        self.screen = screen
-        cap_weight(1.0, max_num_examples)  # validates
-        self.max_num_examples = max_num_examples
+        make_rule(aggregation, {}, self.slicer, untouched=untouched, denominator=denominator, precision=precision,
+                  trim_fraction=self.trim_fraction)  # validates the rule and its options
+        if defences is not None and not isinstance(defences, Defences):
+            raise TypeError(f"defences must be a Defences, got {type(defences).__name__}")
+        self.defences = defences if defences is not None else NO_DEFENCES
         if max_failed_rounds is not None and (isinstance(max_failed_rounds, bool) or not isinstance(
                 max_failed_rounds, int) or max_failed_rounds < 1):
             raise ValueError(f"max_failed_rounds must be an integer >= 1 or None, got {max_failed_rounds!r}")
@@ -323,11 +310,12 @@ class SubnetStrategy(NodeSampling, FedAvg):
         }
         if self.capacity_tiers:
             out["capacity tiers"] = ",".join(f"{t:g}" for t in self.capacity_tiers)
-        if self._screening:
-            out["screening"] = (f"{self.screen}: max-update-ratio={self.max_update_ratio}, "
-                                f"max-ratio-to-median={self.max_ratio_to_median}")
-        if self.max_num_examples is not None:
-            out["max num-examples"] = self.max_num_examples
+        d = self.defences
+        if d.screening:
+            out["screening"] = (f"{d.screen}: max-update-ratio={d.max_update_ratio}, "
+                                f"max-ratio-to-median={d.max_ratio_to_median}")
+        if d.max_num_examples is not None:
+            out["max num-examples"] = d.max_num_examples
         out["server optimizer"] = repr(self.server_optimizer) if self.server_optimizer is not None else "none (FedAvg)"
         return out
 
@@ -470,8 +458,8 @@ class SubnetStrategy(NodeSampling, FedAvg):
 
         Each reply is parsed and checked against the mask sent to its node; with
         screening on, its update norm relative to the global slice is compared with
-        ``max_update_ratio`` and with ``max_ratio_to_median`` times the round's median;
-        its weight is capped at ``max_num_examples``; then the aggregation rule
+        ``defences.max_update_ratio`` and with ``defences.max_ratio_to_median`` times the
+        round's median; its weight is capped at ``defences.max_num_examples``; then the rule
         (``aggregation``) folds the rest in. Returns ``(None, metrics)`` when no reply is
         valid, or when the new model (after the server optimizer and BatchNorm
         recalibration) or the server optimizer's new state would hold NaN or Inf (one
@@ -485,21 +473,35 @@ class SubnetStrategy(NodeSampling, FedAvg):
 
     def _aggregate_train(self, server_round: int, replies: Iterable[Message]
                          ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        server_round += self.round_offset
+        tally = _Tally(server_round + self.round_offset)
         agg = self._aggregator()
+        parsed = self._parse_replies(replies, agg, tally)
+        folded = self._fold(parsed, agg, tally)
+        metrics = self._round_metrics(folded, tally)
+        if not folded:
+            return self._no_valid_reply(tally, metrics)
+        self._failed_rounds = 0
+        aggregate = agg.finalize()
+        saved = self.server_optimizer.snapshot() if self.server_optimizer is not None else None
+        new_state = self.after_aggregation(aggregate, agg.held())
+        where = self._non_finite(aggregate, new_state, saved is not None, len(folded))
+        if where is not None:  # a round must never make the model (or the optimizer state) NaN or Inf
+            if saved is not None:
+                self.server_optimizer.restore(saved)
+            log.error("aggregate_train: round %d: NaN or Inf in %s: kept the current model", tally.server_round,
+                      where)
+            metrics["model-kept"] = 1
+            return None, metrics
+        out = state_to_arrays(new_state)
+        self._remember(out, new_state)
+        return out, metrics
+
+    def _parse_replies(self, replies: Iterable[Message], agg, tally: "_Tally") -> list["_Reply"]:
+        """Step 1: every reply parsed and checked against the mask sent to its node (a bad
+        one is rejected with its reason), with its update ratio when screening is on."""
         by_id = {m.metadata.message_id: n for n, m in self._out.items() if m.metadata.message_id}
-        parsed: list[tuple[int, Message, Mask, dict, float, int, float, dict | None]] = []
-        rejected, clipped, seen = 0, 0, set()
-        full_size: list[int] = []
-        reasons: list[str] = []
-
-        def reject(node: int, why: object) -> None:
-            nonlocal rejected
-            rejected += 1
-            text = str(why)
-            reasons.append(f"node {node}: {text[:200]}{'...' if len(text) > 200 else ''}")
-            log.warning("aggregate_train: round %d: rejected reply from node %d: %s", server_round, node, why)
-
+        parsed: list[_Reply] = []
+        seen: set[int] = set()
         for msg in replies:
             node = by_id.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
             try:
@@ -508,7 +510,7 @@ class SubnetStrategy(NodeSampling, FedAvg):
                     if "size mismatch" in reason or PACKED_PREFIX in reason or f"'{RAW_STYPE}'" in reason:
                         # the ClientApp loaded the slice into a full-size model (Flower's
                         # to_torch_state_dict refuses the packed arrays' raw stype)
-                        full_size.append(node)
+                        tally.full_size.append(node)
                     raise ReplyError(f"error reply: {msg.error.reason}")
                 if node in seen:
                     raise ReplyError("duplicate reply")
@@ -519,40 +521,43 @@ class SubnetStrategy(NodeSampling, FedAvg):
                                                     functools.partial(self._node_layout, node, mask))
                 packed = is_packed(next(iter(msg.content.array_records.values())))  # exactly one (parse_reply)
                 if not packed and self._is_full_size(compact, mask):  # a packed reply has the layout's shapes
-                    full_size.append(node)
+                    tally.full_size.append(node)
                 agg.check(compact, mask)
-                base = self.slicer.gather(self._state, mask) if self._screening else None
+                base = self.slicer.gather(self._state, mask) if self.defences.screening else None
                 ratio = update_ratio(compact, base) if base is not None else 0.0
             except Exception as err:  # noqa: BLE001 — a reply must never crash the ServerApp
-                reject(node, err)
+                tally.reject(node, err)
                 continue
             seen.add(node)
-            parsed.append((node, msg, mask, compact, weight, size, ratio, base))
-        bound = self.max_update_ratio
-        if self.max_ratio_to_median is not None and len(parsed) >= 3:
-            median = float(torch.tensor([p[6] for p in parsed]).median())
-            bound = min(bound if bound is not None else float("inf"), self.max_ratio_to_median * median)
-        valid: list[RecordDict] = []
-        used: list[Mask] = []
-        bytes_up = 0
-        for node, msg, mask, compact, weight, size, ratio, base in parsed:
+            parsed.append(_Reply(node, msg, mask, compact, weight, size, ratio, base))
+        return parsed
+
+    def _fold(self, parsed: list["_Reply"], agg, tally: "_Tally") -> list["_Reply"]:
+        """Step 2: the defences (screening against the round's bound, the weight cap), then
+        the aggregation rule ``agg`` folds each remaining reply in. Returns those replies."""
+        bound = self.defences.bound([r.ratio for r in parsed])
+        folded: list[_Reply] = []
+        for r in parsed:
             try:
-                if bound is not None and ratio > bound:
-                    compact, _, was_clipped = screen_update(compact, base, bound, self.screen)
-                    clipped += int(was_clipped)
+                compact, clipped = self.defences.apply(r.compact, r.base, r.ratio, bound)
+                if clipped:
+                    tally.clipped += 1
                     log.warning("aggregate_train: round %d: clipped the update of node %d (norm ratio %.3g > %.3g)",
-                                server_round, node, ratio, bound)
-                if self.max_num_examples is not None and weight > self.max_num_examples:
-                    log.warning("aggregate_train: round %d: node %d reports %s %g, capped at %d",
-                                server_round, node, self.weighted_by_key, weight, self.max_num_examples)
-                    weight = cap_weight(weight, self.max_num_examples)
-                agg.add(compact, mask, weight if self.weighted else 1.0, checked=True)  # checked above
+                                tally.server_round, r.node, r.ratio, bound)
+                weight = self.defences.weight(r.weight)
+                if weight != r.weight:
+                    log.warning("aggregate_train: round %d: node %d reports %s %g, capped at %d", tally.server_round,
+                                r.node, self.weighted_by_key, r.weight, self.defences.max_num_examples)
+                agg.add(compact, r.mask, weight if self.weighted else 1.0, checked=True)  # checked in step 1
             except Exception as err:  # noqa: BLE001
-                reject(node, err)
+                tally.reject(r.node, err)
                 continue
-            valid.append(msg.content)
-            used.append(mask)
-            bytes_up += size
+            folded.append(r)
+        return folded
+
+    def _round_metrics(self, folded: list["_Reply"], tally: "_Tally") -> MetricRecord:
+        """Step 3: the nodes' metrics (Flower's ``train_metrics_aggr_fn``) and the server's."""
+        valid = [r.msg.content for r in folded]
         metrics = MetricRecord()
         if valid:
             try:
@@ -560,56 +565,59 @@ class SubnetStrategy(NodeSampling, FedAvg):
             except Exception as err:  # noqa: BLE001
                 log.warning("aggregate_train: client metrics not aggregated: %s", err)
         metrics["bytes-down"] = int(self._bytes_down)
-        metrics["bytes-up"] = int(bytes_up)
-        metrics["coverage"] = coverage(used, self.groups) if used else 0.0
+        metrics["bytes-up"] = int(sum(r.size for r in folded))
+        metrics["coverage"] = coverage([r.mask for r in folded], self.groups) if folded else 0.0
         metrics["num-replies"] = len(valid)
-        metrics["num-rejected"] = rejected
-        metrics["num-clipped"] = clipped
+        metrics["num-rejected"] = tally.rejected
+        metrics["num-clipped"] = tally.clipped
         metrics["model-kept"] = 0 if valid else 1
         metrics["round-seconds"] = time.perf_counter() - self._t_round
         self.last_train_metrics = metrics
-        if full_size:
+        if tally.full_size:
+            nodes = sorted(set(tally.full_size))
             log.error("aggregate_train: round %d: %d node(s) %s sent or expected the full-size model instead of "
-                      "their compact slice: %s", server_round, len(set(full_size)), sorted(set(full_size)),
-                      COMPACT_HINT)
-        if not valid:
-            self._failed_rounds += 1
-            log.warning("aggregate_train: round %d: no valid reply, model unchanged (%d round(s) in a row)",
-                        server_round, self._failed_rounds)
-            if self.max_failed_rounds is not None and self._failed_rounds >= self.max_failed_rounds:
-                hint = f" Nodes sent or expected the full-size model: {COMPACT_HINT}." if full_size else ""
-                raise TrainingStalled(
-                    f"no node produced a valid train reply in {self._failed_rounds} consecutive rounds "
-                    f"(max_failed_rounds).{hint} Last round: {'; '.join(reasons[:3]) or 'no replies'}")
-            return None, metrics
-        self._failed_rounds = 0
-        new_state = aggregate = agg.finalize()
-        saved = None
+                      "their compact slice: %s", tally.server_round, len(nodes), nodes, COMPACT_HINT)
+        return metrics
+
+    def _no_valid_reply(self, tally: "_Tally", metrics: MetricRecord) -> tuple[None, MetricRecord]:
+        """The failure policy: the model stays; after ``max_failed_rounds`` such rounds in a
+        row the run stops (:class:`TrainingStalled`)."""
+        self._failed_rounds += 1
+        log.warning("aggregate_train: round %d: no valid reply, model unchanged (%d round(s) in a row)",
+                    tally.server_round, self._failed_rounds)
+        if self.max_failed_rounds is not None and self._failed_rounds >= self.max_failed_rounds:
+            hint = f" Nodes sent or expected the full-size model: {COMPACT_HINT}." if tally.full_size else ""
+            raise TrainingStalled(
+                f"no node produced a valid train reply in {self._failed_rounds} consecutive rounds "
+                f"(max_failed_rounds).{hint} Last round: {'; '.join(tally.reasons[:3]) or 'no replies'}")
+        return None, metrics
+
+    def after_aggregation(self, aggregate: dict[str, torch.Tensor], held: dict[str, torch.Tensor]
+                          ) -> dict[str, torch.Tensor]:
+        """The post-aggregation hook: the server optimizer's step on the masked
+        pseudo-gradient (entries no reply held keep their value and state), then the static
+        BatchNorm recalibration. Override it (calling ``super()``) to add a server step."""
+        new_state = aggregate
         if self.server_optimizer is not None:
-            saved = self.server_optimizer.snapshot()
-            new_state = stepped = self.server_optimizer.step(self._state, new_state, agg.held())
+            new_state = self.server_optimizer.step(self._state, new_state, held)
+        self._stepped = new_state
         if self.batchnorm == "static" and self.calibration_batches is not None:
             new_state = self._recalibrate(new_state)
+        return new_state
+
+    def _non_finite(self, aggregate: dict, new_state: dict, stepped: bool, num_valid: int) -> str | None:
+        """Where the round made a NaN or Inf, or None: the new model (the aggregate of the
+        ``num_valid`` replies, the server step, the recalibration), else the server
+        optimizer's new state."""
         bad = first_non_finite(new_state)
-        bad_state = None if bad is not None or saved is None else first_non_finite(self.server_optimizer.state_dict())
-        if bad is not None or bad_state is not None:
-            # a round must never make the model (or the optimizer state it steps with) NaN or Inf
-            if saved is not None:
-                self.server_optimizer.restore(saved)
-            if bad_state is not None:
-                where = f"the server optimizer's state '{bad_state}'"
-            elif first_non_finite({bad: aggregate[bad]}) is not None:
-                where = f"'{bad}' in the aggregate of the {len(valid)} valid replies"
-            elif saved is not None and first_non_finite({bad: stepped[bad]}) is not None:
-                where = f"'{bad}' after the server optimizer's step"
-            else:
-                where = f"'{bad}' after the BatchNorm recalibration"
-            log.error("aggregate_train: round %d: NaN or Inf in %s: kept the current model", server_round, where)
-            metrics["model-kept"] = 1
-            return None, metrics
-        out = state_to_arrays(new_state)
-        self._remember(out, new_state)
-        return out, metrics
+        if bad is None:
+            bad_state = first_non_finite(self.server_optimizer.state_dict()) if stepped else None
+            return None if bad_state is None else f"the server optimizer's state '{bad_state}'"
+        if first_non_finite({bad: aggregate[bad]}) is not None:
+            return f"'{bad}' in the aggregate of the {num_valid} valid replies"
+        if stepped and first_non_finite({bad: self._stepped[bad]}) is not None:
+            return f"'{bad}' after the server optimizer's step"
+        return f"'{bad}' after the BatchNorm recalibration"
 
     def slice_state(self, arrays: ArrayRecord, node_id: int) -> dict[str, torch.Tensor]:
         """The compact slice in ``arrays`` (of this round's train message to ``node_id``,
@@ -655,13 +663,11 @@ class SubnetStrategy(NodeSampling, FedAvg):
         return bool(shapes) and all(got == full for got, full, _ in shapes) and any(
             want != full for _, full, want in shapes)
 
-    def _aggregator(self):
-        if self.aggregation == "median":
-            return MaskedMedian(self._state, self.slicer)
-        if self.aggregation == "trimmed-mean":
-            return MaskedTrimmedMean(self._state, self.slicer, self.trim_fraction)
-        return MaskedAggregator(self._state, self.slicer, self.untouched, self.denominator, self.precision,
-                                flat=self._flat)
+    def _aggregator(self) -> AggregationRule:
+        """This round's aggregation rule over the current global model."""
+        return make_rule(self.aggregation, self._state, self.slicer, untouched=self.untouched,
+                         denominator=self.denominator, precision=self.precision, flat=self._flat,
+                         trim_fraction=self.trim_fraction)
 
     def _recalibrate(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Static BatchNorm: the full model's running statistics, recomputed on the
@@ -670,3 +676,34 @@ class SubnetStrategy(NodeSampling, FedAvg):
         model.load_state_dict(state)
         recompute_bn_stats(model, self.calibration_batches)
         return {k: v.detach() for k, v in model.state_dict().items()}
+
+
+class _Reply(NamedTuple):
+    """A parsed reply: its node, message, the mask sent, the compact state, its weight and
+    bytes, and (screening on) its update ratio against the global slice ``base``."""
+
+    node: int
+    msg: Message
+    mask: Mask
+    compact: dict
+    weight: float
+    size: int
+    ratio: float
+    base: dict | None
+
+
+class _Tally:
+    """A round's count of rejected and clipped replies, with the reasons."""
+
+    def __init__(self, server_round: int) -> None:
+        self.server_round = server_round
+        self.rejected = 0
+        self.clipped = 0
+        self.reasons: list[str] = []
+        self.full_size: list[int] = []
+
+    def reject(self, node: int, why: object) -> None:
+        self.rejected += 1
+        text = str(why)
+        self.reasons.append(f"node {node}: {text[:200]}{'...' if len(text) > 200 else ''}")
+        log.warning("aggregate_train: round %d: rejected reply from node %d: %s", self.server_round, node, why)

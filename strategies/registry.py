@@ -19,6 +19,8 @@ from torch import nn
 
 from fl_subnet.core.server_opt import make_server_optimizer
 
+from .defences import Defences
+
 
 @dataclass(frozen=True)
 class Protocol:
@@ -112,8 +114,9 @@ def build_strategy(cfg: Any, model_factory: Callable[[], nn.Module], *, example_
     common = dict(seed=cfg.seed, untouched=cfg.untouched, example_input=example_input,
                   batchnorm=cfg.batchnorm, calibration_batches=calibration_batches,
                   aggregation=cfg.aggregation, trim_fraction=cfg.trim_fraction,
-                  max_update_ratio=cfg.max_update_ratio or None, max_ratio_to_median=cfg.max_ratio_to_median or None,
-                  screen=cfg.screen, max_num_examples=cfg.max_num_examples or None,
+                  defences=Defences(max_update_ratio=cfg.max_update_ratio or None,
+                                    max_ratio_to_median=cfg.max_ratio_to_median or None, screen=cfg.screen,
+                                    max_num_examples=cfg.max_num_examples or None),
                   max_failed_rounds=cfg.max_failed_rounds or None, node_wait_timeout=cfg.node_wait_timeout,
                   lr_scaling=cfg.lr_scaling,
                   server_optimizer=make_server_optimizer(cfg.server_optimizer, lr=cfg.server_lr or None,

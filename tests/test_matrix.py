@@ -66,6 +66,7 @@ from fl_subnet.experiments.inprocess_grid import InProcessGrid
 from fl_subnet.models import CNNBN, MLP, MHATransformer, PreActResNet
 from fl_subnet.strategies import PROTOCOLS as REGISTERED
 from fl_subnet.strategies import build_strategy
+from fl_subnet.strategies.defences import Defences
 from fl_subnet.strategies import (IST, CoreAlternation, Dropout, FederatedDropout, FedRolex, FjORD, HeteroFL,
                                   MultiSampleDropout, RandomPath, SubnetFedAvg)
 from fl_subnet.wire import arrays_to_state
@@ -429,6 +430,8 @@ def run_cell(c: Cell):
     options.setdefault("fraction_evaluate", 0.0)
     if "server_optimizer" in options:
         options["server_optimizer"] = SERVER_OPTS[options["server_optimizer"]]()
+    if any(k in options for k in DEFENCES):  # the cells name the defences' fields; the strategy takes one object
+        options["defences"] = Defences(**{k: options.pop(k) for k in DEFENCES if k in options})
     if c.calibrate:
         x, _ = problem.union()
         options["calibration_batches"] = list(x.split(32))

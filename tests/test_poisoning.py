@@ -20,10 +20,11 @@ from fl_subnet.experiments.data import load_centralized_test, load_partition
 from fl_subnet.experiments.inprocess_grid import InProcessGrid
 from fl_subnet.models import MLP
 from fl_subnet.strategies import FederatedDropout, SubnetFedAvg
+from fl_subnet.strategies.defences import Defences
 from fl_subnet.wire import arrays_to_state
 
 NODES, ROGUE, ROUNDS = 4, 2, 8
-DEFENCES = {"max_ratio_to_median": 3.0, "max_num_examples": 400}  # 400 ≥ the largest partition (≈ 290)
+DEFENCES = Defences(max_ratio_to_median=3.0, max_num_examples=400)  # 400 ≥ the largest partition (≈ 290)
 
 
 def factory():
@@ -67,7 +68,7 @@ def rogue_train(attack: str, model, train_set, cfg, seed):
 def run(strategy_cls, attack: str, defended: bool) -> dict[str, torch.Tensor]:
     torch.manual_seed(0)
     init = ArrayRecord(factory().state_dict())
-    kwargs = dict(DEFENCES) if defended else {}
+    kwargs = {"defences": DEFENCES} if defended else {}
     if strategy_cls is FederatedDropout:
         strategy = FederatedDropout(factory, 0.75, seed=1, fraction_evaluate=0.0, min_available_nodes=NODES, **kwargs)
     else:

@@ -62,4 +62,5 @@ def test_registering_adds_a_row_and_a_builder(monkeypatch):
                 "max_ratio_to_median", "screen", "max_num_examples", "max_failed_rounds", "node_wait_timeout",
                 "lr_scaling", "server_optimizer", "server_lr", "server_momentum", "fraction_evaluate"):
         setattr(cfg, key, 0)
+    cfg.screen = "reject"
     assert registry.build_strategy(cfg, "factory") == ("built", cfg, "factory")

@@ -1,0 +1,75 @@
+"""The aggregation rules: one interface, one registry.
+
+Every rule folds masked replies into the global state with the same contract
+(:class:`AggregationRule`): ``check`` validates a reply against its mask (``ValueError``
+naming the key), ``add(compact, mask, weight, checked=...)`` takes it in (``checked=True``:
+already validated by ``check``), ``held()`` says which entries some reply held, and
+``finalize()`` returns the new state, every entry no reply held keeping its value. One
+shared test suite (tests/test_aggregation_rules.py) runs against every rule of
+:data:`AGGREGATION_RULES`; a new rule is one class and one entry here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Protocol
+
+import torch
+
+from .aggregate import MaskedAggregator
+from .masks import Mask
+from .robust import MaskedMedian, MaskedTrimmedMean
+from .slicing import Slicer
+
+
+class AggregationRule(Protocol):
+    """What the strategy needs of a rule (see the module docstring)."""
+
+    @property
+    def num_replies(self) -> int: ...
+
+    def check(self, compact: Mapping[str, torch.Tensor], mask: Mask) -> None: ...
+
+    def add(self, compact: Mapping[str, torch.Tensor], mask: Mask, weight: float = 1.0,
+            checked: bool = False) -> None: ...
+
+    def held(self) -> dict[str, torch.Tensor]: ...
+
+    def finalize(self) -> dict[str, torch.Tensor]: ...
+
+
+def _mean(state, slicer, *, untouched="keep", denominator="holders", precision="float32", flat=None,
+          trim_fraction=None) -> MaskedAggregator:
+    return MaskedAggregator(state, slicer, untouched, denominator, precision, flat=flat)
+
+
+def _median(state, slicer, **_) -> MaskedMedian:
+    return MaskedMedian(state, slicer)
+
+
+def _trimmed_mean(state, slicer, *, trim_fraction=0.25, **_) -> MaskedTrimmedMean:
+    return MaskedTrimmedMean(state, slicer, trim_fraction)
+
+
+#: Rule name (the run config's ``aggregation``) -> constructor ``(global_state, slicer, **options)``.
+#: ``mean``: the (weighted) mean over each entry's holders (Flower's FedAvg rule on the held
+#: entries); ``median`` / ``trimmed-mean``: the coordinate-wise median / β-trimmed mean over
+#: each entry's holders, unweighted (Yin et al., ICML 2018).
+AGGREGATION_RULES: dict[str, Callable[..., AggregationRule]] = {
+    "mean": _mean, "median": _median, "trimmed-mean": _trimmed_mean}
+
+
+def make_rule(name: str, global_state: Mapping[str, torch.Tensor], slicer: Slicer, **options) -> AggregationRule:
+    """The rule ``name`` over ``global_state`` (``W_k``, not modified).
+
+    ``options``: ``untouched``, ``denominator``, ``precision``, ``flat`` (the mean) and
+    ``trim_fraction`` (the trimmed mean); a rule ignores the others.
+
+    Raises
+    ------
+    ValueError
+        If ``name`` is not a rule of :data:`AGGREGATION_RULES`, or an option is invalid.
+    """
+    if name not in AGGREGATION_RULES:
+        raise ValueError(f"aggregation must be one of {tuple(AGGREGATION_RULES)}, got {name!r}")
+    return AGGREGATION_RULES[name](global_state, slicer, **options)
