@@ -146,9 +146,8 @@ def build_compact_graph(gm: "fx.GraphModule", resolved, compact_state: Mapping[s
     The graph edits depend only on the mask's *structure* (skipped blocks, kept-head
     counts, view sizes, which consumers carry a scale), so each structure is compiled
     once per traced graph and process (an LRU of :data:`MAX_TEMPLATES`); a build then
-    copies that template's module tree and sets the tensors and scale vectors (about
-    0.7 ms on the demo's 17k-parameter MLP, against 6.3 ms for a copy and recompile of
-    the graph). Models of one structure share the template's fx graph and compiled
+    copies that template's module tree and sets the tensors and scale vectors, without
+    recompiling the graph (``bench/analysis.py`` times a build). Models of one structure share the template's fx graph and compiled
     ``forward``: edit ``model.graph`` only on a ``copy.deepcopy`` of the model.
 
     Returns
@@ -299,8 +298,8 @@ def _clone(module: nn.Module, graph=None) -> nn.Module:
     its compiled ``forward``), sharing only the fx graph and the template's ``meta``
     tensors (no data; every state tensor is then replaced). Dicts of parameters, buffers
     and submodules are new; other mutable attributes are deep-copied, empty containers
-    (the hook dicts) created anew. Faster than ``copy.deepcopy`` by about 5× on a small
-    module tree, which the client pays once a message."""
+    (the hook dicts) created anew: cheaper than ``copy.deepcopy``, which would copy the
+    graph, and paid by the client once a message."""
     import copy
 
     new = object.__new__(type(module))

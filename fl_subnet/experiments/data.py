@@ -288,8 +288,8 @@ def _cached_partition_tensors(name: str, key: tuple, num_partitions: int, scheme
                               classes_per_partition: int, seed: int, partition_id: int, test_fraction: float
                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`load_partition`'s tensors, once per process: a ClientApp asks for its
-    partition with every message (Arrow's ``select`` and the conversion took 19 ms of a
-    49 ms train message on digits)."""
+    partition with every message, and Arrow's ``select`` with the conversion to tensors
+    is a large share of a small train message."""
     parts = _cached_partitions(name, key, num_partitions, scheme, alpha, classes_per_partition, seed)
     part = parts[partition_id]
     n = len(part)
