@@ -23,3 +23,10 @@ def model_and_factory(request):
     model = factory()
     groups = find_unit_groups(model)
     return model, factory, groups, Slicer(groups)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Run the slow tests (real Flower runs, mostly waiting on processes) first: with
+    ``pytest -n 2`` (make test) they then overlap each other and the fast tests fill the
+    gaps, instead of the longest ones starting last and running alone."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: file order kept within each

@@ -51,3 +51,11 @@ def test_ci_and_readme_name_the_targets():
     block = readme.split("## Two commands", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
     assert "make test-fast" in block and 'make test PYTEST_ARGS="' in block, block
     assert 'make test -m' not in readme
+
+
+def test_make_test_runs_on_two_workers_by_default():
+    """pytest-xdist, 2 workers (CI's cores); PYTEST_WORKERS=0 runs in one process."""
+    args = pytest_command("test")
+    assert args[args.index("-n") + 1] == "2", args
+    args = pytest_command("test", "PYTEST_WORKERS=0")
+    assert args[args.index("-n") + 1] == "0", args

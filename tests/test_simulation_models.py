@@ -81,29 +81,40 @@ def expected_bytes_up(overrides: dict, rounds: int) -> list[int]:
     return out
 
 
-@pytest.mark.skipif(bool(missing_binaries("flwr", "flower-superlink")), reason="Flower executables not installed")
-def test_flwr_run_cnn_bn_and_transformer_with_ist_and_federated_dropout(tmp_path):
-    home = tmp_path / "flwr-home"
+@pytest.fixture(scope="module")
+def simulation_link(tmp_path_factory):
+    """One simulation SuperLink for this module's runs (per pytest worker)."""
+    if missing_binaries("flwr", "flower-superlink"):
+        pytest.skip("Flower executables not installed")
+    tmp = tmp_path_factory.mktemp("sim-link")
+    home = tmp / "flwr-home"
     (port,) = free_ports(1)
     write_flower_config(home, "fl-subnet-sim", f"127.0.0.1:{port}", SIMULATION_OPTIONS)
-    procs = Processes(tmp_path / "logs", flower_env(home))
+    procs = Processes(tmp / "logs", flower_env(home))
     try:
         start_superlink(procs, port, simulation=True)
-        for model, model_keys in MODELS.items():
-            for strategy in ("ist", "federated-dropout"):
-                out_dir = tmp_path / f"{model}-{strategy}"
-                overrides = {**COMMON, **model_keys, "strategy": strategy}
-                scenario = tmp_path / f"{model}-{strategy}.toml"
-                scenario.write_text(tomli_w.dumps({**overrides, "out-dir": str(out_dir)}))
-                flwr_run(procs, "fl-subnet-sim", scenario, out_dir, timeout=300)
-                rows = json.loads((out_dir / "metrics.json").read_text())
-                assert [r["server-round"] for r in rows] == [0, 1, 2], (model, strategy)
-                assert all(np.isfinite(r["full-train-loss"]) for r in rows), rows
-                assert [r["bytes-up"] for r in rows[1:]] == expected_bytes_up(overrides, 2), (model, strategy)
-                if strategy == "ist":  # a partition: every unit trained by exactly one node
-                    assert all(r["coverage"] == 1.0 for r in rows[1:]), rows
+        yield procs
+    finally:
+        procs.stop_all()
+
+
+@pytest.mark.parametrize("strategy", ["ist", "federated-dropout"])
+@pytest.mark.parametrize("model", list(MODELS))
+def test_flwr_run_cnn_bn_and_transformer_with_ist_and_federated_dropout(simulation_link, tmp_path, model,
+                                                                        strategy):
+    procs = simulation_link
+    try:
+        out_dir = tmp_path / f"{model}-{strategy}"
+        overrides = {**COMMON, **MODELS[model], "strategy": strategy}
+        scenario = tmp_path / f"{model}-{strategy}.toml"
+        scenario.write_text(tomli_w.dumps({**overrides, "out-dir": str(out_dir)}))
+        flwr_run(procs, "fl-subnet-sim", scenario, out_dir, timeout=300)
+        rows = json.loads((out_dir / "metrics.json").read_text())
+        assert [r["server-round"] for r in rows] == [0, 1, 2], (model, strategy)
+        assert all(np.isfinite(r["full-train-loss"]) for r in rows), rows
+        assert [r["bytes-up"] for r in rows[1:]] == expected_bytes_up(overrides, 2), (model, strategy)
+        if strategy == "ist":  # a partition: every unit trained by exactly one node
+            assert all(r["coverage"] == 1.0 for r in rows[1:]), rows
     except BaseException:
         print(procs.tails())
         raise
-    finally:
-        procs.stop_all()
