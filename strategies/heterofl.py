@@ -45,7 +45,10 @@ class HeteroFL(CapacityStrategy):
     """HeteroFL (Diao, Ding & Tarokh, ICLR 2021): a node of capacity ``r`` trains the
     first ``⌈r·size⌉`` units of every group (nested sub-models), its kept outputs scaled
     by ``1/r`` while training (§3.2 "scaler"); the server averages each entry over the
-    nodes that held it, unweighted (count mean, §3.1).
+    nodes that held it, unweighted (count mean, §3.1). Where a BatchNorm follows the
+    units' layer, the scaler sits before the norm as in the reference's models
+    (``conv -> scaler -> norm``, src/models/conv.py and resnet.py), so the batch
+    statistics cancel it (:func:`fl_subnet.core.unit_scale.training_scale`).
 
     Parameters
     ----------

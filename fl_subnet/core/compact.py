@@ -183,6 +183,8 @@ def build_compact_graph(gm: "fx.GraphModule", resolved, compact_state: Mapping[s
             sizes = tuple(int(dim_keep(length, ent, keep_units).sum()) if ent else None for length, ent in dims)
             if any(s is not None for s in sizes):
                 views[name] = sizes
+    dtype = _float_dtype(compact_state)
+    normalized = getattr(resolved, "batch_normalized", frozenset())
     sites = {}  # consumer index -> (scale vector, plan): where an output scale is not 1
     for i, (_, _, _, length, ent) in enumerate(resolved.consumers):
         keep_pos = None if full else dim_keep(length, ent, keep_units)
@@ -193,7 +195,8 @@ def build_compact_graph(gm: "fx.GraphModule", resolved, compact_state: Mapping[s
             continue
         names = {g for g, _, _ in ent}
         sites[i] = (vec, ScalePlan(length, list(ent), {g: keep_units[g].clone() for g in names},
-                                   {g: unit_scale[g].clone() for g in names}, keep_pos, []))
+                                   {g: unit_scale[g].clone() for g in names}, keep_pos, [],
+                                   batch_normalized=i in normalized))
     structure = (full, tuple(sorted(mask.skip)), tuple(sorted((p, h[0]) for p, h in heads.items())),
                  tuple(sorted(views.items())), tuple(sorted(sites)))
     template = _template(gm, structure, resolved, mask.skip, blocks, heads, views, sites)
@@ -207,13 +210,24 @@ def build_compact_graph(gm: "fx.GraphModule", resolved, compact_state: Mapping[s
     for path in template.heads:
         _, scale, plan = heads[path]
         attention = model.get_submodule(path)
-        attention.head_scale, attention.fl_subnet_heads = scale, plan
+        attention.head_scale, attention.fl_subnet_heads = scale.to(dtype), plan
     for i, shape in template.sites.items():
         vec, plan = sites[i]
         plan.shape = list(shape)
         site = model.get_submodule(_site_name(i))
-        site.scale, site.plan = vec.view(shape), plan
+        site.scale, site.plan = vec.view(shape).to(dtype), plan
+        if plan.batch_normalized:
+            site.train_scale = plan.vector(training=True).to(dtype)
     return model.train()
+
+
+def _float_dtype(state: Mapping[str, torch.Tensor]) -> torch.dtype:
+    """The dtype of the model's floating tensors (its scales are applied in it: 1/0.3 in a
+    float64 model is 1/0.3 to float64's precision, not float32's)."""
+    for value in state.values():
+        if torch.is_floating_point(value):
+            return value.dtype
+    return torch.get_default_dtype()
 
 
 @dataclass(eq=False)
@@ -278,7 +292,8 @@ def _template(gm, structure, resolved, skip, blocks, heads, views, sites) -> _Te
         src = node.args[arg]
         shape = [1] * len(src.meta["tensor_meta"].shape)
         shape[dim] = -1
-        model.add_submodule(_site_name(i), UnitScale(sites[i][0].view(shape)))
+        model.add_submodule(_site_name(i), UnitScale(sites[i][0].view(shape), None,
+                                                     sites[i][0].view(shape) if sites[i][1].batch_normalized else None))
         with model.graph.inserting_before(node):
             scaled = model.graph.call_module(_site_name(i), (src,))
         args = list(node.args)
@@ -340,7 +355,7 @@ def _skip_blocks(model, blocks) -> None:
 def _unit_scale(mask: Mask, group: UnitGroup) -> torch.Tensor:
     """Per-unit output scale ``(size,)`` of ``group`` (kept units' scale; 1 elsewhere)."""
     s = mask.scale.get(group.name, 1.0)
-    out = torch.ones(group.size)
+    out = torch.ones(group.size, dtype=torch.float64)
     if isinstance(s, torch.Tensor) and s.dim() == 1:
         out[mask.kept(group)] = s.to(out.dtype)
     else:

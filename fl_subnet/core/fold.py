@@ -59,7 +59,8 @@ def fold_output_scales(spec, state: Mapping[str, torch.Tensor],
             raise ValueError(f"cannot fold an output scale into '{heads[g]}' (nn.MultiheadAttention): the scale of "
                              f"head group '{g}' acts inside the attention, not on a weight's input")
     keep = {g.name: torch.ones(g.size, dtype=torch.bool) for g in spec.all_groups}
-    unit = {g.name: torch.full((g.size,), float(scales.get(g.name, 1.0))) for g in spec.all_groups}
+    unit = {g.name: torch.full((g.size,), float(scales.get(g.name, 1.0)), dtype=torch.float64)
+            for g in spec.all_groups}
     nodes = {n.name: n for n in spec.graph.graph.nodes}
     out = dict(state)
     for name, arg, dim, length, ent in spec.resolved.consumers:

@@ -135,10 +135,10 @@ def dim_keep(length: int, entries: DimEntries, keep_units: dict[str, torch.Tenso
 
 def dim_scale(length: int, entries: DimEntries, keep_units: dict[str, torch.Tensor],
               unit_scale: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Float ``(length,)``: each position's output scale (0 if dropped, 1 if no group's)."""
-    out = torch.ones(length)
+    """Float64 ``(length,)``: each position's output scale (0 if dropped, 1 if no group's)."""
+    out = torch.ones(length, dtype=torch.float64)
     for g, units, pos in entries:
-        s = unit_scale[g] * keep_units[g]
+        s = (unit_scale[g] * keep_units[g]).to(out.dtype)
         if units is None:
             out[: s.numel()] = s
         else:

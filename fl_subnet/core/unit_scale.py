@@ -28,6 +28,9 @@ class ScalePlan:
         full-size reference).
     shape : list[int]
         The vector's broadcast shape (``-1`` at the dim, 1 elsewhere).
+    batch_normalized : bool
+        The consumer's input comes from a BatchNorm on every path
+        (:attr:`~fl_subnet.core.analysis.resolve.Resolved.batch_normalized`).
     """
 
     length: int
@@ -36,13 +39,33 @@ class ScalePlan:
     units: dict[str, torch.Tensor]
     keep_pos: torch.Tensor | None
     shape: list[int]
+    batch_normalized: bool = False
 
-    def vector(self) -> torch.Tensor:
-        """The scale vector, shape ``shape`` (compact positions), float32."""
+    def vector(self, training: bool = False) -> torch.Tensor:
+        """The scale vector, shape ``shape`` (compact positions), float64.
+
+        ``training=True`` on a batch-normalised site gives each unit 1 where its scale is
+        positive and 0 where it is 0 (:func:`training_scale`)."""
         from .groups import dim_scale
 
-        vec = dim_scale(self.length, self.entries, self.keep_units, self.units)
+        units = {g: training_scale(u) for g, u in self.units.items()} if training and self.batch_normalized \
+            else self.units
+        vec = dim_scale(self.length, self.entries, self.keep_units, units)
         return (vec if self.keep_pos is None else vec[self.keep_pos]).view(self.shape)
+
+
+def training_scale(units: torch.Tensor) -> torch.Tensor:
+    """Per-unit scales as a BatchNorm in training mode leaves them: 1 where positive, 0 where 0.
+
+    HeteroFL's reference puts its ``Scaler`` between a layer and its norm (``conv ->
+    scaler -> norm -> ReLU``, src/models/conv.py and resnet.py of
+    github.com/diaoenmao/HeteroFL-Computation-and-Communication-Efficient-Federated-
+    Learning-for-Heterogeneous-Clients); the norm divides each channel by its batch
+    standard deviation, so a positive factor ``s`` changes the output only through
+    BatchNorm's ``eps`` (``σ² + eps`` becomes ``σ² + eps/s²``). A unit scaled by 0 is
+    dropped and stays out of the next layer.
+    """
+    return (units != 0).to(units.dtype)
 
 
 @dataclass(eq=False)
@@ -65,21 +88,30 @@ class UnitScale(nn.Module):
     ``state_dict()`` through ``copy.deepcopy`` too (an fx ``GraphModule`` copy
     re-registers bare tensors as persistent buffers).
 
+    Where the input comes from a BatchNorm on every path, the scale belongs before that
+    norm, as in HeteroFL's reference (:func:`training_scale`): in training mode the site
+    multiplies by ``train_scale`` (each unit's 1 or 0; the norm has cancelled the rest),
+    in eval mode by ``scale``.
+
     Parameters
     ----------
     scale : torch.Tensor
-        Broadcastable to the input, e.g. ``(1, C, 1, 1)``.
+        Broadcastable to the input, e.g. ``(1, C, 1, 1)``, in the model's dtype.
     plan : ScalePlan, optional
         How ``scale`` derives from per-group unit scales (:func:`set_unit_scales`).
+    train_scale : torch.Tensor, optional
+        The training-mode vector of a batch-normalised site (None: ``scale`` in both modes).
     """
 
-    def __init__(self, scale: torch.Tensor, plan: ScalePlan | None = None) -> None:
+    def __init__(self, scale: torch.Tensor, plan: ScalePlan | None = None,
+                 train_scale: torch.Tensor | None = None) -> None:
         super().__init__()
         self.register_buffer("scale", scale, persistent=False)
+        self.register_buffer("train_scale", train_scale, persistent=False)
         self.plan = plan
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.scale
+        return x * (self.train_scale if self.training and self.train_scale is not None else self.scale)
 
 
 def _sites(model: nn.Module):
@@ -160,12 +192,14 @@ def set_unit_scales(model: nn.Module, scales: Mapping[str, torch.Tensor | float]
         new = plan.vector().to(device=old.device, dtype=old.dtype)
         if isinstance(module, UnitScale):
             module.scale = new
+            if plan.batch_normalized:
+                module.train_scale = plan.vector(training=True).to(device=old.device, dtype=old.dtype)
         else:
             module.head_scale = new
 
 
 def _check_units(group: str, value, k: int) -> torch.Tensor:
-    v = torch.as_tensor(value, dtype=torch.float32)
+    v = torch.as_tensor(value, dtype=torch.float64)
     if v.dim() == 0:
         v = v.expand(k)
     if v.shape != (k,):

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
+from torch import fx, nn
 
 from ..groups import Coupling, DimEntries, UnitGroup
 from .labels import HARD, SOFT, Label
@@ -33,6 +36,11 @@ class Resolved:
         Reshape node → per output dim ``(full length, entries)`` (entries empty: no unit).
     heads : dict[str, str]
         ``nn.MultiheadAttention`` module path → its head group's name.
+    batch_normalized : frozenset[int]
+        Indices into ``consumers`` whose input comes from a BatchNorm layer on every path
+        (through activations, pooling, dropout, reshapes and additions only): while that
+        BatchNorm normalises by batch statistics, a positive per-unit factor applied
+        where the units are produced is cancelled before they reach the consumer.
     """
 
     groups: list[UnitGroup]
@@ -42,6 +50,7 @@ class Resolved:
     consumers: list[tuple[str, int, int, int, DimEntries]]
     views: dict[str, list[tuple[int, DimEntries]]]
     heads: dict[str, str]
+    batch_normalized: frozenset[int] = frozenset()
 
 
 def resolve(prop: Propagation, exclude: frozenset[str] = frozenset()) -> Resolved:
@@ -115,7 +124,56 @@ def resolve(prop: Propagation, exclude: frozenset[str] = frozenset()) -> Resolve
         sp = spaces.items[r]
         if sp.kind == "heads" and names[r] in kept_names:
             heads[sp.name] = sp.name
-    return Resolved(groups, default, excluded, pinned, consumers, views, heads)
+    memo: dict[str, bool] = {}
+    batch_normalized = frozenset(i for i, (node, arg, *_) in enumerate(consumers)
+                                 if _after_batchnorm(prop.gm, nodes[node].args[arg], memo))
+    return Resolved(groups, default, excluded, pinned, consumers, views, heads, batch_normalized)
+
+
+# Ops a unit's value passes through unchanged per unit, so a BatchNorm before them still
+# decides whether a factor applied at the unit's producer reaches the next layer.
+_PASS_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Hardswish,
+                 nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.Identity, nn.Flatten,
+                 nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+                 nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
+                 nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d)
+_PASS_FUNCTIONS = {F.relu, F.relu6, F.leaky_relu, F.elu, F.gelu, F.silu, F.hardswish, torch.relu, torch.tanh,
+                   torch.sigmoid, F.dropout, F.dropout1d, F.dropout2d, torch.flatten, F.max_pool1d, F.max_pool2d,
+                   F.avg_pool1d, F.avg_pool2d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d,
+                   operator.add, torch.add}
+_PASS_METHODS = {"relu", "relu_", "tanh", "sigmoid", "flatten", "view", "reshape", "contiguous", "add", "add_"}
+_FIRST_ARG_ONLY = {"view", "reshape", "flatten", torch.flatten}
+
+
+def _after_batchnorm(gm, value, memo: dict[str, bool]) -> bool:
+    """Whether every path from ``value`` back to a tensor's source passes a BatchNorm
+    module first (HeteroFL's ``conv -> scaler -> norm``: a per-unit factor before the norm
+    is cancelled by batch statistics). Anything else met first (a parametric layer, an
+    input, an op not listed above) answers False."""
+    if not isinstance(value, fx.Node):
+        return True  # a constant: carries no unit
+    if value.name in memo:
+        return memo[value.name]
+    memo[value.name] = False  # cycles cannot occur in an fx graph; this guards re-entry
+    if value.op == "call_module":
+        module = gm.get_submodule(str(value.target))
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            memo[value.name] = True
+            return True
+        ok = isinstance(module, _PASS_MODULES)
+        inputs = value.args[:1]
+    elif value.op == "call_function":
+        ok = value.target in _PASS_FUNCTIONS
+        inputs = value.args[:1] if value.target in _FIRST_ARG_ONLY else value.args
+    elif value.op == "call_method":
+        ok = value.target in _PASS_METHODS
+        inputs = value.args[:1] if value.target in _FIRST_ARG_ONLY else value.args
+    else:
+        ok = False
+        inputs = ()
+    tensors = [a for a in inputs if isinstance(a, fx.Node)]
+    memo[value.name] = ok and bool(tensors) and all(_after_batchnorm(gm, a, memo) for a in tensors)
+    return memo[value.name]
 
 
 def _unique(pos: torch.Tensor) -> bool:
