@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections import deque
 import time
 from logging import INFO
 from collections.abc import Callable, Iterable, Sequence
@@ -243,6 +244,9 @@ class SubnetStrategy(NodeSampling, FedAvg):
         if defences is not None and not isinstance(defences, Defences):
             raise TypeError(f"defences must be a Defences, got {type(defences).__name__}")
         self.defences = defences if defences is not None else NO_DEFENCES
+        #: Update ratios of the replies accepted in earlier rounds (screening on), the
+        #: latest Defences.HISTORY: the median bound of a round with too few replies.
+        self.ratio_history: deque[float] = deque(maxlen=Defences.HISTORY)
         if max_failed_rounds is not None and (isinstance(max_failed_rounds, bool) or not isinstance(
                 max_failed_rounds, int) or max_failed_rounds < 1):
             raise ValueError(f"max_failed_rounds must be an integer >= 1 or None, got {max_failed_rounds!r}")
@@ -535,7 +539,13 @@ class SubnetStrategy(NodeSampling, FedAvg):
     def _fold(self, parsed: list["_Reply"], agg, tally: "_Tally") -> list["_Reply"]:
         """Step 2: the defences (screening against the round's bound, the weight cap), then
         the aggregation rule ``agg`` folds each remaining reply in. Returns those replies."""
-        bound = self.defences.bound([r.ratio for r in parsed])
+        ratios = [r.ratio for r in parsed if r.ratio is not None]
+        bound = self.defences.bound(ratios, self.ratio_history)
+        if self.defences.max_ratio_to_median is not None and parsed and not self.defences.median_pool(
+                ratios, self.ratio_history):
+            log.warning("aggregate_train: round %d: %d replies and %d earlier ratios: max-ratio-to-median needs %d, "
+                        "so this round is not screened against the median", tally.server_round, len(ratios),
+                        len(self.ratio_history), self.defences.MIN_REPLIES_FOR_MEDIAN)
         folded: list[_Reply] = []
         for r in parsed:
             try:
@@ -553,6 +563,7 @@ class SubnetStrategy(NodeSampling, FedAvg):
                 tally.reject(r.node, err)
                 continue
             folded.append(r)
+        self.ratio_history.extend(r.ratio for r in folded if r.ratio is not None)
         return folded
 
     def _round_metrics(self, folded: list["_Reply"], tally: "_Tally") -> MetricRecord:

@@ -29,9 +29,12 @@ class Defences:
         (:func:`fl_subnet.core.robust.update_ratio`) above this bound is rejected or
         clipped (``screen``).
     max_ratio_to_median : float, optional
-        Screen replies whose ratio exceeds this many times the round's median ratio;
-        active only with at least :attr:`MIN_REPLIES_FOR_MEDIAN` parsed replies (a median
-        of one or two replies does not tell a scaled update from an honest one).
+        Screen replies whose ratio exceeds this many times the round's median ratio. A
+        round with fewer than :attr:`MIN_REPLIES_FOR_MEDIAN` parsed replies (a median of
+        one or two does not tell a scaled update from an honest one) takes the median
+        over its ratios together with the accepted ratios of earlier rounds (the latest
+        :attr:`HISTORY`), so runs of one or two nodes per round (dropout, IST with p = 2)
+        are screened from their second round; only a first round that has too few is not.
     screen : {"reject", "clip"}
         What screening does to a reply over the bound: drop it, or scale its update down
         to the bound (norm clipping, Sun et al. 2019, §4).
@@ -51,8 +54,10 @@ class Defences:
     screen: str = "reject"
     max_num_examples: float | None = None
 
-    #: Replies needed for ``max_ratio_to_median`` to act.
+    #: Ratios needed for ``max_ratio_to_median`` to act.
     MIN_REPLIES_FOR_MEDIAN = 3
+    #: Accepted ratios of earlier rounds that complete a round with too few replies.
+    HISTORY = 32
 
     def __post_init__(self) -> None:
         if self.screen not in SCREEN_MODES:
@@ -67,13 +72,23 @@ class Defences:
         """Whether replies are screened (their update ratio is needed)."""
         return self.max_update_ratio is not None or self.max_ratio_to_median is not None
 
-    def bound(self, ratios: Sequence[float]) -> float | None:
-        """The round's bound on the update ratio, given every parsed reply's ratio:
-        ``max_update_ratio``, lowered to ``max_ratio_to_median`` × the median ratio with
-        enough replies; ``None`` when nothing bounds it."""
+    def median_pool(self, ratios: Sequence[float], history: Sequence[float] = ()) -> list[float]:
+        """The ratios the median bound is taken over: the round's when it has at least
+        :attr:`MIN_REPLIES_FOR_MEDIAN`, else the round's with the latest :attr:`HISTORY`
+        accepted ratios of earlier rounds (empty when even those are too few)."""
+        pool = list(ratios) if len(ratios) >= self.MIN_REPLIES_FOR_MEDIAN else \
+            list(history)[-self.HISTORY:] + list(ratios)
+        return pool if len(pool) >= self.MIN_REPLIES_FOR_MEDIAN else []
+
+    def bound(self, ratios: Sequence[float], history: Sequence[float] = ()) -> float | None:
+        """The round's bound on the update ratio, given every parsed reply's ratio and the
+        accepted ratios of earlier rounds: ``max_update_ratio``, lowered to
+        ``max_ratio_to_median`` × the median of :meth:`median_pool`; ``None`` when
+        nothing bounds it."""
         bound = self.max_update_ratio
-        if self.max_ratio_to_median is not None and len(ratios) >= self.MIN_REPLIES_FOR_MEDIAN:
-            median = float(torch.tensor(list(ratios)).median())
+        pool = self.median_pool(ratios, history) if self.max_ratio_to_median is not None else []
+        if pool:
+            median = float(torch.tensor(pool, dtype=torch.float64).median())
             bound = min(bound if bound is not None else float("inf"), self.max_ratio_to_median * median)
         return bound
 

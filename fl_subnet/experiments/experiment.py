@@ -184,9 +184,13 @@ class CentralEvaluation:
 
                 save_model(Path(self.checkpoint_dir) / DEPLOYED_FILE, deployed, {"server-round": server_round})
             opt = getattr(self.strategy, "server_optimizer", None)
-            save_checkpoint(self.checkpoint_dir, state, {
-                "server-round": server_round, "cumulative-bytes": self.cumulative, "seconds": row["seconds"],
-                "config": config_dict(self.cfg)}, optimizer_state=opt.state_dict() if opt is not None else None)
+            meta = {"server-round": server_round, "cumulative-bytes": self.cumulative, "seconds": row["seconds"],
+                    "config": config_dict(self.cfg)}
+            history = list(getattr(self.strategy, "ratio_history", ()))
+            if history:  # the median bound's earlier ratios (Defences.bound), for a resume that screens alike
+                meta["ratio-history"] = history
+            save_checkpoint(self.checkpoint_dir, state, meta,
+                            optimizer_state=opt.state_dict() if opt is not None else None)
         return metrics
 
     def tier_metrics(self, state: dict) -> dict[str, float]:
@@ -298,6 +302,13 @@ def run_server(grid: Grid, cfg: RunConfig, on_round: Callable[[dict], None] | No
         if saved_opt is None:
             raise ValueError(f"cannot resume {checkpoint_dir}: no server-optimizer state of round {first_round - 1}")
         strategy.server_optimizer.load_state_dict(saved_opt)
+    if resume:
+        history = meta.get("ratio-history", [])
+        if not isinstance(history, list) or not all(isinstance(r, (int, float)) and math.isfinite(r) and r >= 0
+                                                    for r in history):
+            raise ValueError(f"cannot resume {checkpoint_dir}: 'ratio-history' in its header must be a list of "
+                             "finite numbers >= 0")
+        strategy.ratio_history.extend(float(r) for r in history)
     evaluate = CentralEvaluation(cfg, strategy, on_round, checkpoint_dir=checkpoint_dir, resume_meta=meta,
                                  train_set=train)
     from fl_subnet.strategies.base import NotEnoughNodes, TrainingStalled
