@@ -25,8 +25,21 @@ def model_and_factory(request):
     return model, factory, groups, Slicer(groups)
 
 
+# The longest tests (each over a minute on 2 cores, mostly waiting on Flower's processes),
+# longest first: started first, they overlap each other and the short tests fill the gaps.
+LONGEST_FIRST = ("test_slow_node.py", "test_install_app.py", "test_deployment_heterofl.py", "test_bench_client.py",
+                 "test_deployment.py", "test_tls.py", "test_simulation_models.py", "test_example_app.py")
+
+
 def pytest_collection_modifyitems(config, items):
-    """Run the slow tests (real Flower runs, mostly waiting on processes) first: with
-    ``pytest -n 2`` (make test) they then overlap each other and the fast tests fill the
-    gaps, instead of the longest ones starting last and running alone."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: file order kept within each
+    """Run the longest tests first, then the other slow ones, then the rest (file order
+    kept within each). With ``pytest -n N --maxschedchunk 1`` (make test) each worker
+    takes the next test when it is free, so the long ones start at once on every worker
+    instead of the last one starting alone near the end."""
+    def rank(item) -> tuple[int, int]:
+        name = item.path.name
+        if name in LONGEST_FIRST:
+            return 0, LONGEST_FIRST.index(name)
+        return (1 if item.get_closest_marker("slow") is not None else 2), 0
+
+    items.sort(key=rank)  # stable
