@@ -6,7 +6,6 @@ import inspect
 import logging
 from collections.abc import Callable
 
-import torch
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from torch import nn
@@ -16,7 +15,7 @@ from fl_subnet.wire import METRICS_KEY, arrays_to_state, read_train
 
 from .compact import receive, reply_arrays, width_schedule
 
-from .train import TrainConfig, evaluate_model, train_local
+from .train import TrainConfig, config_int, evaluate_model, train_local
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +100,7 @@ def make_client_app(model_factory: Callable[[], nn.Module] | None, load_data: Da
         config, model = got.config, got.model
         cfg = TrainConfig.from_config(config)
         train_set, _ = load_data(context)
-        round_ = int(config.get("server-round", 0))
+        round_ = config_int(config, "server-round", 0)
         partition = int(context.node_config.get("partition-id", 0))
         seed = hash((cfg.seed, round_, partition)) & 0x7FFFFFFF
         log.info("node %d round %d: received %d bytes of arrays, widths %s", context.node_id, round_,

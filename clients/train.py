@@ -15,6 +15,43 @@ from torch.utils.data import DataLoader, Dataset
 LOSSES = ("cross-entropy", "mse")
 
 
+def config_int(config: Mapping[str, object], key: str, default: int) -> int:
+    """``config[key]`` as an int (``default`` when absent).
+
+    Raises
+    ------
+    ValueError
+        Naming the key, if the value is not an integer (a bool, ``"x"``, ``2.5``).
+    """
+    raw = config.get(key, default)
+    try:
+        if isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer()):
+            raise ValueError
+        return int(raw)
+    except (TypeError, ValueError, OverflowError):
+        raise ValueError(f"config key '{key}' must be an integer, got {str(raw)[:80]!r}") from None
+
+
+def config_float(config: Mapping[str, object], key: str, default: float) -> float:
+    """``config[key]`` as a finite float (``default`` when absent).
+
+    Raises
+    ------
+    ValueError
+        Naming the key, if the value is not a finite number (``"abc"``, ``nan``, a bool).
+    """
+    raw = config.get(key, default)
+    try:
+        if isinstance(raw, bool):
+            raise ValueError
+        value = float(raw)
+    except (TypeError, ValueError, OverflowError):
+        value = math.nan
+    if not math.isfinite(value):
+        raise ValueError(f"config key '{key}' must be a finite number, got {str(raw)[:80]!r}")
+    return value
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Local training settings, read from the ConfigRecord a node receives.
@@ -44,6 +81,10 @@ class TrainConfig:
     loss: str = "cross-entropy"
     seed: int = 0
 
+    #: Most local steps / epochs a node accepts from a server message (more is refused,
+    #: naming the key, instead of running until the node is killed).
+    MAX_LOCAL_STEPS, MAX_LOCAL_EPOCHS = 10**6, 10**4
+
     @classmethod
     def from_config(cls, config: Mapping[str, object]) -> "TrainConfig":
         """Build from kebab-case config keys; missing keys take the defaults.
@@ -51,19 +92,26 @@ class TrainConfig:
         Raises
         ------
         ValueError
-            Naming the key, for a negative count, a non-positive lr or an unknown loss.
+            Naming the key, for a value that is not a number (an integer for counts), a
+            negative count, more than :attr:`MAX_LOCAL_STEPS` local steps or
+            :attr:`MAX_LOCAL_EPOCHS` local epochs, a non-positive or non-finite lr, or an
+            unknown loss.
         """
         d = cls()
         cfg = cls(
-            local_steps=int(config.get("local-steps", d.local_steps)),
-            local_epochs=int(config.get("local-epochs", d.local_epochs)),
-            lr=float(config.get("lr", d.lr)),
-            momentum=float(config.get("momentum", d.momentum)),
-            weight_decay=float(config.get("weight-decay", d.weight_decay)),
-            batch_size=int(config.get("batch-size", d.batch_size)),
+            local_steps=config_int(config, "local-steps", d.local_steps),
+            local_epochs=config_int(config, "local-epochs", d.local_epochs),
+            lr=config_float(config, "lr", d.lr),
+            momentum=config_float(config, "momentum", d.momentum),
+            weight_decay=config_float(config, "weight-decay", d.weight_decay),
+            batch_size=config_int(config, "batch-size", d.batch_size),
             loss=str(config.get("loss", d.loss)),
-            seed=int(config.get("seed", d.seed)),
+            seed=config_int(config, "seed", d.seed),
         )
+        for key, value, most in (("local-steps", cfg.local_steps, cls.MAX_LOCAL_STEPS),
+                                 ("local-epochs", cfg.local_epochs, cls.MAX_LOCAL_EPOCHS)):
+            if value > most:
+                raise ValueError(f"{key} must be <= {most} (the most a node accepts), got {value}")
         for key, value in (("local-steps", cfg.local_steps), ("local-epochs", cfg.local_epochs),
                            ("batch-size", cfg.batch_size)):
             if value < 0:

@@ -6,6 +6,8 @@ message (:func:`cached_spec`).
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import copy
 import functools
 import logging
@@ -344,7 +346,11 @@ def default_example(model: nn.Module) -> torch.Tensor:
     raise ValueError(f"pass example_input= (one input batch) to analyze {type(model).__name__}")
 
 
-_CACHE: dict[tuple, SubnetSpec] = {}
+_CACHE: "OrderedDict[tuple, SubnetSpec]" = OrderedDict()
+#: Analyses kept per process (least recently used dropped first): a node meets one model and
+#: input shape per run, and a server that sends a new ``example-shape`` each round cannot
+#: grow the cache without bound.
+MAX_CACHED_SPECS = 8
 
 
 def cached_spec(factory: Callable[[], nn.Module], example_shape: tuple[int, ...] | None,
@@ -357,4 +363,7 @@ def cached_spec(factory: Callable[[], nn.Module], example_shape: tuple[int, ...]
         example = None if example_shape is None else torch.zeros(
             example_shape, dtype=getattr(torch, example_dtype or "float32"), device="meta")
         spec = _CACHE[key] = analyze(factory, example, verify=False, **options)
+        while len(_CACHE) > MAX_CACHED_SPECS:
+            _CACHE.popitem(last=False)
+    _CACHE.move_to_end(key)
     return spec

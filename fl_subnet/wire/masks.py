@@ -7,7 +7,6 @@ plain Python types as Flower's ConfigRecord requires (:func:`mask_to_config`).""
 from __future__ import annotations
 
 import functools
-import math
 import zlib
 from collections.abc import Mapping, Sequence
 
@@ -18,6 +17,10 @@ from fl_subnet.core.groups import UnitGroup
 from fl_subnet.core.masks import Mask
 
 from .records import MASK_KEY, SCALE_KEY, SKIP_KEY, UNIT_SCALES_KEY
+
+#: Largest output scale a mask may carry (inverted dropout's 1/ξ for ξ >= 1e-6): a larger
+#: factor overflows float32 activations instead of training.
+MAX_SCALE = 1e6
 
 
 def groups_fingerprint(groups: Sequence[UnitGroup]) -> bytes:
@@ -163,12 +166,12 @@ def _scales_from_config(config: Mapping[str, object], written: Sequence[UnitGrou
     values = list(s) if isinstance(s, (list, tuple)) else None
     if values is None:
         if not _positive(s):
-            raise ValueError(f"config key '{SCALE_KEY}' must be a finite number > 0 or a list of one per masked "
-                             f"group, got {s!r}")
+            raise ValueError(f"config key '{SCALE_KEY}' must be a number in (0, {MAX_SCALE:g}] or a list of one "
+                             f"per masked group, got {s!r}")
         values = [float(s)] * len(written)
     elif len(values) != len(written) or not all(v == 0 or _positive(v) for v in values):
-        raise ValueError(f"config key '{SCALE_KEY}' must list {len(written)} finite numbers > 0 (0 marks per-unit "
-                         f"scales), got {s!r}")
+        raise ValueError(f"config key '{SCALE_KEY}' must list {len(written)} numbers in (0, {MAX_SCALE:g}] (0 "
+                         f"marks per-unit scales), got {s!r}")
     units = config.get(UNIT_SCALES_KEY)
     need = sum(int(idx[g.name].numel()) for g, v in zip(written, values) if v == 0)
     have = len(units) if isinstance(units, bytes) else None
@@ -188,16 +191,16 @@ def _scales_from_config(config: Mapping[str, object], written: Sequence[UnitGrou
 
 
 def _positive(v) -> bool:
-    return not isinstance(v, bool) and isinstance(v, (int, float)) and v > 0 and math.isfinite(v)
+    return not isinstance(v, bool) and isinstance(v, (int, float)) and 0 < v <= MAX_SCALE
 
 
 def _check_unit_scales(what: str, v: torch.Tensor) -> torch.Tensor:
     """``v`` if every per-unit scale is finite and > 0 (a unit that contributes nothing is
     left out of the mask instead), else ``ValueError`` naming ``what``."""
-    bad = ~(torch.isfinite(v) & (v > 0))
+    bad = ~(torch.isfinite(v) & (v > 0) & (v <= MAX_SCALE))
     if bool(bad.any()):
         i = int(torch.nonzero(bad)[0])
-        raise ValueError(f"{what}: per-unit scales must be finite and > 0, got {float(v[i])!r} at kept unit {i}")
+        raise ValueError(f"{what}: per-unit scales must be in (0, {MAX_SCALE:g}], got {float(v[i])!r} at kept unit {i}")
     return v
 
 
@@ -211,6 +214,6 @@ def _scale_value(group: str, s, k: int) -> float | bytes:
         v = _check_unit_scales(what, s.detach().cpu().to(torch.float32))
         return v.numpy().astype("<f4").tobytes()
     value = float(s)
-    if not (value > 0 and math.isfinite(value)):
-        raise ValueError(f"{what} must be a finite number > 0, got {value!r}")
+    if not 0 < value <= MAX_SCALE:
+        raise ValueError(f"{what} must be a number in (0, {MAX_SCALE:g}], got {value!r}")
     return value

@@ -25,6 +25,9 @@ SCALE_KEY = "scale"  # their output scales: one float, or one per masked group
 UNIT_SCALES_KEY = "unit-scales"  # per-unit scales, float32, of the groups whose scale is 0
 SKIP_KEY = "skip"  # comma-separated depth blocks the sub-model leaves out; absent = none
 EXAMPLE_SHAPE = "example-shape"
+#: Bounds on the example input a node accepts (it analyses on the ``meta`` device, but a
+#: shape is still checked before use): dims and elements.
+MAX_EXAMPLE_DIMS, MAX_EXAMPLE_NUMEL = 8, 2**31
 EXAMPLE_DTYPE = "example-dtype"
 METRICS_KEY = "metrics"
 BATCHNORM_KEY = "batchnorm"  # BatchNorm policy (fl_subnet.core.batchnorm), absent = "averaged"
@@ -55,6 +58,9 @@ def example_from_config(config: Mapping[str, object]) -> tuple[tuple[int, ...] |
         shape = tuple(int(s) for s in str(raw).split(","))
     except ValueError:
         raise ValueError(f"config key '{EXAMPLE_SHAPE}' must be comma-separated ints, got {raw!r}") from None
+    if not 1 <= len(shape) <= MAX_EXAMPLE_DIMS or any(s < 1 for s in shape) or math.prod(shape) > MAX_EXAMPLE_NUMEL:
+        raise ValueError(f"config key '{EXAMPLE_SHAPE}' must be 1 to {MAX_EXAMPLE_DIMS} sizes >= 1 with at most "
+                         f"{MAX_EXAMPLE_NUMEL} elements in all, got {str(raw)[:80]!r}")
     dtype = str(config.get(EXAMPLE_DTYPE, "float32"))
     if not isinstance(getattr(torch, dtype, None), torch.dtype):
         raise ValueError(f"config key '{EXAMPLE_DTYPE}' names no torch dtype: {dtype!r}")
