@@ -1,5 +1,5 @@
 # make demo       — set up .venv (once) and run the main comparison on real digits data
-# make test       — set up .venv (once) and run the test suite on 3 workers (PYTEST_ARGS="-k robust" adds pytest options)
+# make test       — set up .venv (once) and run the test suite on 2 workers (PYTEST_ARGS="-k robust" adds pytest options)
 # make test-fast  — the same without the slow tests (-m "not slow")
 PYTHON ?= python3
 VENV   ?= .venv
@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 OUT    ?= runs/demo
 PYTEST_ARGS ?=
-PYTEST_WORKERS ?= 3
+PYTEST_WORKERS ?= 2
 
 .PHONY: setup test test-fast demo bench figures readme clean
 
@@ -22,9 +22,9 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
 	touch $(STAMP)
 
-# pytest-xdist: PYTEST_WORKERS processes, one test at a time each (--maxschedchunk 1); the
-# longest tests, mostly waiting on Flower's processes, start first and overlap, so 3 workers
-# beat 2 on 2 cores. PYTEST_WORKERS=0 runs in this process.
+# pytest-xdist: PYTEST_WORKERS processes (one per core: the suite is CPU-bound), one test at
+# a time each (--maxschedchunk 1), the longest first (tests/conftest.py), so that neither
+# worker is left with the long tail. PYTEST_WORKERS=0 runs in this process.
 test: setup
 	$(PY) -m pytest -q -ra --durations=25 -n $(PYTEST_WORKERS) --maxschedchunk 1 $(PYTEST_ARGS)
 

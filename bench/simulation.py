@@ -196,7 +196,7 @@ def _flwr_run(procs, project: Path, overrides: dict, out_dir: Path, timeout: flo
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="10 clients, 3 rounds, 1 run each")
+    p.add_argument("--quick", action="store_true", help="4 clients, 3 rounds, 1 run each (a smoke test)")
     p.add_argument("--clients", default="10,100", help="comma-separated numbers of simulated clients")
     p.add_argument("--rounds", type=int, default=5, help="server rounds per run (round 1 is not timed)")
     p.add_argument("--reps", type=int, default=1, help="runs of each App per number of clients")
@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s", stream=sys.stderr)
     if args.quick:
-        args.clients, args.rounds, args.reps = "10", 3, 1
+        args.clients, args.rounds, args.reps = "4", 3, 1
     sys.path.insert(0, str(HERE))
     from common import emit, record
 

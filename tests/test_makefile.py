@@ -53,13 +53,13 @@ def test_ci_and_readme_name_the_targets():
     assert 'make test -m' not in readme
 
 
-def test_make_test_runs_on_three_workers_one_test_at_a_time():
-    """pytest-xdist, 3 workers taking one test at a time (the longest first, conftest's
+def test_make_test_runs_on_two_workers_one_test_at_a_time():
+    """pytest-xdist, 2 workers (CI's cores) taking one test at a time (the longest first, conftest's
     LONGEST_FIRST, which must name files that exist); PYTEST_WORKERS=0 runs in one process."""
     from conftest import LONGEST_FIRST
 
     args = pytest_command("test")
-    assert args[args.index("-n") + 1] == "3", args
+    assert args[args.index("-n") + 1] == "2", args
     assert args[args.index("--maxschedchunk") + 1] == "1", args
     args = pytest_command("test", "PYTEST_WORKERS=0")
     assert args[args.index("-n") + 1] == "0", args
