@@ -35,12 +35,20 @@ class Partition(TensorDataset):
     partition_id = -1
 
 
-def load_data(context: Context):
-    pid = int(context.node_config["partition-id"])
-    tx, ty, _, _ = load_partition("digits", pid, NODES, "iid", seed=0)
-    data = Partition(tx, ty)
-    data.partition_id = pid
-    return data, None
+def digits_loader(num_nodes: int):
+    """The ClientApp's data function: node i's iid digits partition of ``num_nodes``,
+    knowing its partition id (a rogue node's train function reads it)."""
+    def load_data(context: Context):
+        pid = int(context.node_config["partition-id"])
+        tx, ty, _, _ = load_partition("digits", pid, num_nodes, "iid", seed=0)
+        data = Partition(tx, ty)
+        data.partition_id = pid
+        return data, None
+
+    return load_data
+
+
+load_data = digits_loader(NODES)
 
 
 def rogue_train(attack: str, model, train_set, cfg, seed):

@@ -11,18 +11,16 @@ import logging
 
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context
-from torch.utils.data import TensorDataset
+from flwr.app import ArrayRecord, ConfigRecord
 
 from fl_subnet.checkpoint import load_checkpoint, load_model, save_checkpoint
 from fl_subnet.clients import make_client_app
-from fl_subnet.clients.train import evaluate_model, train_local
-from fl_subnet.experiments.data import load_centralized_test, load_partition
+from fl_subnet.clients.train import train_local
 from fl_subnet.experiments.inprocess_grid import InProcessGrid
-from fl_subnet.models import MLP
 from fl_subnet.strategies import SubnetFedAvg
 from fl_subnet.strategies.defences import Defences
 
+from test_poisoning import accuracy, digits_loader, factory
 from test_resume import run as run_resumable
 
 NODES, ROGUE, ROUNDS, ATTACK_FROM = 2, 0, 6, 3
@@ -42,20 +40,7 @@ def test_bound_uses_earlier_ratios_when_the_round_has_too_few():
     assert Defences(max_update_ratio=2.0, max_ratio_to_median=3.0).bound([9.0]) == 2.0
 
 
-def factory():
-    return MLP(64, [64], 10)
-
-
-class Partition(TensorDataset):
-    partition_id = -1
-
-
-def load_data(context: Context):
-    pid = int(context.node_config["partition-id"])
-    tx, ty, _, _ = load_partition("digits", pid, NODES, "iid", seed=0)
-    data = Partition(tx, ty)
-    data.partition_id = pid
-    return data, None
+load_data = digits_loader(NODES)
 
 
 def rogue_trainer():
@@ -84,9 +69,7 @@ def run_two_nodes(defended: bool):
     cfg = ConfigRecord({"local-steps": 10, "lr": 0.1, "batch-size": 32, "loss": "cross-entropy", "seed": 0})
     result = strategy.start(grid=InProcessGrid(app, NODES), initial_arrays=ArrayRecord(factory().state_dict()),
                             num_rounds=ROUNDS, train_config=cfg)
-    model = factory()
-    model.load_state_dict({k: torch.from_numpy(v.numpy()) for k, v in result.arrays.items()})
-    acc = evaluate_model(model, TensorDataset(*load_centralized_test("digits")), "cross-entropy")["eval-acc"]
+    acc = accuracy({k: torch.from_numpy(v.numpy()) for k, v in result.arrays.items()})
     rejected = [int(result.train_metrics_clientapp[r]["num-rejected"]) for r in range(1, ROUNDS + 1)]
     return acc, rejected
 
