@@ -66,7 +66,7 @@ def _randomise(model):
 def _prefix_mask(spec, rate):
     """HeteroFL's nested sub-model: the first ⌈r·size⌉ units of every group, scale 1/r."""
     idx = {g.name: torch.arange(math.ceil(rate * g.size)) for g in spec.groups}
-    return Mask(idx, {g.name: 1.0 / rate for g in spec.groups})
+    return Mask(idx, {g.name: 1.0 / rate for g in spec.groups}, scale_before_norm=True)
 
 
 def _bn(x, s, key):
@@ -79,6 +79,13 @@ def _mlp_reference(s, x, rate, scaler=True):
     sc = (lambda h: h / rate) if scaler else (lambda h: h)
     h = F.relu(_bn(sc(F.linear(x, s["fc1.weight"], s["fc1.bias"])), s, "bn1"))
     h = F.relu(_bn(sc(F.linear(h, s["fc2.weight"], s["fc2.bias"])), s, "bn2"))
+    return F.linear(h, s["out.weight"], s["out.bias"])
+
+
+def _mlp_dropout(s, x, keep):
+    """Inverted dropout after the activation: linear -> norm -> ReLU -> x / ξ -> next."""
+    h = F.relu(_bn(F.linear(x, s["fc1.weight"], s["fc1.bias"]), s, "bn1")) / keep
+    h = F.relu(_bn(F.linear(h, s["fc2.weight"], s["fc2.bias"]), s, "bn2")) / keep
     return F.linear(h, s["out.weight"], s["out.bias"])
 
 
@@ -119,7 +126,7 @@ def test_a_zero_scale_still_removes_the_unit_behind_a_norm(name):
     model = _randomise(cls())
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(2))
     spec = analyze(lambda: _randomise(cls()), x[:2], verify=False)
-    full = Mask({g.name: torch.arange(g.size) for g in spec.groups})
+    full = Mask({g.name: torch.arange(g.size) for g in spec.groups}, scale_before_norm=True)
     state = model.state_dict()
     dyn = build_compact_graph(spec.graph, spec.resolved, spec.gather(state, full), spec.slicer, full,
                               blocks={b.name: b for b in spec.blocks}, dynamic=[g.name for g in spec.groups])
@@ -129,3 +136,39 @@ def test_a_zero_scale_still_removes_the_unit_behind_a_norm(name):
     ref = spec.build(spec.gather(state, small), Mask(small.indices))
     with torch.no_grad():
         assert torch.allclose(dyn(x), ref(x), atol=1e-4), (dyn(x) - ref(x)).abs().max()
+
+
+def test_inverted_dropout_keeps_its_scale_after_the_norm():
+    """Dropout-family masks (scale_before_norm False): kept units are scaled by 1/ξ where
+    they are mixed, after the norm and ReLU, as a dropout layer there would; the scale
+    before the classifier is not cancelled by any norm."""
+    model = _randomise(MLPBN())
+    x = torch.randn(64, 12, generator=torch.Generator().manual_seed(5))
+    spec = analyze(lambda: _randomise(MLPBN()), x[:2], verify=False)
+    keep = 0.5
+    mask = Mask({g.name: torch.arange(0, g.size, 2) for g in spec.groups}, {g.name: 1.0 / keep for g in spec.groups})
+    state = spec.gather(model.state_dict(), mask)
+    with torch.no_grad():
+        got = spec.build(state, mask)(x)
+        want = _mlp_dropout(state, x, keep)
+    assert (got - want).abs().max() <= 1e-5, (got - want).abs().max()
+    with torch.no_grad():  # the HeteroFL placement would differ
+        assert (got - _mlp_reference(state, x, keep)).abs().max() > 0.1
+
+
+def test_the_placement_travels_with_the_mask():
+    """HeteroFL's and FedRolex's samplers mark their masks; the flag survives the wire and
+    a malformed one is refused naming the key."""
+    from fl_subnet.core.samplers import BernoulliSampler, NestedPrefixSampler, RollingWindowSampler
+    from fl_subnet.wire import mask_from_config, mask_to_config
+
+    groups = analyze(MLPBN, torch.zeros(2, 12), verify=False).groups
+    for sampler, before in ((NestedPrefixSampler(1.0, scale=True), True), (RollingWindowSampler(1.0), True),
+                            (BernoulliSampler(0.5, seed=0), False)):
+        (mask,) = sampler.sample(groups, 1, 1, [0.5]) if before else sampler.sample(groups, 1, 1)
+        assert mask.scale_before_norm is before
+        cfg = mask_to_config(mask, groups)
+        assert ("scale-before-norm" in cfg) is before
+        assert mask_from_config(cfg, groups).scale_before_norm is before
+    with pytest.raises(ValueError, match="'scale-before-norm'"):
+        mask_from_config({**cfg, "scale-before-norm": "yes"}, groups)

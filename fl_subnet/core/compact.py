@@ -184,7 +184,7 @@ def build_compact_graph(gm: "fx.GraphModule", resolved, compact_state: Mapping[s
             if any(s is not None for s in sizes):
                 views[name] = sizes
     dtype = _float_dtype(compact_state)
-    normalized = getattr(resolved, "batch_normalized", frozenset())
+    normalized = getattr(resolved, "batch_normalized", frozenset()) if mask.scale_before_norm else frozenset()
     sites = {}  # consumer index -> (scale vector, plan): where an output scale is not 1
     for i, (_, _, _, length, ent) in enumerate(resolved.consumers):
         keep_pos = None if full else dim_keep(length, ent, keep_units)
@@ -197,7 +197,7 @@ def build_compact_graph(gm: "fx.GraphModule", resolved, compact_state: Mapping[s
         sites[i] = (vec, ScalePlan(length, list(ent), {g: keep_units[g].clone() for g in names},
                                    {g: unit_scale[g].clone() for g in names}, keep_pos, [],
                                    batch_normalized=i in normalized))
-    structure = (full, tuple(sorted(mask.skip)), tuple(sorted((p, h[0]) for p, h in heads.items())),
+    structure = (full, bool(normalized), tuple(sorted(mask.skip)), tuple(sorted((p, h[0]) for p, h in heads.items())),
                  tuple(sorted(views.items())), tuple(sorted(sites)))
     template = _template(gm, structure, resolved, mask.skip, blocks, heads, views, sites)
     model = _clone(template.model)

@@ -28,11 +28,18 @@ class Mask:
         Depth blocks (skippable residual branches, :attr:`SubnetSpec.blocks`) the
         sub-model leaves out: their tensors are not sent and the branch becomes the
         identity.
+    scale_before_norm : bool
+        Where a BatchNorm follows the units' layer, the scale belongs before that norm
+        (HeteroFL's and FedRolex's ``Scaler``: ``conv -> scaler -> norm``), so batch
+        statistics cancel it while training. False (inverted dropout: federated and
+        multi-sample dropout, IST): the scale acts where the units are mixed, after the
+        norm and activation, as a dropout layer there would.
     """
 
     indices: dict[str, torch.Tensor]
     scale: dict[str, float] = field(default_factory=dict)
     skip: frozenset[str] = frozenset()
+    scale_before_norm: bool = False
     # Per-slicer index maps (:meth:`Slicer.plan`), keyed by the slicer; each entry is
     # checked against the mask's current indices before use. Not part of equality.
     _plans: dict = field(default_factory=dict, init=False, repr=False, compare=False)

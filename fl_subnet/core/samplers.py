@@ -199,7 +199,8 @@ class CapacitySampler(MaskSampler):
         masks = []
         for r in self.capacities(num_masks, capacities):
             idx = {g.name: self.window(g, server_round, prefix_size(g.size, r)) for g in groups}
-            masks.append(Mask(idx, {g.name: (1.0 / r if self.scale else 1.0) for g in groups}))
+            masks.append(Mask(idx, {g.name: (1.0 / r if self.scale else 1.0) for g in groups},
+                              scale_before_norm=True))  # the reference's Scaler sits before the norm
         return masks
 
 

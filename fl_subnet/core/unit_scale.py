@@ -88,8 +88,9 @@ class UnitScale(nn.Module):
     ``state_dict()`` through ``copy.deepcopy`` too (an fx ``GraphModule`` copy
     re-registers bare tensors as persistent buffers).
 
-    Where the input comes from a BatchNorm on every path, the scale belongs before that
-    norm, as in HeteroFL's reference (:func:`training_scale`): in training mode the site
+    For a mask with ``scale_before_norm`` (HeteroFL, FedRolex) whose units reach this
+    input through a BatchNorm on every path, the scale belongs before that norm, as in
+    HeteroFL's reference (:func:`training_scale`): in training mode the site
     multiplies by ``train_scale`` (each unit's 1 or 0; the norm has cancelled the rest),
     in eval mode by ``scale``.
 

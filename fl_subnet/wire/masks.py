@@ -16,7 +16,7 @@ import torch
 from fl_subnet.core.groups import UnitGroup
 from fl_subnet.core.masks import Mask
 
-from .records import MASK_KEY, SCALE_KEY, SKIP_KEY, UNIT_SCALES_KEY
+from .records import MASK_KEY, SCALE_BEFORE_NORM_KEY, SCALE_KEY, SKIP_KEY, UNIT_SCALES_KEY
 
 #: Largest output scale a mask may carry (inverted dropout's 1/ξ for ξ >= 1e-6): a larger
 #: factor overflows float32 activations instead of training.
@@ -97,6 +97,8 @@ def mask_to_config(mask: Mask, groups: Sequence[UnitGroup],
         out[SCALE_KEY] = scales
     if mask.skip:
         out[SKIP_KEY] = ",".join(sorted(mask.skip))
+    if mask.scale_before_norm:
+        out[SCALE_BEFORE_NORM_KEY] = True
     return out
 
 
@@ -128,9 +130,12 @@ def mask_from_config(config: Mapping[str, object], groups: Sequence[UnitGroup]) 
     if not isinstance(skip, str):
         raise ValueError(f"config key '{SKIP_KEY}' must be a comma-separated string of depth blocks, got {skip!r}")
     skipped = frozenset(s for s in skip.split(",") if s)
+    before_norm = config.get(SCALE_BEFORE_NORM_KEY, False)
+    if not isinstance(before_norm, bool):
+        raise ValueError(f"config key '{SCALE_BEFORE_NORM_KEY}' must be a bool, got {before_norm!r}")
     raw = config.get(MASK_KEY)
     if raw is None:
-        return Mask({}, {}, skipped)
+        return Mask({}, {}, skipped, before_norm)
     if not isinstance(raw, bytes):
         raise ValueError(f"config key '{MASK_KEY}' must hold the mask's bytes, got {type(raw).__name__}")
     head = 4 + (len(groups) + 7) // 8
@@ -156,7 +161,7 @@ def mask_from_config(config: Mapping[str, object], groups: Sequence[UnitGroup]) 
         if bits[g.size:].any():
             raise ValueError(f"config key '{MASK_KEY}' sets bits beyond the size {g.size} of group '{g.name}'")
         idx[g.name] = torch.from_numpy(np.flatnonzero(bits[: g.size]).astype(np.int64))
-    return Mask(idx, _scales_from_config(config, written, idx), skipped)
+    return Mask(idx, _scales_from_config(config, written, idx), skipped, before_norm)
 
 
 def _scales_from_config(config: Mapping[str, object], written: Sequence[UnitGroup],

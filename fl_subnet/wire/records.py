@@ -23,6 +23,7 @@ from flwr.common.constant import SType
 MASK_KEY = "mask"  # the kept units of every masked group (mask_to_config)
 SCALE_KEY = "scale"  # their output scales: one float, or one per masked group
 UNIT_SCALES_KEY = "unit-scales"  # per-unit scales, float32, of the groups whose scale is 0
+SCALE_BEFORE_NORM_KEY = "scale-before-norm"  # bool: Mask.scale_before_norm; absent = False
 SKIP_KEY = "skip"  # comma-separated depth blocks the sub-model leaves out; absent = none
 EXAMPLE_SHAPE = "example-shape"
 #: Bounds on the example input a node accepts (it analyses on the ``meta`` device, but a
