@@ -563,7 +563,9 @@ class SubnetStrategy(NodeSampling, FedAvg):
                 tally.reject(r.node, err)
                 continue
             folded.append(r)
-        self.ratio_history.extend(r.ratio for r in folded if r.ratio is not None)
+        # a clipped reply enters the history at the bound it was clipped to
+        self.ratio_history.extend(r.ratio if bound is None else min(r.ratio, bound) for r in folded
+                                  if r.ratio is not None)
         return folded
 
     def _round_metrics(self, folded: list["_Reply"], tally: "_Tally") -> MetricRecord:

@@ -61,9 +61,9 @@ def rogue_trainer():
     return rogue_train
 
 
-def run_two_nodes(defended: bool):
+def run_two_nodes(defended: bool, screen: str = "reject", history: list | None = None):
     torch.manual_seed(0)
-    kwargs = {"defences": Defences(max_ratio_to_median=3.0)} if defended else {}
+    kwargs = {"defences": Defences(max_ratio_to_median=3.0, screen=screen)} if defended else {}
     strategy = SubnetFedAvg(factory, seed=1, fraction_evaluate=0.0, min_available_nodes=NODES, **kwargs)
     app = make_client_app(factory, load_data, rogue_trainer())
     cfg = ConfigRecord({"local-steps": 10, "lr": 0.1, "batch-size": 32, "loss": "cross-entropy", "seed": 0})
@@ -71,6 +71,8 @@ def run_two_nodes(defended: bool):
                             num_rounds=ROUNDS, train_config=cfg)
     acc = accuracy({k: torch.from_numpy(v.numpy()) for k, v in result.arrays.items()})
     rejected = [int(result.train_metrics_clientapp[r]["num-rejected"]) for r in range(1, ROUNDS + 1)]
+    if history is not None:
+        history.extend(strategy.ratio_history)
     return acc, rejected
 
 
@@ -102,3 +104,14 @@ def test_resume_screens_with_the_saved_history(tmp_path):
     assert all(torch.equal(full[k], cut[k]) for k in full)
     without = load_model(stripped / "model.safetensors")
     assert not all(torch.equal(full[k], without[k]) for k in full)  # the history mattered
+
+
+def test_a_clipped_update_enters_the_history_at_its_bound():
+    """With screen = "clip" the rogue's update is scaled down to the bound and kept; its
+    ratio enters the history at that bound, not at its 100x, so it cannot raise later
+    rounds' median."""
+    rejected_history, clipped_history = [], []
+    run_two_nodes(defended=True, history=rejected_history)
+    run_two_nodes(defended=True, screen="clip", history=clipped_history)
+    assert len(clipped_history) == len(rejected_history) + (ROUNDS - ATTACK_FROM + 1)
+    assert max(clipped_history) <= 3.0 * max(rejected_history), (max(clipped_history), max(rejected_history))
