@@ -99,12 +99,17 @@ def _cnn_reference(s, x, rate, scaler=True):
 CASES = {"mlp-bn1d": (MLPBN, (64, 12), _mlp_reference), "cnn-bn2d": (CNNBN, (32, 1, 8, 8), _cnn_reference)}
 
 
+def _setup(cls, shape, seed):
+    """A model with BatchNorm affine parameters away from 1 / 0, an input batch, the analysis."""
+    model = _randomise(cls())
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+    return model, x, analyze(lambda: _randomise(cls()), x[:2], verify=False)
+
+
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_heterofl_training_forward_equals_reference_scaler_before_the_norm(name):
     cls, shape, reference = CASES[name]
-    model = _randomise(cls())
-    x = torch.randn(*shape, generator=torch.Generator().manual_seed(1))
-    spec = analyze(lambda: _randomise(cls()), x[:2], verify=False)
+    model, x, spec = _setup(cls, shape, 1)
     assert {g.name for g in spec.groups} and all(g.size > 1 for g in spec.groups)
     mask = _prefix_mask(spec, RATE)
     compact_state = spec.gather(model.state_dict(), mask)
@@ -123,9 +128,7 @@ def test_heterofl_training_forward_equals_reference_scaler_before_the_norm(name)
 def test_a_zero_scale_still_removes_the_unit_behind_a_norm(name):
     """FjORD's per-batch widths set a unit's scale to 0: it stays out of the next layer."""
     cls, shape, _ = CASES[name]
-    model = _randomise(cls())
-    x = torch.randn(*shape, generator=torch.Generator().manual_seed(2))
-    spec = analyze(lambda: _randomise(cls()), x[:2], verify=False)
+    model, x, spec = _setup(cls, shape, 2)
     full = Mask({g.name: torch.arange(g.size) for g in spec.groups}, scale_before_norm=True)
     state = model.state_dict()
     dyn = build_compact_graph(spec.graph, spec.resolved, spec.gather(state, full), spec.slicer, full,
@@ -142,9 +145,7 @@ def test_inverted_dropout_keeps_its_scale_after_the_norm():
     """Dropout-family masks (scale_before_norm False): kept units are scaled by 1/ξ where
     they are mixed, after the norm and ReLU, as a dropout layer there would; the scale
     before the classifier is not cancelled by any norm."""
-    model = _randomise(MLPBN())
-    x = torch.randn(64, 12, generator=torch.Generator().manual_seed(5))
-    spec = analyze(lambda: _randomise(MLPBN()), x[:2], verify=False)
+    model, x, spec = _setup(MLPBN, (64, 12), 5)
     keep = 0.5
     mask = Mask({g.name: torch.arange(0, g.size, 2) for g in spec.groups}, {g.name: 1.0 / keep for g in spec.groups})
     state = spec.gather(model.state_dict(), mask)

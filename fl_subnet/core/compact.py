@@ -147,8 +147,9 @@ def build_compact_graph(gm: "fx.GraphModule", resolved, compact_state: Mapping[s
     counts, view sizes, which consumers carry a scale), so each structure is compiled
     once per traced graph and process (an LRU of :data:`MAX_TEMPLATES`); a build then
     copies that template's module tree and sets the tensors and scale vectors, without
-    recompiling the graph (``bench/analysis.py`` times a build). Models of one structure share the template's fx graph and compiled
-    ``forward``: edit ``model.graph`` only on a ``copy.deepcopy`` of the model.
+    recompiling the graph (``bench/analysis.py`` times a build). Models of one structure
+    share the template's fx graph and compiled ``forward``: edit ``model.graph`` only on
+    a ``copy.deepcopy`` of the model.
 
     Returns
     -------
@@ -184,7 +185,7 @@ def build_compact_graph(gm: "fx.GraphModule", resolved, compact_state: Mapping[s
             if any(s is not None for s in sizes):
                 views[name] = sizes
     dtype = _float_dtype(compact_state)
-    normalized = getattr(resolved, "batch_normalized", frozenset()) if mask.scale_before_norm else frozenset()
+    normalized = resolved.batch_normalized if mask.scale_before_norm else frozenset()
     sites = {}  # consumer index -> (scale vector, plan): where an output scale is not 1
     for i, (_, _, _, length, ent) in enumerate(resolved.consumers):
         keep_pos = None if full else dim_keep(length, ent, keep_units)

@@ -6,11 +6,10 @@ message (:func:`cached_spec`).
 
 from __future__ import annotations
 
-from collections import OrderedDict
-
 import copy
 import functools
 import logging
+from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
