@@ -9,7 +9,9 @@ Layout of a checkpoint folder::
     model.safetensors   the global model's state_dict (safetensors; load it with
                         :func:`load_model` or ``safetensors.torch.load_file``), with the
                         checkpoint's metadata in its header (one atomic file)
-    checkpoint.json     the same metadata, readable: {"server-round": r, ...}
+    checkpoint.json     the same metadata, readable: {"server-round": r, ...}; both hold
+                        "sha256", a digest of the tensors and the rest of the metadata
+                        (:func:`checkpoint_digest`), checked on load
     server-optimizer-<r>.safetensors
                         the masked server optimizer's state after round r (only with a
                         ``server-optimizer``); written BEFORE the model file of round r,
@@ -19,8 +21,10 @@ Layout of a checkpoint folder::
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import math
 import os
 import re
 import tempfile
@@ -34,6 +38,13 @@ log = logging.getLogger(__name__)
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "checkpoint.json"
 OPTIMIZER_STEM = "server-optimizer-"
+#: Key of the checkpoint's digest in its metadata (:func:`checkpoint_digest`).
+DIGEST_KEY = "sha256"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be trusted (changed or damaged after it was saved, or
+    disagreeing with the files beside it); the message names the file and the reason."""
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -120,10 +131,27 @@ def load_model(path: str | Path) -> dict[str, torch.Tensor]:
         raise ValueError(f"{path}: not a safetensors model file ({err})") from None
 
 
+def checkpoint_digest(state: Mapping[str, torch.Tensor], meta: Mapping[str, object]) -> str:
+    """SHA-256 (hex) of a checkpoint: every tensor's name, dtype, shape and bytes (names
+    sorted) and the metadata as canonical JSON (sorted keys; ``sha256`` itself left out).
+
+    A flipped bit in any tensor or an edited header field (``server-round``, the run
+    config) changes it.
+    """
+    h = hashlib.sha256()
+    h.update(json.dumps({k: v for k, v in meta.items() if k != DIGEST_KEY}, sort_keys=True).encode("utf-8"))
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        h.update(f"\0{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode("utf-8"))
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def save_checkpoint(folder: str | Path, state: Mapping[str, torch.Tensor], meta: Mapping[str, object],
                     optimizer_state: Mapping[str, torch.Tensor] | None = None) -> None:
-    """Save the model with ``meta`` (must hold ``server-round``) in one atomic file, then
-    a readable copy of ``meta`` as ``checkpoint.json``.
+    """Save the model with ``meta`` (must hold ``server-round``) and its digest
+    (:func:`checkpoint_digest`, key ``sha256``) in one atomic file, then a readable copy
+    of that metadata as ``checkpoint.json``.
 
     ``optimizer_state`` (the server optimizer's flat ``state_dict``) goes to
     ``server-optimizer-<round>.safetensors``, written before the model file; older
@@ -132,6 +160,8 @@ def save_checkpoint(folder: str | Path, state: Mapping[str, torch.Tensor], meta:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     rnd = int(meta["server-round"])
+    meta = {k: v for k, v in meta.items() if k != DIGEST_KEY}
+    meta[DIGEST_KEY] = checkpoint_digest(state, meta)
     if optimizer_state is not None:
         save_model(folder / f"{OPTIMIZER_STEM}{rnd}.safetensors", optimizer_state, {"server-round": rnd})
     save_model(folder / MODEL_FILE, state, meta)
@@ -147,8 +177,14 @@ def load_optimizer_state(folder: str | Path, server_round: int) -> dict[str, tor
     return load_model(path) if path.is_file() else None
 
 
-def load_checkpoint(folder: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """``(model state, meta)`` of the last round saved in ``folder``.
+def load_checkpoint(folder: str | Path, *, verify: bool = True) -> tuple[dict[str, torch.Tensor], dict]:
+    """``(model state, meta)`` of the last round saved in ``folder``, verified.
+
+    With ``verify`` (the default) the checkpoint is refused unless (1) its digest
+    (:func:`checkpoint_digest`) matches the tensors and the header, (2) every floating
+    tensor is finite, (3) ``checkpoint.json`` exists and names the same ``server-round``.
+    A checkpoint written before digests existed (no ``sha256``) is checked for (2) and
+    (3) and loads with a warning.
 
     Raises
     ------
@@ -156,6 +192,8 @@ def load_checkpoint(folder: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
         If ``folder`` has no ``model.safetensors``.
     ValueError
         If the file is not a checkpoint written by :func:`save_checkpoint`.
+    CheckpointError
+        (a ``ValueError``) If a check fails; the message names the file and the check.
     """
     from safetensors import safe_open
 
@@ -165,4 +203,42 @@ def load_checkpoint(folder: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
         header = (f.metadata() or {}).get("fl-subnet")
     if header is None:
         raise ValueError(f"{path}: a model file without fl-subnet checkpoint metadata")
-    return state, json.loads(header)
+    try:
+        meta = json.loads(header)
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path}: its fl-subnet header is not JSON ({err})") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("server-round"), int) or meta["server-round"] < 0:
+        raise CheckpointError(f"{path}: its header has no 'server-round' integer >= 0")
+    if verify:
+        verify_checkpoint(Path(folder), state, meta)
+    return state, meta
+
+
+def verify_checkpoint(folder: Path, state: Mapping[str, torch.Tensor], meta: Mapping[str, object]) -> None:
+    """The checks of :func:`load_checkpoint`; raises :class:`CheckpointError`."""
+    path = folder / MODEL_FILE
+    saved = meta.get(DIGEST_KEY)
+    if saved is None:
+        log.warning("%s: a checkpoint without a digest (written by an older fl-subnet): its tensors cannot "
+                    "be verified", path)
+    elif saved != checkpoint_digest(state, meta):
+        raise CheckpointError(f"{path}: its digest does not match its tensors and header: the file was changed "
+                              "or damaged after it was saved (refusing it; restore a copy, or start the run "
+                              "again)")
+    for name, t in state.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise CheckpointError(f"{path}: tensor {name!r} holds NaN or Inf: not a model to continue from")
+    readable = folder / STATE_FILE
+    try:
+        other = json.loads(readable.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: {STATE_FILE} is missing beside it (written with every checkpoint)") from None
+    except (OSError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{readable}: not readable JSON ({err})") from None
+    if not isinstance(other, dict) or other.get("server-round") != meta["server-round"]:
+        got = other.get("server-round") if isinstance(other, dict) else None
+        raise CheckpointError(f"{path}: its header says server-round {meta['server-round']} but {STATE_FILE} "
+                              f"says {got}: one of them was edited")
+    seconds = meta.get("seconds", 0.0)
+    if not (isinstance(seconds, (int, float)) and math.isfinite(seconds)):
+        raise CheckpointError(f"{path}: 'seconds' in its header must be a finite number, got {seconds!r}")

@@ -158,6 +158,7 @@ class Processes:
         self.log_dir = log_dir
         self.env = dict(env)
         self.procs: list[tuple[str, subprocess.Popen, Path]] = []
+        self.killed: set[str] = set()  # ended on purpose: no longer checked by check_alive
         log_dir.mkdir(parents=True, exist_ok=True)
 
     def start(self, name: str, cmd: list[str], cwd: Path = ROOT) -> subprocess.Popen:
@@ -171,8 +172,18 @@ class Processes:
     def check_alive(self, *names: str) -> None:
         """Raise if one of the named (all, by default) processes has exited."""
         for name, proc, _ in self.procs:
-            if (not names or name in names) and proc.poll() is not None:
+            if (not names or name in names) and name not in self.killed and proc.poll() is not None:
                 raise RuntimeError(f"{name} exited early with code {proc.returncode}")
+
+    def kill(self, name: str) -> None:
+        """SIGKILL the process ``name`` and every descendant (a crash: nothing can clean up)."""
+        for n, proc, _ in self.procs:
+            if n == name:
+                tree = descendants(proc.pid)
+                proc.kill()
+                proc.wait(timeout=10)
+                _signal_all(tree, signal.SIGKILL)
+                self.killed.add(name)
 
     def stop_all(self, timeout: float = 20.0) -> None:
         """Stop every process, newest first, by PID, and then its leftover descendants."""
@@ -223,15 +234,20 @@ def http_ok(url: str) -> bool:
         return False
 
 
-def start_superlink(procs: Processes, port: int, *, simulation: bool) -> subprocess.Popen:
-    """A SuperLink whose Fleet, Control and Runtime HTTP APIs share 127.0.0.1:``port``."""
+def start_superlink(procs: Processes, port: int, *, simulation: bool, name: str = "superlink",
+                    database: Path | None = None) -> subprocess.Popen:
+    """A SuperLink whose Fleet, Control and Runtime HTTP APIs share 127.0.0.1:``port``;
+    with ``database``, its state (registered nodes, runs) is kept in that SQLite file
+    across restarts."""
     cmd = [binary("flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port", str(port),
            "--disable-runtime-dependency-installation"]
+    if database is not None:
+        cmd += ["--database", str(database)]
     if simulation:
         cmd.append("--simulation")
-    proc = procs.start("superlink", cmd)
+    proc = procs.start(name, cmd)
     wait_until(lambda: http_ok(f"http://127.0.0.1:{port}/health"), 60, "the SuperLink",
-               check=lambda: procs.check_alive("superlink"))
+               check=lambda: procs.check_alive(name))
     return proc
 
 
@@ -260,8 +276,9 @@ def flwr_run(procs: Processes, connection: str, overrides: Mapping[str, object] 
     wait_until(summary.exists, 5, f"{summary} (did the ServerApp fail? see the flwr-run log)")
 
 
-def inprocess_rows(overrides: Mapping[str, object], num_nodes: int) -> list[dict]:
-    """The metrics rows of the same run on :class:`InProcessGrid` (no Flower processes)."""
+def inprocess_rows(overrides: Mapping[str, object], num_nodes: int, checkpoint_dir: Path | None = None) -> list[dict]:
+    """The metrics rows of the same run on :class:`InProcessGrid` (no Flower processes);
+    with ``checkpoint_dir``, its model is saved there too."""
     import fl_subnet.app.client_app
     from fl_subnet.experiments.config import RunConfig
     from fl_subnet.experiments.experiment import run_server
@@ -270,7 +287,7 @@ def inprocess_rows(overrides: Mapping[str, object], num_nodes: int) -> list[dict
     config = app_config(overrides)
     rows: list[dict] = []
     grid = InProcessGrid(fl_subnet.app.client_app.app, num_nodes, run_config=config)
-    run_server(grid, RunConfig.from_mapping(config), on_round=rows.append)
+    run_server(grid, RunConfig.from_mapping(config), on_round=rows.append, checkpoint_dir=checkpoint_dir)
     return rows
 
 

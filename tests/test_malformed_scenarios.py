@@ -72,6 +72,7 @@ KEY_CASES = [
     ("float-as-bool", "lr = true", "lr"),
     ("bool-as-int", "loss-average = 1", "loss-average"),
     ("string-as-int", "out-dir = 3", "out-dir"),
+    ("resume-from-as-int", "resume-from = 5", "resume-from"),
     ("hidden-as-int", "hidden = 128", "hidden"),
     ("array", "num-nodes = [1, 2]", "num-nodes"),
     ("date", "seed = 1979-05-27", "seed"),

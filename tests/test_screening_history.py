@@ -98,6 +98,7 @@ def test_resume_screens_with_the_saved_history(tmp_path):
     assert len(meta["ratio-history"]) >= 2 and all(r > 0 for r in meta["ratio-history"])
     stripped = tmp_path / "stripped"
     save_checkpoint(stripped, state, {k: v for k, v in meta.items() if k != "ratio-history"})
+    (stripped / "metrics.json").write_bytes((tmp_path / "cut" / "metrics.json").read_bytes())
     run_resumable(tmp_path / "cut", 4, resume=True, **over)
     run_resumable(stripped, 4, resume=True, **over)
     full, cut = load_model(tmp_path / "full" / "model.safetensors"), load_model(tmp_path / "cut" / "model.safetensors")

@@ -114,10 +114,15 @@ def run_one(values: dict, out_dir: Path, progress: Progress | None = None, label
 
     values = {**values, "out-dir": str(out_dir)}
     cfg = RunConfig.from_mapping(values)
-    recorder = RunRecorder(out_dir, cfg)
+    if cfg.resume_from:
+        raise ValueError("resume-from is the ServerApp's key (flwr run); fl-subnet run continues a run with "
+                         "--resume DIR")
     done = 0
-    if resume:
+    if resume:  # verified before anything is written there
         done = int(load_checkpoint(out_dir)[1]["server-round"])
+        RunRecorder.saved_rows(out_dir, done)
+    recorder = RunRecorder(out_dir, cfg)
+    if resume:
         recorder.resume(done)
     task = progress.add_task(label or cfg.strategy, total=cfg.num_server_rounds, completed=done) if progress else None
 
@@ -311,7 +316,8 @@ def main(argv: list[str] | None = None) -> int:
     p_run = sub.add_parser("run", help="run one scenario")
     p_run.add_argument("scenario", nargs="?", help="scenario TOML file (not with --resume)")
     p_run.add_argument("--resume", metavar="DIR", help="continue the run saved in DIR after its last finished "
-                       "round (its config.json; --rounds may extend it)")
+                       "round (its config.json, verified; --rounds may extend it, --set may change the defences and "
+                       "timeouts: fl_subnet.experiments.config.RESUMABLE_KEYS)")
     p_cmp = sub.add_parser("compare", help="run several scenarios on the same data and seeds")
     p_cmp.add_argument("scenarios", nargs="+")
     p_sw = sub.add_parser("sweep", help="run one scenario per value of a key; plot the loss floor")

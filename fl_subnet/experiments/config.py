@@ -213,6 +213,23 @@ FolderPath = Annotated[
                                    "``~/flwr-runs/`` (empty: ``~/flwr-runs/<strategy>-<time>``); "
                                    "``fl-subnet`` sets it from ``--out``."),
 ]
+ResumeFrom = Annotated[
+    str, AfterValidator(_check_path), _Allowed("a folder path (a string without NUL characters)"),
+    Field(strict=True, description="``flwr run``: continue the run saved in this results folder (absolute, or "
+                                   "relative to ``~/flwr-runs/``) after its last checkpointed round, writing "
+                                   "on there; only :data:`RESUMABLE_KEYS` may differ from its config. "
+                                   "Empty: a new run. ``fl-subnet run`` uses ``--resume DIR`` instead."),
+]
+
+#: Keys a resumed run may change (``resume-from``, ``fl-subnet run --resume``): how long the
+#: run goes on, where it writes, how long it waits, and how replies are screened and
+#: combined (the defences, so they can be switched on for a run under attack). Every other
+#: key would change the experiment and is refused.
+RESUMABLE_KEYS = frozenset({
+    "num-server-rounds", "out-dir", "resume-from", "round-timeout", "node-wait-timeout", "max-failed-rounds",
+    "fraction-evaluate", "aggregation", "trim-fraction", "max-update-ratio", "max-ratio-to-median", "screen",
+    "max-num-examples",
+})
 
 _CONFIG = ConfigDict(strict=True, extra="forbid")
 
@@ -313,6 +330,7 @@ class RunConfig:
     node_wait_timeout: Number("Seconds to wait for enough connected nodes before giving up with an error.",
                               gt=0.0) = 60.0
     out_dir: FolderPath = ""
+    resume_from: ResumeFrom = ""
 
     @model_validator(mode="after")
     def _check_combination(self) -> "RunConfig":

@@ -17,7 +17,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid
 from torch.utils.data import TensorDataset
 
-from .config import CONV_MODELS, RunConfig
+from .config import CONV_MODELS, RESUMABLE_KEYS, RunConfig
 from fl_subnet.wire import arrays_to_state
 from .zoo import model_factory
 from fl_subnet.exceptions import RunFailed  # noqa: F401  (re-exported: raised here)
@@ -250,9 +250,11 @@ def run_server(grid: Grid, cfg: RunConfig, on_round: Callable[[dict], None] | No
         (:func:`fl_subnet.checkpoint.save_checkpoint`: ``model.safetensors``,
         ``checkpoint.json``), atomically.
     resume : bool
-        Continue from the checkpoint in ``checkpoint_dir`` (its run config must equal
-        ``cfg`` but for ``num-server-rounds`` and ``out-dir``); the rounds after it are
-        run with their own numbers, so the final model equals an uninterrupted run's.
+        Continue from the checkpoint in ``checkpoint_dir``, verified on load
+        (:func:`fl_subnet.checkpoint.load_checkpoint`); its run config must equal ``cfg``
+        but for :data:`~fl_subnet.experiments.config.RESUMABLE_KEYS` (rounds, timeouts,
+        defences). The rounds after it are run with their own numbers, so with the same
+        config the final model equals an uninterrupted run's.
 
     Returns
     -------
@@ -265,6 +267,8 @@ def run_server(grid: Grid, cfg: RunConfig, on_round: Callable[[dict], None] | No
         If no round had a valid reply, or the final full-model loss is not finite.
     ValueError
         If the checkpoint belongs to another run config (naming the keys).
+    fl_subnet.checkpoint.CheckpointError
+        (a ``ValueError``) If the checkpoint fails verification; nothing is written.
     """
     from fl_subnet.checkpoint import load_checkpoint
     from fl_subnet.strategies import build_strategy
@@ -281,12 +285,15 @@ def run_server(grid: Grid, cfg: RunConfig, on_round: Callable[[dict], None] | No
         initial_state, meta = load_checkpoint(checkpoint_dir)
         # a key the checkpoint predates counts with its default (new keys never change old runs)
         saved, now = {**config_dict(RunConfig()), **meta.get("config", {})}, config_dict(cfg)
-        differ = sorted(k for k in set(saved) | set(now)
-                        if k not in ("num-server-rounds", "out-dir") and saved.get(k) != now.get(k))
+        changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+        differ = [k for k in changed if k not in RESUMABLE_KEYS]
         if differ:
             raise ValueError(f"cannot resume {checkpoint_dir}: run-config key(s) {differ} differ from the "
-                             f"checkpoint's ({', '.join(f'{k}={saved.get(k)!r}' for k in differ)})")
-        log.info("resuming %s after server round %d", checkpoint_dir, meta["server-round"])
+                             f"checkpoint's ({', '.join(f'{k}={saved.get(k)!r}' for k in differ)}); a resumed "
+                             f"run may change only {sorted(RESUMABLE_KEYS)}")
+        log.info("resuming %s after server round %d%s", checkpoint_dir, meta["server-round"],
+                 "".join(f"; {k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in changed
+                         if k not in ("out-dir", "resume-from")))
     first_round = int(meta.get("server-round", 0)) + 1
     if first_round > cfg.num_server_rounds:
         log.info("nothing to do: the checkpoint holds round %d of %d", first_round - 1, cfg.num_server_rounds)

@@ -16,7 +16,7 @@ import math
 import time
 from pathlib import Path
 
-from fl_subnet.checkpoint import atomic_write_text, remove_stale_temporaries
+from fl_subnet.checkpoint import CheckpointError, atomic_write_text, remove_stale_temporaries
 
 from .config import RunConfig
 
@@ -73,11 +73,42 @@ class RunRecorder:
         atomic_write_text(self.out_dir / "config.json", json.dumps(config_dict(cfg), indent=2))
 
     def resume(self, last_round: int) -> None:
-        """Continue a run: keep the saved rows up to ``last_round`` (the checkpoint's)."""
-        path = self.out_dir / "metrics.json"
-        rows = json.loads(path.read_text()) if path.exists() else []
-        self.rows = [r for r in rows if r["server-round"] <= last_round]
+        """Continue a run: keep the saved rows up to ``last_round`` (the checkpoint's).
+
+        Raises
+        ------
+        CheckpointError
+            If ``metrics.json`` is missing or lacks a row of rounds ``0..last_round``
+            (:meth:`saved_rows`).
+        """
+        self.rows = self.saved_rows(self.out_dir, last_round)
         self._write()
+
+    @staticmethod
+    def saved_rows(out_dir: str | Path, last_round: int) -> list[dict]:
+        """The ``metrics.json`` rows of rounds ``0..last_round`` of the run in ``out_dir``
+        (rows after it, written before a kill reached the checkpoint, are dropped).
+
+        Raises
+        ------
+        CheckpointError
+            If the file is missing or unreadable, or its rounds are not exactly
+            ``0..last_round`` (a resumed run would silently lose or repeat rows).
+        """
+        path = Path(out_dir) / "metrics.json"
+        try:
+            rows = json.loads(path.read_text())
+            kept = [r for r in rows if r["server-round"] <= last_round]
+            rounds = [r["server-round"] for r in kept]
+        except FileNotFoundError:
+            raise CheckpointError(f"{path} is missing: the checkpoint is of round {last_round}, and resuming "
+                                  "without the earlier rounds' rows would drop them") from None
+        except (OSError, ValueError, TypeError, KeyError) as err:
+            raise CheckpointError(f"{path}: not a list of metrics rows ({err!r})") from None
+        if rounds != list(range(last_round + 1)):
+            raise CheckpointError(f"{path} holds rounds {rounds} but the checkpoint is of round {last_round}: "
+                                  f"resuming needs exactly the rows of rounds 0..{last_round}")
+        return kept
 
     @classmethod
     def for_config(cls, cfg: RunConfig) -> "RunRecorder":
