@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from torch import nn
 from torch.utils.data import Dataset
 
+from fl_subnet.core.label_split import check_labels
 from fl_subnet.wire import METRICS_KEY, arrays_to_state, read_train
+from fl_subnet.wire.records import LABELS_KEY
 
 from .compact import receive, reply_arrays, width_schedule
 
@@ -21,12 +23,21 @@ log = logging.getLogger(__name__)
 
 DataFn = Callable[[Context], tuple[Dataset, Dataset | None]]
 TrainFn = Callable[[nn.Module, Dataset, TrainConfig, int], tuple[int, float]]
+LabelsFn = Callable[[Context], Sequence[int] | None]
 
 
-def partition_reply(msg: Message, context: Context) -> Message:
+def partition_reply(msg: Message, context: Context, labels: Sequence[int] | None = None) -> Message:
     """The reply to a strategy's node QUERY (``order_by_partition=True``): this node's
     ``partition-id`` and ``capacity`` (width share in (0, 1], for HeteroFL/FedRolex)
-    from its node config (``--node-config "partition-id=0 capacity=0.25"``), each only if set.
+    from its node config (``--node-config "partition-id=0 capacity=0.25"``), each only if set,
+    and ``labels``, the labels its training data holds, if given (HeteroFL's label split,
+    ``label_split=True``: the server then masks the node's other logits and averages each
+    classifier row over the nodes holding its label; a node reporting none holds all).
+
+    Raises
+    ------
+    ValueError
+        Naming ``labels``, if they are not a non-empty list of distinct ints >= 0.
 
     Add it to your own ClientApp, and pass ``order_by_partition=True`` to the strategy
     (off by default, since a plain ClientApp cannot answer), to let the strategy order
@@ -38,11 +49,14 @@ def partition_reply(msg: Message, context: Context) -> Message:
     """
     pid = context.node_config.get("partition-id")
     cap = context.node_config.get("capacity")
+    held = check_labels(labels, key=LABELS_KEY)
     metrics = MetricRecord()
     if isinstance(pid, int) and not isinstance(pid, bool):
         metrics["partition-id"] = int(pid)
     if isinstance(cap, (int, float)) and not isinstance(cap, bool):
         metrics["capacity"] = float(cap)
+    if held:
+        metrics[LABELS_KEY] = list(held)
     return Message(content=RecordDict({METRICS_KEY: metrics}), reply_to=msg)
 
 
@@ -56,7 +70,8 @@ def _takes_before_step(fn: Callable) -> bool:
 
 def make_client_app(model_factory: Callable[[], nn.Module] | None, load_data: DataFn,
                     train_fn: TrainFn = train_local, *,
-                    context_factory: Callable[[Context], Callable[[], nn.Module]] | None = None) -> ClientApp:
+                    context_factory: Callable[[Context], Callable[[], nn.Module]] | None = None,
+                    labels: LabelsFn | None = None) -> ClientApp:
     """A Flower ClientApp that trains whatever compact slice the server sends.
 
     Parameters
@@ -72,9 +87,16 @@ def make_client_app(model_factory: Callable[[], nn.Module] | None, load_data: Da
         defaults to :func:`~fl_subnet.clients.train.train_local` (SGD, τ steps or E
         epochs). For FjORD messages (``fjord-widths``) it is also passed
         ``before_step=``, the per-batch width sampler (:func:`width_schedule`), to call
-        with the step index before each batch.
+        with the step index before each batch. With HeteroFL's label split the config's
+        ``labels`` name the node's labels: mask the other logits before the loss
+        (:func:`fl_subnet.core.label_split.mask_logits`; ``train_local`` does).
     context_factory : Callable[[Context], Callable[[], nn.Module]], optional
         Returns the model factory for a message's context (e.g. from its run config).
+    labels : Callable[[Context], Sequence[int] | None], optional
+        The labels this node's training data holds (e.g. the distinct ``y`` of its
+        partition), reported to the node query for HeteroFL's label split
+        (``label_split=True``); None (or returning None): none reported, the node holds
+        every label.
 
     Returns
     -------
@@ -139,8 +161,9 @@ def make_client_app(model_factory: Callable[[], nn.Module] | None, load_data: Da
 
     @app.query()
     def query(msg: Message, context: Context) -> Message:
-        """Report this node's ``partition-id`` so the server can order nodes stably."""
-        return partition_reply(msg, context)
+        """Report this node's ``partition-id`` (so the server can order nodes stably),
+        ``capacity`` and ``labels``."""
+        return partition_reply(msg, context, labels(context) if labels is not None else None)
 
     return app
 

@@ -13,6 +13,11 @@ A message without mask keys (a plain FedAvg message) gives the full model.
 
 A FjORD message (train config key ``fjord-widths``) gives a model whose width can be
 lowered per batch; :func:`width_schedule` samples the widths in the user's own loop.
+
+A HeteroFL/FedRolex message with the label split on (train config key ``labels``) names
+the labels this node holds: :attr:`Received.labels`; mask the logits of the others before
+the loss with :func:`fl_subnet.core.label_split.mask_logits` (``loss =
+criterion(mask_logits(model(x), got.labels), y)``).
 """
 
 from __future__ import annotations
@@ -24,12 +29,14 @@ from flwr.app import ArrayRecord, Message, RecordDict
 from torch import nn
 
 from fl_subnet.core.batchnorm import check_policy, use_batch_statistics
+from fl_subnet.core.label_split import check_labels
 from fl_subnet.core.masks import Mask, full_mask
 from fl_subnet.core.ordered import WidthSchedule, build_ordered, width_generator
 from fl_subnet.core.spec import SubnetSpec, cached_spec
 from fl_subnet.wire.packed import Layout, is_packed, pack_state, slice_layout, unpack_state
 from fl_subnet.wire import (BATCHNORM_KEY, arrays_to_state, example_from_config,
                             has_mask, mask_from_config, read_train, state_to_arrays, widths_from_config)
+from fl_subnet.wire.records import LABELS_KEY
 
 
 @dataclass
@@ -57,6 +64,10 @@ class Received:
         The packing layout of the slice (:mod:`fl_subnet.wire.packed`) when it came packed
         (a sub-model), else None (a full model, one array per tensor):
         :func:`reply_arrays` replies in the same format.
+    labels : tuple[int, ...]
+        HeteroFL's label split (train config ``labels``, sorted): the labels this node
+        holds, whose logits alone enter the loss
+        (:func:`fl_subnet.core.label_split.mask_logits`); empty when the split is off.
     """
 
     model: nn.Module
@@ -66,6 +77,7 @@ class Received:
     config: Mapping[str, object]
     widths: tuple[float, ...] = ()
     layout: Layout | None = None
+    labels: tuple[int, ...] = ()
 
 
 def receive(msg: Message | RecordDict, model_factory: Callable[[], nn.Module]) -> Received:
@@ -90,14 +102,15 @@ def receive(msg: Message | RecordDict, model_factory: Callable[[], nn.Module]) -
     TypeError
         If ``model_factory`` is a model instance rather than a callable returning one.
     ValueError
-        Naming the key, for a malformed message (no ArrayRecord, a bad mask or example
-        shape), or if the arrays do not match the mask.
+        Naming the key, for a malformed message (no ArrayRecord, a bad mask, example
+        shape or ``labels``), or if the arrays do not match the mask.
     """
     if isinstance(model_factory, nn.Module):
         raise TypeError("receive() needs a model factory (e.g. the class Net), not a model instance "
                         f"({type(model_factory).__name__}): pass Net, not Net()")
     content = msg.content if isinstance(msg, Message) else msg
     arrays_key, arrays, config = read_train(content)
+    labels = check_labels(config.get(LABELS_KEY), key=LABELS_KEY)  # label split: ValueError naming 'labels'
     shape, dtype = example_from_config(config)
     masked = has_mask(config)
     if not masked and shape is None and not is_packed(arrays) and not widths_from_config(config):
@@ -106,7 +119,7 @@ def receive(msg: Message | RecordDict, model_factory: Callable[[], nn.Module]) -
         model = model_factory()
         model.load_state_dict(arrays_to_state(arrays))
         model.train()
-        return Received(model, Mask({}), None, arrays_key, config)
+        return Received(model, Mask({}), None, arrays_key, config, labels=labels)
     spec = cached_spec(model_factory, shape, dtype)  # analysed once per process
     mask = mask_from_config(config, spec.all_groups) if masked else full_mask(spec.all_groups)
     spec.slicer.skipped_keys(mask)  # a depth block this model lacks: ValueError naming it
@@ -118,7 +131,7 @@ def receive(msg: Message | RecordDict, model_factory: Callable[[], nn.Module]) -
         else spec.build(state, mask)
     if check_policy(str(config.get(BATCHNORM_KEY, "averaged"))) == "static":
         use_batch_statistics(model)
-    return Received(model, mask, spec, arrays_key, config, widths, layout)
+    return Received(model, mask, spec, arrays_key, config, widths, layout, labels)
 
 
 def compact_model(msg: Message | RecordDict, model_factory: Callable[[], nn.Module]) -> nn.Module:

@@ -12,6 +12,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from fl_subnet.core.label_split import check_labels, mask_logits
+from fl_subnet.wire.records import LABELS_KEY
+
 LOSSES = ("cross-entropy", "mse")
 
 
@@ -70,6 +73,10 @@ class TrainConfig:
         ``mse`` is ½·mean squared error (Liao & Kyrillidis, §2).
     seed : int
         Seeds the batch order together with the server round and partition.
+    labels : tuple[int, ...]
+        HeteroFL's label split (``labels``, sorted): the labels this node holds; the
+        logits of the others are set to 0 before the loss
+        (:func:`fl_subnet.core.label_split.mask_logits`). Empty: no masking.
     """
 
     local_steps: int = 1
@@ -80,6 +87,7 @@ class TrainConfig:
     batch_size: int = 32
     loss: str = "cross-entropy"
     seed: int = 0
+    labels: tuple[int, ...] = ()
 
     #: Most local steps / epochs a node accepts from a server message (more is refused,
     #: naming the key, instead of running until the node is killed).
@@ -94,8 +102,9 @@ class TrainConfig:
         ValueError
             Naming the key, for a value that is not a number (an integer for counts), a
             negative count, more than :attr:`MAX_LOCAL_STEPS` local steps or
-            :attr:`MAX_LOCAL_EPOCHS` local epochs, a non-positive or non-finite lr, or an
-            unknown loss.
+            :attr:`MAX_LOCAL_EPOCHS` local epochs, a non-positive or non-finite lr, an
+            unknown loss, or ``labels`` that are not a non-empty list of distinct ints
+            >= 0 (or given with a loss other than cross-entropy).
         """
         d = cls()
         cfg = cls(
@@ -107,6 +116,7 @@ class TrainConfig:
             batch_size=config_int(config, "batch-size", d.batch_size),
             loss=str(config.get("loss", d.loss)),
             seed=config_int(config, "seed", d.seed),
+            labels=check_labels(config.get(LABELS_KEY), key=LABELS_KEY),
         )
         for key, value, most in (("local-steps", cfg.local_steps, cls.MAX_LOCAL_STEPS),
                                  ("local-epochs", cfg.local_epochs, cls.MAX_LOCAL_EPOCHS)):
@@ -122,14 +132,27 @@ class TrainConfig:
             raise ValueError(f"lr must be > 0, got {cfg.lr}")
         if cfg.loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {cfg.loss!r}")
+        if cfg.labels and cfg.loss != "cross-entropy":
+            raise ValueError(f"{LABELS_KEY} (HeteroFL's label split) masks classification logits: it needs loss "
+                             f"'cross-entropy', got {cfg.loss!r}")
         return cfg
 
 
-def loss_fn(name: str, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Mean loss of a batch: cross-entropy, or ½·MSE (targets of shape ``out.shape``)."""
+def loss_fn(name: str, out: torch.Tensor, y: torch.Tensor, labels: tuple[int, ...] = ()) -> torch.Tensor:
+    """Mean loss of a batch: cross-entropy, or ½·MSE (targets of shape ``out.shape``).
+
+    ``labels`` (HeteroFL's label split): the labels the node holds; the other logits of
+    ``out`` ``(N, C)`` are set to 0 before the cross-entropy, as HeteroFL's models do
+    (``out.masked_fill(label_mask == 0, 0)``, :func:`fl_subnet.core.label_split.mask_logits`).
+
+    Raises
+    ------
+    ValueError
+        Naming ``labels``, if a label is outside ``[0, C)``.
+    """
     if name == "mse":
         return 0.5 * (out - y.view_as(out)).pow(2).mean()
-    return F.cross_entropy(out, y)
+    return F.cross_entropy(mask_logits(out, labels) if labels else out, y)
 
 
 def make_loader(data: Dataset, batch_size: int, shuffle: bool, seed: int) -> DataLoader:
@@ -150,7 +173,8 @@ def train_local(model: nn.Module, data: Dataset, cfg: TrainConfig, seed: int = 0
     data : Dataset
         Yields ``(x, y)`` pairs.
     cfg : TrainConfig
-        τ steps if ``cfg.local_steps`` > 0 (cycling through the data), else E epochs.
+        τ steps if ``cfg.local_steps`` > 0 (cycling through the data), else E epochs;
+        ``cfg.labels`` (label split) masks the logits of the other labels in the loss.
     seed : int
         Batch-order seed (e.g. derived from run seed, server round and partition).
     before_step : Callable[[int], object], optional
@@ -180,7 +204,7 @@ def train_local(model: nn.Module, data: Dataset, cfg: TrainConfig, seed: int = 0
             continue
         if before_step is not None:
             before_step(steps)
-        loss = loss_fn(cfg.loss, model(x), y)
+        loss = loss_fn(cfg.loss, model(x), y, cfg.labels)
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -19,6 +19,7 @@ from flwr.supercore import log as flwr_log
 from torch import nn
 
 from fl_subnet.core.aggregate import first_non_finite
+from fl_subnet.core.robust_direction import BUCKET_SIZE, CLIP_ITERATIONS, make_center
 from fl_subnet.core.rules import AGGREGATION_RULES, AggregationRule, make_rule
 from fl_subnet.core.slicing import SERVER_THREADS, torch_threads
 from fl_subnet.core.robust import update_ratio
@@ -100,13 +101,23 @@ class SubnetStrategy(NodeSampling, FedAvg):
     calibration_batches : Iterable[torch.Tensor], optional
         Re-iterable input batches (a list, a DataLoader yielding inputs) the server
         holds; required by ``batchnorm="static"`` when the model has BatchNorm layers.
-    aggregation : {"mean", "median", "trimmed-mean"}
+    aggregation : {"mean", "median", "trimmed-mean", "centered-clip", "bucketing"}
         ``mean``: the (weighted) mean over the holders of each entry (default).
         ``median`` / ``trimmed-mean``: coordinate-wise median / β-trimmed mean over the
         holders of each entry, unweighted (Yin et al., ICML 2018), robust to a minority
-        of rogue nodes among an entry's holders.
+        of rogue nodes among an entry's holders. ``centered-clip`` / ``bucketing``:
+        centered clipping of whole updates, alone or on bucket means, unweighted
+        (Karimireddy et al., ICML 2021 and ICLR 2022;
+        :mod:`fl_subnet.core.robust_direction`).
     trim_fraction : float
         β of ``trimmed-mean``: ⌊β·h⌋ values dropped at each end of an entry's h holders.
+    clip_radius : float
+        τ of ``centered-clip`` / ``bucketing``; 0: the round's median distance of the
+        updates to the clipping's start.
+    clip_iterations : int
+        L of ``centered-clip`` / ``bucketing``.
+    bucket_size : int
+        s of ``bucketing``; the shuffle is drawn from ``seed`` and the server round.
     defences : Defences, optional
         Bounds every reply must meet before the rule folds it in: norm screening
         (``max_update_ratio``, ``max_ratio_to_median``, ``screen``) and the weight cap
@@ -190,6 +201,9 @@ class SubnetStrategy(NodeSampling, FedAvg):
         calibration_batches: Iterable[torch.Tensor] | None = None,
         aggregation: str = "mean",
         trim_fraction: float = 0.25,
+        clip_radius: float = 0.0,
+        clip_iterations: int = CLIP_ITERATIONS,
+        bucket_size: int = BUCKET_SIZE,
         defences: Defences | None = None,
         max_failed_rounds: int | None = 3,
         lr_scaling: str = "auto",
@@ -239,8 +253,14 @@ class SubnetStrategy(NodeSampling, FedAvg):
             raise ValueError(f"aggregation {aggregation!r} needs denominator='holders' and untouched='keep'")
         self.aggregation = aggregation
         self.trim_fraction = float(trim_fraction)
+        #: The rule's options besides the state (fl_subnet.core.rules.make_rule).
+        self.rule_options = dict(trim_fraction=self.trim_fraction, clip_radius=clip_radius,
+                                 clip_iterations=clip_iterations, bucket_size=bucket_size)
         make_rule(aggregation, {}, self.slicer, untouched=untouched, denominator=denominator, precision=precision,
-                  trim_fraction=self.trim_fraction)  # validates the rule and its options
+                  **self.rule_options)  # validates the rule and its options
+        #: centered-clip / bucketing: the previous round's aggregate update, where the next
+        #: round's clipping starts (Karimireddy et al. 2021, Alg. 2); in memory only.
+        self.clip_center: dict[str, torch.Tensor] | None = None
         if defences is not None and not isinstance(defences, Defences):
             raise TypeError(f"defences must be a Defences, got {type(defences).__name__}")
         self.defences = defences if defences is not None else NO_DEFENCES
@@ -312,6 +332,9 @@ class SubnetStrategy(NodeSampling, FedAvg):
             "weighted": self.weighted, "aggregation": self.aggregation, "batchnorm": self.batchnorm,
             "lr scaling": self.lr_scaling,
         }
+        if self.aggregation in ("centered-clip", "bucketing"):
+            out["aggregation"] += " (" + ", ".join(f"{k.replace('_', '-')}={v}" for k, v in self.rule_options.items()
+                                                   if k != "trim_fraction") + ")"
         if self.capacity_tiers:
             out["capacity tiers"] = ",".join(f"{t:g}" for t in self.capacity_tiers)
         d = self.defences
@@ -454,6 +477,13 @@ class SubnetStrategy(NodeSampling, FedAvg):
         counted in ``bytes-down``); none by default. FjORD sends the node's widths."""
         return {}
 
+    def reply_rows(self, node: int) -> dict[str, torch.Tensor] | None:
+        """The rows (dim 0, full positions) of some tensors that ``node``'s reply alone
+        contributes to the aggregate (``MaskedAggregator.add(rows=)``); None (default):
+        every entry it holds. HeteroFL's label split returns the classifier rows of the
+        node's labels."""
+        return None
+
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -478,7 +508,7 @@ class SubnetStrategy(NodeSampling, FedAvg):
     def _aggregate_train(self, server_round: int, replies: Iterable[Message]
                          ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         tally = _Tally(server_round + self.round_offset)
-        agg = self._aggregator()
+        agg = self._aggregator(tally.server_round)
         parsed = self._parse_replies(replies, agg, tally)
         folded = self._fold(parsed, agg, tally)
         metrics = self._round_metrics(folded, tally)
@@ -496,6 +526,7 @@ class SubnetStrategy(NodeSampling, FedAvg):
                       where)
             metrics["model-kept"] = 1
             return None, metrics
+        self.clip_center = make_center(agg, self.clip_center)
         out = state_to_arrays(new_state)
         self._remember(out, new_state)
         return out, metrics
@@ -558,7 +589,9 @@ class SubnetStrategy(NodeSampling, FedAvg):
                 if weight != r.weight:
                     log.warning("aggregate_train: round %d: node %d reports %s %g, capped at %d", tally.server_round,
                                 r.node, self.weighted_by_key, r.weight, self.defences.max_num_examples)
-                agg.add(compact, r.mask, weight if self.weighted else 1.0, checked=True)  # checked in step 1
+                rows = self.reply_rows(r.node)  # HeteroFL's label split: the classifier rows of its labels
+                agg.add(compact, r.mask, weight if self.weighted else 1.0, checked=True,  # checked in step 1
+                        **({"rows": rows} if rows else {}))
             except Exception as err:  # noqa: BLE001
                 tally.reject(r.node, err)
                 continue
@@ -676,11 +709,12 @@ class SubnetStrategy(NodeSampling, FedAvg):
         return bool(shapes) and all(got == full for got, full, _ in shapes) and any(
             want != full for _, full, want in shapes)
 
-    def _aggregator(self) -> AggregationRule:
+    def _aggregator(self, server_round: int = 0) -> AggregationRule:
         """This round's aggregation rule over the current global model."""
         return make_rule(self.aggregation, self._state, self.slicer, untouched=self.untouched,
                          denominator=self.denominator, precision=self.precision, flat=self._flat,
-                         trim_fraction=self.trim_fraction)
+                         seed=self.seed, server_round=server_round, center=self.clip_center,
+                         **self.rule_options)
 
     def _recalibrate(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Static BatchNorm: the full model's running statistics, recomputed on the

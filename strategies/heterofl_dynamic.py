@@ -43,7 +43,7 @@ class HeteroFLDynamic(HeteroFL):
     def from_run_config(cls, cfg, model_factory, **common):
         """Build from a run config (:func:`~fl_subnet.strategies.build_strategy` passes ``common``)."""
         return cls(model_factory, cfg.tiers(), local_steps=cfg.local_steps, fraction_train=cfg.fraction_train,
-                   **common)
+                   label_split=getattr(cfg, "label_split", False), **common)
 
     def configure_train(self, server_round, arrays, config, grid):
         self._round = server_round + self.round_offset  # the round whose capacities capacity_of draws

@@ -4,7 +4,8 @@ A mixin of :class:`~strategies.base.SubnetStrategy` (not a Flower strategy itsel
 node ids are random per run, so nodes are ordered by the ``partition-id`` they report to a
 one-off QUERY (when ``order_by_partition``), which makes the same seed pair the same data
 with the same mask in a simulation, a deployment and in-process; the same query learns a
-node's declared ``capacity`` (node config) for the width-heterogeneous protocols.
+node's declared ``capacity`` (node config) for the width-heterogeneous protocols, and the
+``labels`` it holds for HeteroFL's label split (:mod:`fl_subnet.core.label_split`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ import torch
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
+from fl_subnet.core.label_split import check_labels
 from fl_subnet.core.samplers import generator_for
+from fl_subnet.wire.records import LABELS_KEY
 from fl_subnet.exceptions import NotEnoughNodes  # noqa: F401  (re-exported: raised here)
 
 log = logging.getLogger(__name__)
@@ -34,6 +37,7 @@ class NodeSampling:
     def _init_nodes(self) -> None:
         self._rank: dict[int, int] = {}
         self._capacity: dict[int, float] = {}  # capacities the nodes declared (node config "capacity")
+        self._labels: dict[int, tuple[int, ...]] = {}  # labels the nodes reported holding (label split)
         self._order: list[int] = []
         self._unranked: set[int] = set()
         self._said_tiers_by_order = False
@@ -43,8 +47,23 @@ class NodeSampling:
         """Node id → the capacity it declared in its node config (``capacity``)."""
         return dict(self._capacity)
 
+    @property
+    def node_labels(self) -> dict[int, tuple[int, ...]]:
+        """Node id → the labels it reported holding (``labels`` in its query reply, sorted);
+        a node absent here reported none and holds every label."""
+        return dict(self._labels)
+
+    #: Number of classes the reported ``labels`` are checked against (the output layer's
+    #: size, set by a strategy with HeteroFL's label split); None: unchecked.
+    label_classes: int | None = None
+
     def order_nodes(self, grid: Grid, nodes: list[int]) -> list[int]:
-        """``nodes`` sorted by reported ``partition-id`` (asked once per node), then id."""
+        """``nodes`` sorted by reported ``partition-id`` (asked once per node), then id.
+
+        The same reply's ``capacity`` and ``labels`` are kept (:attr:`declared_capacities`,
+        :attr:`node_labels`); malformed ``labels`` (not a non-empty list of distinct ints in
+        ``[0, label_classes)``) are refused with a warning naming the key and the node,
+        which then counts as holding every label."""
         unknown = [n for n in nodes if n not in self._rank and n not in self._unranked]
         if unknown and self.order_by_partition:
             ask = RecordDict({self.configrecord_key: ConfigRecord({"fl-subnet-query": "partition-id"})})
@@ -52,11 +71,19 @@ class NodeSampling:
                 [Message(content=ask, message_type=MessageType.QUERY, dst_node_id=n) for n in unknown],
                 timeout=self.query_timeout)
             for msg in replies:
-                pid = cap = None
+                pid = cap = labels = None
                 if not msg.has_error():
                     for record in msg.content.metric_records.values():
                         pid = record.get("partition-id", pid)
                         cap = record.get("capacity", cap)
+                        labels = record.get(LABELS_KEY, labels)
+                if labels is not None:
+                    try:
+                        self._labels[msg.metadata.src_node_id] = check_labels(labels, self.label_classes,
+                                                                              key=LABELS_KEY)
+                    except ValueError as err:
+                        log.warning("order_nodes: node %d: refused its reported labels (it counts as holding every "
+                                    "label): %s", msg.metadata.src_node_id, err)
                 if isinstance(pid, int) and not isinstance(pid, bool):
                     self._rank[msg.metadata.src_node_id] = pid
                 if isinstance(cap, (int, float)) and not isinstance(cap, bool) and 0 < cap <= 1:

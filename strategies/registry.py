@@ -99,7 +99,8 @@ def build_strategy(cfg: Any, model_factory: Callable[[], nn.Module], *, example_
 
     ``cfg`` is a :class:`~fl_subnet.experiments.config.RunConfig`. The protocol reads its
     own keys (``from_run_config``); the keys every protocol shares are passed to it here:
-    the seed, ``untouched``, ``batchnorm``, the defences (``aggregation``,
+    the seed, ``untouched``, ``batchnorm``, the defences (``aggregation`` and its options
+    ``trim-fraction``, ``clip-radius``, ``clip-iterations``, ``bucket-size``,
     ``max-update-ratio``, ...; 0 = off), ``node-wait-timeout``, ``lr-scaling``, the server
     optimizer and ``fraction-evaluate``. ``min_available_nodes`` etc. can be passed through
     ``fedavg_kwargs``; ``example_input`` and ``calibration_batches`` go to
@@ -113,7 +114,8 @@ def build_strategy(cfg: Any, model_factory: Callable[[], nn.Module], *, example_
     cls = protocol_class(cfg.strategy)
     common = dict(seed=cfg.seed, untouched=cfg.untouched, example_input=example_input,
                   batchnorm=cfg.batchnorm, calibration_batches=calibration_batches,
-                  aggregation=cfg.aggregation, trim_fraction=cfg.trim_fraction,
+                  aggregation=cfg.aggregation, trim_fraction=cfg.trim_fraction, clip_radius=cfg.clip_radius,
+                  clip_iterations=cfg.clip_iterations, bucket_size=cfg.bucket_size,
                   defences=Defences(max_update_ratio=cfg.max_update_ratio or None,
                                     max_ratio_to_median=cfg.max_ratio_to_median or None, screen=cfg.screen,
                                     max_num_examples=cfg.max_num_examples or None),

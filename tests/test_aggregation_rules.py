@@ -4,6 +4,8 @@ speed-up once passed ``checked=True`` to rules that did not take it) fails here.
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -106,15 +108,16 @@ def test_a_single_holder_gives_its_value(rule, spec, state):
 def test_hand_computed_values_on_a_shared_entry(rule, spec, state):
     """Three holders of one entry with values 0, 1, 8 and weights 1, 1, 2: the mean is
     the weighted mean (17/4), the median the middle value (1); the trimmed mean at
-    β = 1/3 drops one value at each end (1)."""
-    agg = make_rule(rule, state, spec.slicer, trim_fraction=1 / 3)
+    β = 1/3 drops one value at each end (1); centered clipping with a radius nothing
+    reaches (and bucketing with buckets of one) is the unweighted mean (3)."""
+    agg = make_rule(rule, state, spec.slicer, trim_fraction=1 / 3, clip_radius=1e30, bucket_size=1)
     m = mask_of(spec, [0])
     for value, weight in ((0.0, 1.0), (1.0, 1.0), (8.0, 2.0)):
         agg.add(reply(spec, state, m, value), m, weight)
-    want = {"mean": 17 / 4, "median": 1.0, "trimmed-mean": 1.0}[rule]
+    want = {"mean": 17 / 4, "median": 1.0, "trimmed-mean": 1.0, "centered-clip": 3.0, "bucketing": 3.0}[rule]
     assert float(agg.finalize()["1.weight"][0, 0]) == pytest.approx(want, rel=1e-6)
 
 
 def test_unknown_rule_is_refused_naming_the_choices(spec, state):
-    with pytest.raises(ValueError, match=r"aggregation must be one of \('mean', 'median', 'trimmed-mean'\)"):
+    with pytest.raises(ValueError, match=re.escape(f"aggregation must be one of {tuple(AGGREGATION_RULES)}")):
         make_rule("mode", state, spec.slicer)

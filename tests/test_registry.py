@@ -58,7 +58,8 @@ def test_registering_adds_a_row_and_a_builder(monkeypatch):
     assert registry.protocol_table().splitlines()[2] == "| `aaa-test` | `Probe` | m | w | s | a | x |"
     cfg = type("Cfg", (), {"strategy": "aaa-test"})
     monkeypatch.setattr(registry, "make_server_optimizer", lambda *a, **k: None)
-    for key in ("seed", "untouched", "batchnorm", "aggregation", "trim_fraction", "max_update_ratio",
+    for key in ("seed", "untouched", "batchnorm", "aggregation", "trim_fraction", "clip_radius", "clip_iterations",
+                "bucket_size", "max_update_ratio",
                 "max_ratio_to_median", "screen", "max_num_examples", "max_failed_rounds", "node_wait_timeout",
                 "lr_scaling", "server_optimizer", "server_lr", "server_momentum", "fraction_evaluate"):
         setattr(cfg, key, 0)

@@ -8,6 +8,11 @@ the per-neuron weights η of Figure 1)::
 and an entry that no client held keeps ``W_k[e]`` (``untouched="zero"`` reproduces the
 authors' reference code, which zeroes such neurons). Integer tensors (e.g. BatchNorm's
 ``num_batches_tracked``) are not averaged: they take the maximum over holders.
+
+A reply may also be restricted to some rows (dim 0) of some tensors (``add(..., rows=)``):
+its other rows of those tensors count as not held by it, in the sum and in the
+denominator alike. HeteroFL's label split uses it for the classifier's rows of the labels
+a node holds (:mod:`fl_subnet.core.label_split`; HeteroFL's ``Federation.combine``).
 """
 
 from __future__ import annotations
@@ -67,7 +72,9 @@ class MaskedAggregator:
     ``flat`` map (:class:`~fl_subnet.core.flat.FlatMap`, for models of many small
     tensors), with one ``index_add_`` per reply over all float tensors at once; the per-entry
     denominators are computed once in :meth:`finalize` as small products of the
-    per-group holder indicators (``Σ_c n_c 1[i∈R_c] 1[j∈C_c]``), never per entry.
+    per-group holder indicators (``Σ_c n_c 1[i∈R_c] 1[j∈C_c]``), never per entry. A
+    reply's row restriction (``rows=``) shrinks its ``R_c`` of those tensors: its sum
+    skips the other rows (multiplied by 0), its indicator lists only the allowed rows.
     """
 
     def __init__(self, global_state: Mapping[str, torch.Tensor], slicer: Slicer,
@@ -89,6 +96,7 @@ class MaskedAggregator:
         self._masks: list[Mask] = []
         self._kept: list[dict[str, list[tuple[int, torch.Tensor]]]] = []  # per reply: key -> (dim, positions)
         self._weights: list[float] = []
+        self._rows: list[dict[str, torch.Tensor]] = []  # per reply: key -> full rows (dim 0) it contributes
         self._held: dict[str, torch.Tensor] | None = None  # set by finalize(), for held()
         self._indicators: dict[tuple, torch.Tensor] = {}  # holder indicators, per finalize
         self._shapes: dict[str, tuple[int, ...]] | None = None
@@ -136,7 +144,7 @@ class MaskedAggregator:
                 raise ValueError(f"'{key}' has dtype {t.dtype}, expected {full.dtype}")
 
     def add(self, compact: Mapping[str, torch.Tensor], mask: Mask, weight: float = 1.0,
-            checked: bool = False) -> None:
+            checked: bool = False, rows: Mapping[str, torch.Tensor] | None = None) -> None:
         """Add one client's trained compact slice.
 
         Parameters
@@ -150,17 +158,26 @@ class MaskedAggregator:
         checked : bool
             The caller already ran :meth:`check` on these keys and shapes (the
             strategy checks every reply before screening it): not checked again.
+        rows : Mapping[str, torch.Tensor], optional
+            Float key → int ``(k,)`` positions along its dim 0, in the full tensor's
+            coordinates: of those tensors the reply contributes only these rows (the
+            other rows count as not held by it, in the sum and the denominator; a row
+            no reply contributes keeps ``W_k``, or becomes 0 with ``untouched="zero"``
+            for a coupled key). None: every row it holds (the default). HeteroFL's
+            label split (:func:`fl_subnet.core.label_split.row_restriction`).
 
         Raises
         ------
         ValueError
-            If the mask, a tensor or the weight is invalid; nothing is accumulated then.
+            If the mask, a tensor, the weight or ``rows`` (naming ``rows`` and the key)
+            is invalid; nothing is accumulated then.
         """
         if not (isinstance(weight, (int, float)) and math.isfinite(weight) and weight > 0):
             raise ValueError(f"weight (num-examples) must be finite and > 0, got {weight!r}")
         self.slicer.validate(mask)
         if not checked or self._shapes is None:
             self.check(compact, mask)
+        rows = self._check_rows(rows, compact)
         w = float(weight)
         # Check every float tensor now, so a rejected reply leaves no trace; the scatter
         # itself happens in finalize() (the flat path adds the reply at once, after the checks).
@@ -187,22 +204,53 @@ class MaskedAggregator:
             info = torch.finfo(self.precision)  # else finalize() sums in float64 instead
             self._weights_fit = info.tiny <= w and self._total_weight <= info.max
         if values is not None and self._weights_fit:
-            self._add_flat(values, mask, w)
+            self._add_flat(values, mask, w, rows)
         self._pending.append({k: compact[k] for k in self.state if self.state[k].is_floating_point() and k in compact})
+        self._rows.append(rows)
         self._masks.append(mask)
         self._kept.append(kept)
         self._weights.append(w)
         self._held = None
 
+    def _check_rows(self, rows: Mapping[str, torch.Tensor] | None,
+                    compact: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``rows`` of :meth:`add` as key → sorted, unique int64 positions ``(k,)``.
+
+        Raises
+        ------
+        ValueError
+            Naming ``rows`` and the key: not a float key of the reply, a tensor without
+            dims, or positions that are not integers in ``[0, size of dim 0)``.
+        """
+        if not rows:
+            return {}
+        out = {}
+        for key, positions in rows.items():
+            full = self.state.get(key)
+            if full is None or not full.is_floating_point() or full.dim() == 0 or key not in compact:
+                raise ValueError(f"rows: '{key}' is not a float tensor with dims of this reply")
+            idx = torch.as_tensor(positions)
+            if idx.dim() != 1 or idx.is_floating_point() or idx.is_complex() or idx.dtype == torch.bool:
+                raise ValueError(f"rows: '{key}' needs a 1-D tensor of integer positions, got {str(positions)[:80]}")
+            idx = torch.unique(idx.to(torch.int64))  # sorted
+            if idx.numel() and (int(idx[0]) < 0 or int(idx[-1]) >= full.shape[0]):
+                raise ValueError(f"rows: '{key}' positions must be in [0, {full.shape[0]}), got {idx.tolist()[:8]}")
+            out[key] = idx
+        return out
+
     def _sum_key(self, key: str) -> torch.Tensor:
         """Σ_c n_c · W_c[key] scattered into full size, over every added reply."""
         full = self.state[key]
         acc = torch.zeros_like(full, dtype=self._acc_dtype(full))
-        for compact, mask, kept_of, w in zip(self._pending, self._masks, self._kept, self._weights):
+        for compact, mask, kept_of, w, rows_of in zip(self._pending, self._masks, self._kept, self._weights,
+                                                      self._rows):
             if key not in compact:  # a depth block this reply skipped
                 continue
             t = compact[key].to(acc.dtype)
             kept = kept_of.get(key, [])
+            if key in rows_of:  # the rows outside the restriction add 0 (t * 0 = 0: finite, checked)
+                keep = _allowed_rows(dict(kept).get(0), rows_of[key], full.shape[0])
+                t = t * keep.view([-1] + [1] * (t.dim() - 1)).to(t.dtype)
             # Uncut dims need no index. Each shortcut does the arithmetic of the indexed
             # op it replaces, rounding included: a multi-dim index_add_ adds slices
             # with add_(alpha) (one fused multiply-add), a 1-D or flat index_add_ rounds
@@ -231,22 +279,43 @@ class MaskedAggregator:
                                         t.reshape(-1), alpha=w)
         return acc
 
-    def _add_flat(self, values: torch.Tensor, mask: Mask, w: float) -> None:
+    def _add_flat(self, values: torch.Tensor, mask: Mask, w: float,
+                  rows: Mapping[str, torch.Tensor] | None = None) -> None:
         """The flat path's :meth:`_sum_key` and :meth:`_denominator` of every float key at
         once, for one reply: its float tensors laid end to end (``values``) added at its
         mask's flat positions with one ``index_add_``, and ``w`` with another (``add_``
-        for a full mask)."""
+        for a full mask); a row restriction drops the positions of the other rows first."""
         if self._flat_sum is None:
             self._flat_sum = torch.zeros(self.flat.numel, dtype=self._acc_dtype(self.state[self.flat.keys[0]]))
             self._flat_den = torch.zeros(self.flat.numel, dtype=self.precision)
         values = values.to(self._flat_sum.dtype)
-        if self.slicer.is_full(mask):
+        full = self.slicer.is_full(mask)
+        if full and not rows:
             self._flat_sum.add_(values, alpha=w)
             self._flat_den.add_(w)
         else:
-            kept = self.flat.kept(mask)
+            kept = torch.arange(self.flat.numel) if full else self.flat.kept(mask)
+            if rows:
+                kept, values = self._flat_restrict(kept, values, rows)
             self._flat_sum.index_add_(0, kept, values, alpha=w)
             self._flat_den.index_add_(0, kept, self._flat_den.new_ones(1).expand(kept.numel()), alpha=w)
+
+    def _flat_restrict(self, kept: torch.Tensor, values: torch.Tensor, rows: Mapping[str, torch.Tensor]
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(kept, values)`` without the entries of the restricted keys' other rows: a
+        key's entries are a contiguous, ascending run of ``kept`` (found by bisection);
+        its row of a flat position ``p`` is ``(p - offset) // (entries per row)``."""
+        keep = torch.ones(kept.numel(), dtype=torch.bool)
+        for key, allowed in rows.items():
+            shape, offset = self.flat.shapes[key], self.flat.offsets[key]
+            n = math.prod(shape)
+            if n == 0:
+                continue
+            lo, hi = torch.searchsorted(kept, torch.tensor([offset, offset + n], dtype=kept.dtype)).tolist()
+            ok = torch.zeros(shape[0], dtype=torch.bool)
+            ok[allowed] = True
+            keep[lo:hi] = ok[(kept[lo:hi].to(torch.int64) - offset) // (n // shape[0])]
+        return kept[keep], values[keep]
 
     def _flat_sums(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """(Σ_c n_c W_c, Σ_c n_c 1[c holds e]) of every float key, full-size (the flat path)."""
@@ -275,13 +344,25 @@ class MaskedAggregator:
             acc.view(-1).scatter_reduce_(0, flat, t.reshape(-1), "amax", include_self=not first)
 
     def _denominator(self, key: str, full: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """Σ_c n_c · 1[c holds e] for every entry, as a product of per-dim indicators."""
+        """Σ_c n_c · 1[c holds e] for every entry, as a product of per-dim indicators
+        (a reply's row restriction of ``key`` cuts its indicator along dim 0)."""
         weights = weights * torch.tensor([key in p for p in self._pending], dtype=weights.dtype)
-        dims = sorted(self.slicer.coupled.get(key, {}))
+        coupled = self.slicer.coupled.get(key, {})
+        restricted = [rows_of.get(key) for rows_of in self._rows]
+        restrict = any(r is not None for r in restricted)
+        dims = sorted(set(coupled) | ({0} if restrict else set()))
         if not dims:
             return weights.sum()
         inds = []
         for d in dims:
+            if restrict and d == 0:  # per reply: its kept rows (all if uncut) within its restriction
+                positions = []
+                for kept_of, r in zip(self._kept, restricted):
+                    p = dict(kept_of.get(key, [])).get(0) if 0 in coupled else None
+                    p = torch.arange(full.shape[0]) if p is None else p.to(torch.int64)
+                    positions.append(p if r is None else p[torch.isin(p, r)])
+                inds.append(_indicator(positions, int(full.shape[0]), self.precision))
+                continue
             positions = [dict(kept_of[key])[d] for kept_of in self._kept]
             # keys coupled to the same group share their position tensors: build the
             # holder indicator once per distinct list
@@ -393,6 +474,7 @@ class MaskedAggregator:
         exact = MaskedAggregator(self.state, self.slicer, self.untouched, self.denominator, "float64")
         exact._shapes = self._shapes
         exact._pending, exact._masks, exact._weights = self._pending, self._masks, self._weights
+        exact._rows = self._rows
         # the flat path kept the integer keys' positions only
         exact._kept = self._kept if self.flat is None else [self.slicer.kept_all(m, self._shapes) for m in self._masks]
         exact._num = self._num
@@ -414,6 +496,17 @@ def _all_finite(t: torch.Tensor) -> bool:
     finite (a NaN or ±Inf entry makes any sum non-finite); only when that sum
     overflows is it redone in float64, where finite entries cannot overflow."""
     return math.isfinite(float(t.sum())) or math.isfinite(float(t.sum(dtype=torch.float64)))
+
+
+def _allowed_rows(positions: torch.Tensor | None, allowed: torch.Tensor, length: int) -> torch.Tensor:
+    """Bool ``(k,)`` over a compact tensor's rows: whether each row's full position (
+    ``positions``, the kept rows along dim 0; None: uncut, rows ``0..length-1``) is in
+    ``allowed``."""
+    if positions is None:
+        keep = torch.zeros(length, dtype=torch.bool)
+        keep[allowed] = True
+        return keep
+    return torch.isin(positions.to(torch.int64), allowed)
 
 
 def _indicator(positions: list[torch.Tensor], length: int, dtype: torch.dtype) -> torch.Tensor:

@@ -97,6 +97,8 @@ def build_compact_module(
     """
     with torch.device("meta"):
         model = factory()
+    if mask.block_scale:
+        raise NotImplementedError("depth-block scales (Mask.block_scale) need a traced model (fl_subnet.analyze)")
     expected = set(model.state_dict(keep_vars=True))
     missing = sorted(expected - set(compact_state))
     if missing:
@@ -117,8 +119,10 @@ def build_compact_graph(gm: "fx.GraphModule", resolved, compact_state: Mapping[s
     ruled layers follow the tensors, an ``nn.MultiheadAttention`` with masked heads
     becomes a :class:`~fl_subnet.core.attention.SubnetMultiheadAttention`, the size
     constants of ``view``/``reshape`` calls on dims that carry units are set to the
-    compact sizes (a hard-coded ``x.view(-1, 16 * 5 * 5)`` keeps working), and each
-    group's output scale multiplies the input of the layers that mix its units.
+    compact sizes (a hard-coded ``x.view(-1, 16 * 5 * 5)`` keeps working), each
+    group's output scale multiplies the input of the layers that mix its units, skipped
+    depth blocks become the identity and a kept block's ``Mask.block_scale`` multiplies
+    its branch before the add (:class:`BlockScale`).
 
     With ``full=True`` it builds the *reference*: the full-size model in which every
     dropped unit's contribution is removed (its positions scaled by 0 where it is mixed)
@@ -162,7 +166,8 @@ def build_compact_graph(gm: "fx.GraphModule", resolved, compact_state: Mapping[s
     ------
     ValueError
         If ``compact_state`` lacks a parameter or buffer of the model, or has extra keys,
-        or ``dynamic`` names a group the slicer does not know.
+        or ``dynamic`` names a group the slicer does not know, or a ``block_scale`` names
+        a block the model lacks or skips, or is not finite and > 0.
     """
     from .groups import dim_keep, dim_scale
 
@@ -198,9 +203,10 @@ def build_compact_graph(gm: "fx.GraphModule", resolved, compact_state: Mapping[s
         sites[i] = (vec, ScalePlan(length, list(ent), {g: keep_units[g].clone() for g in names},
                                    {g: unit_scale[g].clone() for g in names}, keep_pos, [],
                                    batch_normalized=i in normalized))
+    block_scale = _block_scales(mask, blocks)
     structure = (full, bool(normalized), tuple(sorted(mask.skip)), tuple(sorted((p, h[0]) for p, h in heads.items())),
-                 tuple(sorted(views.items())), tuple(sorted(sites)))
-    template = _template(gm, structure, resolved, mask.skip, blocks, heads, views, sites)
+                 tuple(sorted(views.items())), tuple(sorted(sites)), tuple(sorted(block_scale)))
+    template = _template(gm, structure, resolved, mask.skip, blocks, heads, views, sites, tuple(sorted(block_scale)))
     model = _clone(template.model)
     missing, extra = sorted(template.keys - set(compact_state)), sorted(set(compact_state) - template.keys)
     if missing or extra:
@@ -219,7 +225,54 @@ def build_compact_graph(gm: "fx.GraphModule", resolved, compact_state: Mapping[s
         site.scale, site.plan = vec.view(shape).to(dtype), plan
         if plan.batch_normalized:
             site.train_scale = plan.vector(training=True).to(dtype)
+    for name, factor in block_scale.items():
+        model.get_submodule(_block_site_name(blocks[name])).scale = factor
     return model.train()
+
+
+class BlockScale(nn.Module):
+    """``x ↦ scale·x`` on a kept depth block's residual branch output ``f(x)``, inserted
+    before the block's add (``y = x + scale·f(x)``; ``Mask.block_scale``). ``scale`` is
+    a Python float: no state, so the sub-model's ``state_dict`` keys are unchanged; the
+    product keeps the branch's dtype. Applied in training and in eval mode alike (it is
+    part of the sub-model's function); the global model carries none (factor 1)."""
+
+    def __init__(self, scale: float = 1.0) -> None:
+        super().__init__()
+        self.scale = float(scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale
+
+    def extra_repr(self) -> str:
+        return f"scale={self.scale!r}"
+
+
+def _block_scales(mask: Mask, blocks) -> dict[str, float]:
+    """``mask.block_scale`` without the factors of 1, checked against the model's blocks.
+
+    Raises
+    ------
+    ValueError
+        Naming the block if it is not a depth block of the model or is skipped, or its
+        factor is not finite and > 0.
+    """
+    out = {}
+    for name, factor in mask.block_scale.items():
+        if blocks is None or name not in blocks:
+            raise ValueError(f"mask block_scale names '{name}', not a depth block of the model "
+                             f"(blocks: {sorted(blocks or ())})")
+        if name in mask.skip:
+            raise ValueError(f"mask block_scale['{name}']: the block is skipped, only a kept block has a scale")
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0 < float(factor) < float("inf"):
+            raise ValueError(f"mask block_scale['{name}'] must be a finite number > 0, got {factor!r}")
+        if float(factor) != 1.0:
+            out[name] = float(factor)
+    return out
+
+
+def _block_site_name(block) -> str:
+    return f"_fl_subnet_block_scale_{block.node}"  # the add's fx node name: unique in the graph
 
 
 def _float_dtype(state: Mapping[str, torch.Tensor]) -> torch.dtype:
@@ -250,10 +303,11 @@ def _site_name(i: int) -> str:
     return f"_fl_subnet_scale_{i}"
 
 
-def _template(gm, structure, resolved, skip, blocks, heads, views, sites) -> _Template:
+def _template(gm, structure, resolved, skip, blocks, heads, views, sites, scaled_blocks=()) -> _Template:
     """The cached template of ``structure`` (built on a miss: a copy of the traced graph
-    with the skipped branches removed, attention layers narrowed, view sizes set and a
-    :class:`UnitScale` inserted at every scale site, then compiled once)."""
+    with the skipped branches removed, attention layers narrowed, view sizes set, a
+    :class:`UnitScale` inserted at every scale site and a :class:`BlockScale` on the
+    branch of every ``scaled_blocks`` depth block, then compiled once)."""
     import copy
 
     from .attention import SubnetMultiheadAttention
@@ -264,6 +318,11 @@ def _template(gm, structure, resolved, skip, blocks, heads, views, sites) -> _Te
         cache.move_to_end(structure)
         return hit
     model = copy.deepcopy(gm)
+    # the branch operand's position in each scaled block's add, read before skipping rewires
+    # an add's identity operand (consecutive blocks)
+    original = {n.name: n for n in gm.graph.nodes}
+    branch_arg = {name: next(i for i, a in enumerate(original[blocks[name].node].args[:2])
+                             if getattr(a, "name", None) != blocks[name].identity) for name in scaled_blocks}
     if skip:
         _skip_blocks(model, [blocks[name] for name in sorted(skip)])
     present = []
@@ -301,6 +360,14 @@ def _template(gm, structure, resolved, skip, blocks, heads, views, sites) -> _Te
         args[arg] = scaled
         node.args = tuple(args)
         shapes[i] = tuple(shape)
+    for name in scaled_blocks:
+        node, arg = nodes[blocks[name].node], branch_arg[name]
+        model.add_submodule(_block_site_name(blocks[name]), BlockScale())
+        with model.graph.inserting_before(node):
+            scaled_branch = model.graph.call_module(_block_site_name(blocks[name]), (node.args[arg],))
+        args = list(node.args)
+        args[arg] = scaled_branch
+        node.args = tuple(args)
     model.graph.lint()
     model.recompile()
     template = cache[structure] = _Template(model, frozenset(model.state_dict(keep_vars=True)), tuple(present), shapes)

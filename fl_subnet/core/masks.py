@@ -28,6 +28,11 @@ class Mask:
         Depth blocks (skippable residual branches, :attr:`SubnetSpec.blocks`) the
         sub-model leaves out: their tensors are not sent and the branch becomes the
         identity.
+    block_scale : dict[str, float]
+        Depth block name → factor on its residual branch's output while the sub-model
+        runs: a kept block ``y = x + f(x)`` computes ``y = x + s·f(x)`` (RaPTr-style
+        path scaling, :class:`~fl_subnet.core.paths.RandomPathSampler`); absent means 1.
+        Only kept blocks (not in ``skip``) may carry one.
     scale_before_norm : bool
         Where a BatchNorm follows the units' layer, the scale belongs before that norm
         (HeteroFL's and FedRolex's ``Scaler``: ``conv -> scaler -> norm``), so batch
@@ -40,6 +45,7 @@ class Mask:
     scale: dict[str, float] = field(default_factory=dict)
     skip: frozenset[str] = frozenset()
     scale_before_norm: bool = False
+    block_scale: dict[str, float] = field(default_factory=dict)
     # Per-slicer index maps (:meth:`Slicer.plan`), keyed by the slicer; each entry is
     # checked against the mask's current indices before use. Not part of equality.
     _plans: dict = field(default_factory=dict, init=False, repr=False, compare=False)
@@ -70,7 +76,9 @@ class Mask:
         ------
         ValueError
             Naming the group when it is unknown, its indices are not a sorted unique
-            1-D int64 tensor within ``[0, size)``, or its scale is not finite and > 0.
+            1-D int64 tensor within ``[0, size)``, or its scale is not finite and > 0;
+            naming the block when a ``block_scale`` is not finite and > 0 or belongs to
+            a skipped block.
         """
         by_name = {g.name: g for g in groups}
         for name in set(self.indices) | set(self.scale):
@@ -98,6 +106,11 @@ class Mask:
                 continue
             if not (float(s) > 0 and float(s) < float("inf")):
                 raise ValueError(f"mask scale['{name}'] must be finite and > 0, got {s}")
+        for name, s in self.block_scale.items():
+            if name in self.skip:
+                raise ValueError(f"mask block_scale['{name}']: the block is skipped, only a kept block has a scale")
+            if isinstance(s, bool) or not isinstance(s, (int, float)) or not 0 < float(s) < float("inf"):
+                raise ValueError(f"mask block_scale['{name}'] must be a finite number > 0, got {s!r}")
 
     def coverage(self, groups: Iterable[UnitGroup]) -> float:
         """Fraction of all units (over every group) that this mask keeps."""

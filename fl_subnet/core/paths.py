@@ -5,7 +5,9 @@ A *path* keeps some of the model's B depth blocks (:attr:`SubnetSpec.blocks`, sk
 residual branches) and skips the others (``Mask.skip``: a skipped branch is the
 identity, its tensors are neither sent nor returned). Width stays full: every unit of
 every group is kept. Masks come from ``generator_for(seed, server_round, slot)`` only
-(docs/design.md, "Exact semantics").
+(docs/design.md, "Exact semantics"). With ``scale="raptr"`` a path's kept middle blocks
+carry a factor on their residual branch (``Mask.block_scale``) so that the expected
+residual sum over the random paths equals the full model's.
 """
 
 from __future__ import annotations
@@ -20,6 +22,9 @@ from .masks import Mask
 from .samplers import MaskSampler, generator_for
 
 PATH_MODES = ("random", "partition")
+#: Output scaling of a path's kept blocks (run-config key ``path-scale``): ``none`` (a
+#: kept block runs as in the full model) or ``raptr`` (:meth:`RandomPathSampler.block_factor`).
+PATH_SCALES = ("none", "raptr")
 
 Length = int | float  # an int counts blocks; a float is a fraction of the B blocks
 
@@ -105,6 +110,19 @@ class RandomPathSampler(MaskSampler):
     with probability ``(L − 2)/(B − 2)``); the stage ``schedule`` lengthens L over the
     rounds, up to the full model (L = B).
 
+    ``scale="raptr"`` (mode ``random`` only) rescales the kept middle blocks: a kept
+    middle block ``y = x + f(x)`` trains as ``y = x + s·f(x)`` with
+    ``s = (B − 2)/(L − 2)`` (:meth:`block_factor`), the first and last block at 1. RaPTr
+    rescales the outputs of the layers a path keeps so that the subnetwork stays
+    comparable to the full network; its exact factor (paper or code) could not be
+    checked against a source here, so this is the rule that makes a path unbiased for
+    the residual sum, with RaPTr's always-kept set at 1: each middle block is kept with
+    probability ``q = (L − 2)/(B − 2)``, so ``E[ζ_i·s·f_i(x)] = f_i(x)`` at a given
+    input ``x`` (inverted dropout's argument, Srivastava et al. 2014, applied to whole
+    branches: stochastic depth's ``1/keep-probability`` moved from test to training
+    time). The full model (L = B) and a path of only the two ends (L = 2, nothing
+    drawn) carry no factor; the global model is evaluated whole, factor 1.
+
     ``mode="partition"`` (ResIST: Dun et al., "ResIST: Layer-wise decomposition of
     ResNets for distributed training", UAI 2022): the ``p`` nodes of a round split
     the middle blocks among themselves (one permutation per round from
@@ -128,20 +146,30 @@ class RandomPathSampler(MaskSampler):
     mode : {"random", "partition"}
     seed : int
         Run seed.
+    scale : {"none", "raptr"}
+        ``none``: a kept block runs unscaled; ``raptr``: the kept middle blocks' branches
+        ×(B − 2)/(L − 2) (mode ``random`` only).
 
     Raises
     ------
     ValueError
-        Naming the key (``path-length``, ``schedule``, ``path-mode``) for a malformed
-        length, schedule or mode, or a count outside ``[2, B]`` once the blocks are known.
+        Naming the key (``path-length``, ``schedule``, ``path-mode``, ``path-scale``) for
+        a malformed length, schedule, mode or scale (or ``raptr`` with mode
+        ``partition``), or a count outside ``[2, B]`` once the blocks are known.
     """
 
     def __init__(self, path_length: Length | None = None, *, schedule: Sequence[tuple[int, Length]] | None = None,
-                 blocks: Sequence[str] | None = None, mode: str = "random", seed: int = 0) -> None:
+                 blocks: Sequence[str] | None = None, mode: str = "random", seed: int = 0,
+                 scale: str = "none") -> None:
         super().__init__(seed)
         if mode not in PATH_MODES:
             raise ValueError(f"path-mode must be one of {PATH_MODES}, got {mode!r}")
-        self.mode = mode
+        if not isinstance(scale, str) or scale not in PATH_SCALES:
+            raise ValueError(f"path-scale must be one of {PATH_SCALES}, got {scale!r}")
+        if scale != "none" and mode == "partition":
+            raise ValueError(f"path-scale {scale!r} needs path-mode 'random' (RaPTr's random paths); ResIST's "
+                             "partition keeps each middle block on exactly one node, with no keep probability")
+        self.mode, self.scale = mode, scale
         if mode == "partition":
             if path_length is not None or schedule is not None:
                 raise ValueError("path-length / schedule are not used by path-mode 'partition' (ResIST: the "
@@ -222,6 +250,16 @@ class RandomPathSampler(MaskSampler):
                 current = length
         return resolve_length(current, num_blocks)
 
+    def block_factor(self, server_round: int) -> float:
+        """The factor on a kept middle block's branch in ``server_round``:
+        ``(B − 2)/(L − 2)`` with ``scale="raptr"`` (1/q, q the probability that a path
+        keeps a given middle block), 1 with ``scale="none"``, for the full path
+        (L = B) and for a path of the two ends only (L = 2)."""
+        if self.scale == "none":
+            return 1.0
+        middle, drawn = len(self._bound()) - 2, self.length(server_round) - 2
+        return middle / drawn if drawn > 0 else 1.0
+
     def kept_blocks(self, server_round: int, num_masks: int) -> list[list[int]]:
         """Per slot, the sorted positions (in ``blocks``) of the blocks it keeps."""
         blocks = self._bound()
@@ -245,11 +283,15 @@ class RandomPathSampler(MaskSampler):
 
     def sample(self, groups, server_round, num_masks):
         """One mask per slot: every unit of ``groups`` kept (scale 1), ``skip`` = the
-        blocks off the slot's path."""
+        blocks off the slot's path, ``block_scale`` = :meth:`block_factor` on each kept
+        middle block when it is not 1."""
         blocks = self._bound()
+        factor = self.block_factor(server_round) if self.mode == "random" else 1.0
         masks = []
         for kept in self.kept_blocks(server_round, num_masks):
             on_path = {blocks[i] for i in kept}
+            middle = [blocks[i] for i in kept if 0 < i < len(blocks) - 1]
             masks.append(Mask({g.name: torch.arange(g.size) for g in groups},
-                              skip=frozenset(b for b in blocks if b not in on_path)))
+                              skip=frozenset(b for b in blocks if b not in on_path),
+                              block_scale={b: factor for b in middle} if factor != 1.0 else {}))
         return masks

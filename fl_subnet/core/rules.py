@@ -19,6 +19,7 @@ import torch
 from .aggregate import MaskedAggregator
 from .masks import Mask
 from .robust import MaskedMedian, MaskedTrimmedMean
+from .robust_direction import BUCKET_SIZE, CLIP_ITERATIONS, MaskedBucketing, MaskedCenteredClip
 from .slicing import Slicer
 
 
@@ -39,7 +40,7 @@ class AggregationRule(Protocol):
 
 
 def _mean(state, slicer, *, untouched="keep", denominator="holders", precision="float32", flat=None,
-          trim_fraction=None) -> MaskedAggregator:
+          **_) -> MaskedAggregator:
     return MaskedAggregator(state, slicer, untouched, denominator, precision, flat=flat)
 
 
@@ -51,19 +52,34 @@ def _trimmed_mean(state, slicer, *, trim_fraction=0.25, **_) -> MaskedTrimmedMea
     return MaskedTrimmedMean(state, slicer, trim_fraction)
 
 
+def _centered_clip(state, slicer, *, clip_radius=0.0, clip_iterations=CLIP_ITERATIONS, center=None,
+                   **_) -> MaskedCenteredClip:
+    return MaskedCenteredClip(state, slicer, clip_radius, clip_iterations, center)
+
+
+def _bucketing(state, slicer, *, clip_radius=0.0, clip_iterations=CLIP_ITERATIONS, center=None,
+               bucket_size=BUCKET_SIZE, seed=0, server_round=0, **_) -> MaskedBucketing:
+    return MaskedBucketing(state, slicer, clip_radius, clip_iterations, center, bucket_size, seed, server_round)
+
+
 #: Rule name (the run config's ``aggregation``) -> constructor ``(global_state, slicer, **options)``.
 #: ``mean``: the (weighted) mean over each entry's holders (Flower's FedAvg rule on the held
 #: entries); ``median`` / ``trimmed-mean``: the coordinate-wise median / β-trimmed mean over
-#: each entry's holders, unweighted (Yin et al., ICML 2018).
+#: each entry's holders, unweighted (Yin et al., ICML 2018); ``centered-clip`` / ``bucketing``:
+#: centered clipping of whole updates (Karimireddy et al., ICML 2021), alone or on bucket
+#: means (Karimireddy et al., ICLR 2022), unweighted (:mod:`fl_subnet.core.robust_direction`).
 AGGREGATION_RULES: dict[str, Callable[..., AggregationRule]] = {
-    "mean": _mean, "median": _median, "trimmed-mean": _trimmed_mean}
+    "mean": _mean, "median": _median, "trimmed-mean": _trimmed_mean, "centered-clip": _centered_clip,
+    "bucketing": _bucketing}
 
 
 def make_rule(name: str, global_state: Mapping[str, torch.Tensor], slicer: Slicer, **options) -> AggregationRule:
     """The rule ``name`` over ``global_state`` (``W_k``, not modified).
 
-    ``options``: ``untouched``, ``denominator``, ``precision``, ``flat`` (the mean) and
-    ``trim_fraction`` (the trimmed mean); a rule ignores the others.
+    ``options``: ``untouched``, ``denominator``, ``precision``, ``flat`` (the mean),
+    ``trim_fraction`` (the trimmed mean), ``clip_radius``, ``clip_iterations``, ``center``
+    (centered clipping and bucketing), ``bucket_size``, ``seed``, ``server_round``
+    (bucketing); a rule ignores the others.
 
     Raises
     ------

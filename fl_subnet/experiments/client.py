@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 
+import torch
 from flwr.app import Context
 from flwr.clientapp import ClientApp
 
@@ -27,7 +28,19 @@ def run_config_factory(context: Context):
     return _factory_of(tuple(sorted(context.run_config.items())))
 
 
+def partition_labels(context: Context) -> list[int] | None:
+    """The labels of the node's training partition (sorted), reported to the node query when
+    the run config's ``label-split`` is on (HeteroFL's label split); None when it is off or
+    every node sees all data (``data-scope = "all"``)."""
+    cfg = RunConfig.from_mapping(context.run_config)
+    if not cfg.label_split or cfg.data_scope == "all":
+        return None
+    train, _ = context_data(context)
+    return torch.unique(train.tensors[1]).tolist()
+
+
 def harness_client_app() -> ClientApp:
-    """A ClientApp that builds the model from the run config and loads the node's partition
-    (:func:`~fl_subnet.experiments.experiment.context_data`)."""
-    return make_client_app(None, context_data, context_factory=run_config_factory)
+    """A ClientApp that builds the model from the run config, loads the node's partition
+    (:func:`~fl_subnet.experiments.experiment.context_data`) and reports its labels
+    (:func:`partition_labels`)."""
+    return make_client_app(None, context_data, context_factory=run_config_factory, labels=partition_labels)

@@ -30,7 +30,9 @@ import annotated_types as at
 from pydantic import AfterValidator, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 from pydantic.dataclasses import dataclass
 
+from fl_subnet.core.paths import PATH_SCALES
 from fl_subnet.core.robust import SCREEN_MODES
+from fl_subnet.core.robust_direction import BUCKET_SIZE, CLIP_ITERATIONS
 from fl_subnet.core.server_opt import SERVER_OPTIMIZERS
 from fl_subnet.strategies import PROTOCOLS, protocol_class
 from fl_subnet.strategies.base import AGGREGATIONS
@@ -57,6 +59,7 @@ Aggregation = Literal[AGGREGATIONS]
 ScreenMode = Literal[SCREEN_MODES]
 DropoutSampling = Literal[DROPOUT_SAMPLINGS]
 ServerOptimizer = Literal[("none",) + SERVER_OPTIMIZERS]
+PathScale = Literal[PATH_SCALES]
 
 STRATEGIES: tuple[str, ...] = get_args(Strategy)
 DATASETS: tuple[str, ...] = get_args(Dataset)
@@ -224,11 +227,12 @@ ResumeFrom = Annotated[
 #: Keys a resumed run may change (``resume-from``, ``fl-subnet run --resume``): how long the
 #: run goes on, where it writes, how long it waits, and how replies are screened and
 #: combined (the defences, so they can be switched on for a run under attack). Every other
-#: key would change the experiment and is refused.
+#: key would change the experiment and is refused. (``centered-clip`` starts a resumed run
+#: from a zero centre: the previous round's aggregate update is not saved.)
 RESUMABLE_KEYS = frozenset({
     "num-server-rounds", "out-dir", "resume-from", "round-timeout", "node-wait-timeout", "max-failed-rounds",
     "fraction-evaluate", "aggregation", "trim-fraction", "max-update-ratio", "max-ratio-to-median", "screen",
-    "max-num-examples",
+    "max-num-examples", "clip-radius", "clip-iterations", "bucket-size",
 })
 
 _CONFIG = ConfigDict(strict=True, extra="forbid")
@@ -277,12 +281,19 @@ class RunConfig:
                          "``nn.MultiheadAttention``) on ``synthetic-sequence``.") = "mlp"
     hidden: HiddenWidths = "128,64"
     capacity_tiers: CapacityTiers = "1.0"
+    label_split: Annotated[bool, Field(strict=True, description="HeteroFL/FedRolex: HeteroFL's label split "
+                                       "for non-IID labels: a node's logits of labels its partition lacks are "
+                                       "masked, and each classifier row is averaged over the nodes holding "
+                                       "its label (:mod:`fl_subnet.core.label_split`).")] = False
     fjord_widths: FjordWidths = "0.2,0.4,0.6,0.8,1.0"
     core_fraction: Number("core-alternation: the core's share of every unit group (its first "
                           "⌈f·size⌉ units), trained alone in core rounds.", gt=0.0, le=1.0) = 0.5
     core_period: Int(2, 100_000, "core-alternation: period p of the schedule, p - 1 core rounds then "
                                  "one full-model round (round k is a core round iff k mod p != 0).") = 2
     path_length: PathLength = "0.5"
+    path_scale: Choice(PathScale, "random-path: ``none`` (kept blocks unscaled) or ``raptr`` (each kept middle "
+                                  "block's residual branch ×(B−2)/(L−2) while training, so the expected "
+                                  "residual sum equals the full model's; first and last block ×1).") = "none"
     blocks_per_stage: Int(1, 64, "``resnet``: residual blocks per stage (1: one skippable block; "
                                  "``random-path`` needs >= 2).") = 1
     batchnorm: Choice(BatchNormPolicy, "BatchNorm policy (:mod:`fl_subnet.core.batchnorm`): ``averaged`` "
@@ -304,10 +315,18 @@ class RunConfig:
                                         "average instead of the per-unit mean over holders.")] = False
     untouched: Choice(Untouched, "Units no node trained this round: ``keep`` or ``zero``.") = "keep"
     aggregation: Choice(Aggregation, "``mean`` over the holders of each entry (weighted by ``num-examples``), "
-                                     "or the robust ``median`` / ``trimmed-mean`` (unweighted, Yin et al. "
-                                     "2018).") = "mean"
+                                     "or the robust ``median`` / ``trimmed-mean`` (coordinate-wise, unweighted, "
+                                     "Yin et al. 2018), ``centered-clip`` (centered clipping of whole updates, "
+                                     "Karimireddy et al. 2021) or ``bucketing`` (centered clipping of bucket "
+                                     "means, Karimireddy et al. 2022).") = "mean"
     trim_fraction: Number("β of ``trimmed-mean``: the fraction of an entry's holders dropped at each end.",
                           ge=0.0, lt=0.5) = 0.25
+    clip_radius: Number("τ of ``centered-clip`` / ``bucketing``: a reply's (bucket's) update farther than τ "
+                        "from the center is scaled down to τ; 0: the round's median distance.", ge=0.0) = 0.0
+    clip_iterations: Int(1, 1000, "L of ``centered-clip`` / ``bucketing``: clipping iterations per round "
+                                  "(3: the authors' experiments).") = CLIP_ITERATIONS
+    bucket_size: Int(1, 100_000, "s of ``bucketing``: replies averaged per bucket, shuffled from the seed and "
+                                 "the round (1: centered clipping).") = BUCKET_SIZE
     max_update_ratio: Number("Screen replies whose update norm exceeds this multiple of the global slice's "
                              "norm; 0: off.", ge=0.0) = 0.0
     max_ratio_to_median: Number("Screen replies whose update-norm ratio exceeds this multiple of the round's "
@@ -396,6 +415,9 @@ class RunConfig:
         if self.aggregation != "mean" and self.untouched != "keep":
             raise ValueError(f"aggregation {self.aggregation!r} needs untouched 'keep', got {self.untouched!r}")
         protocol = protocol_class(self.strategy)
+        if self.label_split and not getattr(protocol, "supports_label_split", False):
+            able = [n for n, p in PROTOCOLS.items() if getattr(p.cls, "supports_label_split", False)]
+            raise ValueError(f"label-split needs strategy {' or '.join(map(repr, able))}, got {self.strategy!r}")
         if protocol.needs_depth_blocks:
             if self.model not in DEPTH_MODELS:
                 raise ValueError(f"strategy {self.strategy!r} needs a model with depth blocks (skippable residual "

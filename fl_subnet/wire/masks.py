@@ -18,6 +18,10 @@ from fl_subnet.core.masks import Mask
 
 from .records import MASK_KEY, SCALE_BEFORE_NORM_KEY, SCALE_KEY, SKIP_KEY, UNIT_SCALES_KEY
 
+#: ConfigRecord key of the kept depth blocks' branch scales (``Mask.block_scale``):
+#: ``"name=factor,..."`` (absent = none).
+BLOCK_SCALE_KEY = "block-scale"
+
 #: Largest output scale a mask may carry (inverted dropout's 1/ξ for ξ >= 1e-6): a larger
 #: factor overflows float32 activations instead of training.
 MAX_SCALE = 1e6
@@ -52,6 +56,10 @@ def mask_to_config(mask: Mask, groups: Sequence[UnitGroup],
         float32 each (one per kept unit, in index order).
     ``skip`` (str, only if any)
         The skipped depth blocks, comma-separated.
+    ``block-scale`` (str, only if any factor is not 1)
+        The kept depth blocks' branch scales (``Mask.block_scale``), sorted by block:
+        ``"name=factor,..."``, each factor as Python's ``repr`` of the float (it
+        round-trips exactly).
 
     Parameters
     ----------
@@ -68,7 +76,9 @@ def mask_to_config(mask: Mask, groups: Sequence[UnitGroup],
     ------
     ValueError
         Naming the group, if the mask names a group not in ``groups``, or a per-unit
-        scale has the wrong length or a value that is not finite and > 0.
+        scale has the wrong length or a value that is not finite and > 0; naming
+        ``block-scale`` for a block factor outside ``(0, MAX_SCALE]`` or on a skipped
+        block.
     """
     names = {g.name for g in masked} | set(mask.indices) | set(mask.scale)
     unknown = names - {g.name for g in groups}
@@ -97,15 +107,25 @@ def mask_to_config(mask: Mask, groups: Sequence[UnitGroup],
         out[SCALE_KEY] = scales
     if mask.skip:
         out[SKIP_KEY] = ",".join(sorted(mask.skip))
+    factors = {}
+    for name, v in sorted(mask.block_scale.items()):
+        value = float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else float("nan")
+        if not 0 < value <= MAX_SCALE or name in mask.skip or not name or "," in name or "=" in name:
+            raise ValueError(f"'{BLOCK_SCALE_KEY}' of block {name!r} must be a number in (0, {MAX_SCALE:g}] on a "
+                             f"kept block, got {v!r}")
+        if value != 1.0:
+            factors[name] = value
+    if factors:
+        out[BLOCK_SCALE_KEY] = ",".join(f"{name}={value!r}" for name, value in factors.items())
     if mask.scale_before_norm:
         out[SCALE_BEFORE_NORM_KEY] = True
     return out
 
 
 def has_mask(config: Mapping[str, object]) -> bool:
-    """Whether a train config carries a mask (``mask`` or ``skip``); without one the
-    node trains the full model."""
-    return MASK_KEY in config or SKIP_KEY in config
+    """Whether a train config carries a mask (``mask``, ``skip`` or ``block-scale``);
+    without one the node trains the full model."""
+    return MASK_KEY in config or SKIP_KEY in config or BLOCK_SCALE_KEY in config
 
 
 def mask_from_config(config: Mapping[str, object], groups: Sequence[UnitGroup]) -> Mask:
@@ -124,7 +144,9 @@ def mask_from_config(config: Mapping[str, object], groups: Sequence[UnitGroup]) 
         Naming the key: ``mask`` not bytes, of another model's groups (fingerprint),
         of the wrong length or with bits set beyond a size; ``scale`` not a finite
         number > 0 nor a list of one per written group; ``unit-scales`` of the wrong
-        length or with a value not finite and > 0; ``skip`` not a string.
+        length or with a value not finite and > 0; ``skip`` not a string;
+        ``block-scale`` not a string of ``name=factor`` entries with each factor in
+        ``(0, MAX_SCALE]``, a block named twice, or a skipped block.
     """
     skip = config.get(SKIP_KEY, "")
     if not isinstance(skip, str):
@@ -133,9 +155,10 @@ def mask_from_config(config: Mapping[str, object], groups: Sequence[UnitGroup]) 
     before_norm = config.get(SCALE_BEFORE_NORM_KEY, False)
     if not isinstance(before_norm, bool):
         raise ValueError(f"config key '{SCALE_BEFORE_NORM_KEY}' must be a bool, got {before_norm!r}")
+    blocks = _block_scales_from_config(config, skipped)
     raw = config.get(MASK_KEY)
     if raw is None:
-        return Mask({}, {}, skipped, before_norm)
+        return Mask({}, {}, skipped, before_norm, blocks)
     if not isinstance(raw, bytes):
         raise ValueError(f"config key '{MASK_KEY}' must hold the mask's bytes, got {type(raw).__name__}")
     head = 4 + (len(groups) + 7) // 8
@@ -161,7 +184,29 @@ def mask_from_config(config: Mapping[str, object], groups: Sequence[UnitGroup]) 
         if bits[g.size:].any():
             raise ValueError(f"config key '{MASK_KEY}' sets bits beyond the size {g.size} of group '{g.name}'")
         idx[g.name] = torch.from_numpy(np.flatnonzero(bits[: g.size]).astype(np.int64))
-    return Mask(idx, _scales_from_config(config, written, idx), skipped, before_norm)
+    return Mask(idx, _scales_from_config(config, written, idx), skipped, before_norm, blocks)
+
+
+def _block_scales_from_config(config: Mapping[str, object], skipped: frozenset[str]) -> dict[str, float]:
+    """``Mask.block_scale`` from ``block-scale`` (see :func:`mask_to_config`); ``{}`` if absent."""
+    raw = config.get(BLOCK_SCALE_KEY)
+    if raw is None:
+        return {}
+    what = (f"config key '{BLOCK_SCALE_KEY}' must be comma-separated name=factor entries, each factor a number "
+            f"in (0, {MAX_SCALE:g}] on a kept block")
+    if not isinstance(raw, str) or not raw:
+        raise ValueError(f"{what}, got {raw!r}")
+    out: dict[str, float] = {}
+    for entry in raw.split(","):
+        name, sep, value = entry.partition("=")
+        try:
+            factor = float(value)
+        except ValueError:
+            factor = float("nan")
+        if not sep or not name or name in out or name in skipped or not 0 < factor <= MAX_SCALE:
+            raise ValueError(f"{what}, got {entry[:80]!r}")
+        out[name] = factor
+    return out
 
 
 def _scales_from_config(config: Mapping[str, object], written: Sequence[UnitGroup],
