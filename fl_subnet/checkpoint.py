@@ -17,6 +17,10 @@ Layout of a checkpoint folder::
                         ``server-optimizer``); written BEFORE the model file of round r,
                         and the one of round r-1 removed after it, so the model file's
                         round always names an optimizer file that exists
+    clip-center-<r>.safetensors
+                        the centered-clipping rule's centre after round r (the round's
+                        aggregate update; only with ``aggregation`` ``centered-clip`` or
+                        ``bucketing``), kept like the optimizer's
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ log = logging.getLogger(__name__)
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "checkpoint.json"
 OPTIMIZER_STEM = "server-optimizer-"
+CLIP_CENTER_STEM = "clip-center-"
 #: Key of the checkpoint's digest in its metadata (:func:`checkpoint_digest`).
 DIGEST_KEY = "sha256"
 
@@ -148,32 +153,43 @@ def checkpoint_digest(state: Mapping[str, torch.Tensor], meta: Mapping[str, obje
 
 
 def save_checkpoint(folder: str | Path, state: Mapping[str, torch.Tensor], meta: Mapping[str, object],
-                    optimizer_state: Mapping[str, torch.Tensor] | None = None) -> None:
+                    optimizer_state: Mapping[str, torch.Tensor] | None = None,
+                    clip_center: Mapping[str, torch.Tensor] | None = None) -> None:
     """Save the model with ``meta`` (must hold ``server-round``) and its digest
     (:func:`checkpoint_digest`, key ``sha256``) in one atomic file, then a readable copy
     of that metadata as ``checkpoint.json``.
 
     ``optimizer_state`` (the server optimizer's flat ``state_dict``) goes to
     ``server-optimizer-<round>.safetensors``, written before the model file; older
-    optimizer files are removed after it.
+    optimizer files are removed after it. ``clip_center`` (the centered-clipping rule's
+    centre) goes to ``clip-center-<round>.safetensors`` alike.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     rnd = int(meta["server-round"])
     meta = {k: v for k, v in meta.items() if k != DIGEST_KEY}
     meta[DIGEST_KEY] = checkpoint_digest(state, meta)
-    if optimizer_state is not None:
-        save_model(folder / f"{OPTIMIZER_STEM}{rnd}.safetensors", optimizer_state, {"server-round": rnd})
+    extras = {OPTIMIZER_STEM: optimizer_state, CLIP_CENTER_STEM: clip_center}
+    for stem, extra in extras.items():
+        if extra is not None:
+            save_model(folder / f"{stem}{rnd}.safetensors", extra, {"server-round": rnd})
     save_model(folder / MODEL_FILE, state, meta)
     atomic_write_text(folder / STATE_FILE, json.dumps(dict(meta), indent=2))
-    for old in folder.glob(f"{OPTIMIZER_STEM}*.safetensors"):
-        if old.name != f"{OPTIMIZER_STEM}{rnd}.safetensors":
-            old.unlink(missing_ok=True)
+    for stem in extras:
+        for old in folder.glob(f"{stem}*.safetensors"):
+            if old.name != f"{stem}{rnd}.safetensors":
+                old.unlink(missing_ok=True)
 
 
 def load_optimizer_state(folder: str | Path, server_round: int) -> dict[str, torch.Tensor] | None:
     """The server optimizer state saved with round ``server_round`` (None if there is none)."""
     path = Path(folder) / f"{OPTIMIZER_STEM}{int(server_round)}.safetensors"
+    return load_model(path) if path.is_file() else None
+
+
+def load_clip_center(folder: str | Path, server_round: int) -> dict[str, torch.Tensor] | None:
+    """The centered-clipping centre saved with round ``server_round`` (None if there is none)."""
+    path = Path(folder) / f"{CLIP_CENTER_STEM}{int(server_round)}.safetensors"
     return load_model(path) if path.is_file() else None
 
 

@@ -259,7 +259,8 @@ class SubnetStrategy(NodeSampling, FedAvg):
         make_rule(aggregation, {}, self.slicer, untouched=untouched, denominator=denominator, precision=precision,
                   **self.rule_options)  # validates the rule and its options
         #: centered-clip / bucketing: the previous round's aggregate update, where the next
-        #: round's clipping starts (Karimireddy et al. 2021, Alg. 2); in memory only.
+        #: round's clipping starts (Karimireddy et al. 2021, Alg. 2); saved with every
+        #: checkpoint (clip-center-<r>.safetensors).
         self.clip_center: dict[str, torch.Tensor] | None = None
         if defences is not None and not isinstance(defences, Defences):
             raise TypeError(f"defences must be a Defences, got {type(defences).__name__}")

@@ -173,3 +173,25 @@ def test_resume_from_is_refused_by_the_command_line_runner(tmp_path):
         run_one({**VALUES, "resume-from": str(tmp_path)}, tmp_path / "out")
     assert RunConfig.from_mapping({**VALUES, "resume-from": ""}).resume_from == ""
     assert math.isfinite(RunConfig().round_timeout)
+
+
+def test_a_centered_clipping_run_resumes_to_the_uninterrupted_model(tmp_path):
+    """Centered clipping starts each round from the previous round's aggregate update;
+    the checkpoint keeps it (clip-center-<r>.safetensors), so a resumed run is exact. (One
+    iteration: with more, an iteration that clips no reply returns the plain mean, which
+    no longer depends on the start.)"""
+    from fl_subnet.checkpoint import load_clip_center
+
+    over = {"aggregation": "centered-clip", "clip-iterations": 1}
+    run(tmp_path / "full", 3, **over)
+    run(tmp_path / "cut", 2, **over)
+    center = load_clip_center(tmp_path / "cut", 2)
+    assert center and any(bool(v.abs().sum() > 0) for v in center.values())
+    stripped = copy_run(tmp_path / "cut", tmp_path / "stripped")
+    (stripped / "clip-center-2.safetensors").unlink()
+    run(tmp_path / "cut", 3, resume=True, **over)
+    run(stripped, 3, resume=True, **over)
+    assert sorted(p.name for p in (tmp_path / "cut").glob("clip-center-*")) == ["clip-center-3.safetensors"]
+    full, cut, without = (load_model(d / MODEL_FILE) for d in (tmp_path / "full", tmp_path / "cut", stripped))
+    assert all(torch.equal(full[k], cut[k]) for k in full)
+    assert not all(torch.equal(full[k], without[k]) for k in full)  # the centre mattered

@@ -227,8 +227,7 @@ ResumeFrom = Annotated[
 #: Keys a resumed run may change (``resume-from``, ``fl-subnet run --resume``): how long the
 #: run goes on, where it writes, how long it waits, and how replies are screened and
 #: combined (the defences, so they can be switched on for a run under attack). Every other
-#: key would change the experiment and is refused. (``centered-clip`` starts a resumed run
-#: from a zero centre: the previous round's aggregate update is not saved.)
+#: key would change the experiment and is refused.
 RESUMABLE_KEYS = frozenset({
     "num-server-rounds", "out-dir", "resume-from", "round-timeout", "node-wait-timeout", "max-failed-rounds",
     "fraction-evaluate", "aggregation", "trim-fraction", "max-update-ratio", "max-ratio-to-median", "screen",

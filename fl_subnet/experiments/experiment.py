@@ -190,7 +190,8 @@ class CentralEvaluation:
             if history:  # the median bound's earlier ratios (Defences.bound), for a resume that screens alike
                 meta["ratio-history"] = history
             save_checkpoint(self.checkpoint_dir, state, meta,
-                            optimizer_state=opt.state_dict() if opt is not None else None)
+                            optimizer_state=opt.state_dict() if opt is not None else None,
+                            clip_center=getattr(self.strategy, "clip_center", None))
         return metrics
 
     def tier_metrics(self, state: dict) -> dict[str, float]:
@@ -316,6 +317,10 @@ def run_server(grid: Grid, cfg: RunConfig, on_round: Callable[[dict], None] | No
             raise ValueError(f"cannot resume {checkpoint_dir}: 'ratio-history' in its header must be a list of "
                              "finite numbers >= 0")
         strategy.ratio_history.extend(float(r) for r in history)
+        from fl_subnet.checkpoint import load_clip_center
+
+        # centered clipping starts from the previous round's aggregate update (none saved: from 0)
+        strategy.clip_center = load_clip_center(checkpoint_dir, first_round - 1)
     evaluate = CentralEvaluation(cfg, strategy, on_round, checkpoint_dir=checkpoint_dir, resume_meta=meta,
                                  train_set=train)
     from fl_subnet.strategies.base import NotEnoughNodes, TrainingStalled
