@@ -109,3 +109,51 @@ def test_the_client_app_replies_with_an_error_naming_server_round():
     replies = list(grid.send_and_receive(messages))
     assert replies and all(r.has_error() for r in replies)
     assert all("'server-round'" in r.error.reason for r in replies), [r.error.reason for r in replies]
+
+
+def _declaring(shape: tuple[int, ...], payload: bytes = b"\0" * 16):
+    """A Flower Array whose .npy header declares ``shape`` (float32) over ``payload``; its
+    own ``shape`` field says 4 (Flower's wire format holds int32 dimensions)."""
+    from flwr.app import Array
+    from flwr.common.constant import SType
+
+    from fl_subnet.wire.records import npy_header_bytes
+
+    header, _ = npy_header_bytes(shape, "<f4")
+    return Array(dtype="float32", shape=(4,), stype=SType.NUMPY, data=header + payload)
+
+
+@pytest.mark.parametrize("copy", [True, False])
+def test_an_array_declaring_10_gb_over_16_bytes_is_refused_without_allocating(copy):
+    import tracemalloc
+
+    from fl_subnet.wire import arrays_to_state
+
+    record = ArrayRecord({"0.weight": _declaring((10**10 // 4,))})
+    tracemalloc.start()
+    try:
+        with pytest.raises(ValueError, match=r"array '0.weight': its header declares shape \(2500000000,\)"):
+            arrays_to_state(record, copy=copy)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 2**20, peak  # numpy reports its allocations to tracemalloc: nothing near 10 GB
+    good = ArrayRecord({"w": _declaring((4,))})  # 16 bytes for 4 float32: decoded
+    assert arrays_to_state(good, copy=copy)["w"].shape == (4,)
+
+
+def test_the_client_app_refuses_a_model_array_declaring_10_gb_naming_it():
+    factory = lambda: MLP(6, [8], 3)  # noqa: E731
+    app = make_client_app(factory, _data, train_local)
+    grid = InProcessGrid(app, 1)
+    strategy = FederatedDropout(factory, 0.5, seed=0, fraction_evaluate=0.0, min_train_nodes=1,
+                                 min_available_nodes=1)
+    messages = list(strategy.configure_train(1, ArrayRecord(factory().state_dict()),
+                                             ConfigRecord({"local-steps": 1, "lr": 0.1}), grid))
+    for m in messages:
+        arrays = m.content.array_records[next(iter(m.content.array_records))]
+        key = next(iter(arrays))
+        arrays[key] = _declaring((10**10 // 4,))
+    replies = list(grid.send_and_receive(messages))
+    assert replies and all(r.has_error() for r in replies)
+    assert all(f"array '{key}'" in r.error.reason for r in replies), [r.error.reason for r in replies]

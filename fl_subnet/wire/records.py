@@ -174,8 +174,17 @@ def _npy_header(head: bytes) -> tuple[tuple[int, ...], np.dtype, int] | None:
     return tuple(shape), dtype, fp.tell()
 
 
-def npy_view(array: Array) -> np.ndarray | None:
-    """A read-only view of a C-ordered, native-endian ``.npy`` payload, else None."""
+def npy_view(array: Array, key: str = "?") -> np.ndarray | None:
+    """A read-only view of a C-ordered, native-endian ``.npy`` payload, else None (another
+    layout, decoded by ``Array.numpy``).
+
+    Raises
+    ------
+    ValueError
+        Naming ``key``, if the header declares more or fewer bytes than the payload
+        carries (checked before anything is allocated from the declared shape: a header
+        declaring 10 GB over 16 bytes is refused, not allocated).
+    """
     data = array.data
     if len(data) < 12 or data[:6] != b"\x93NUMPY":
         return None
@@ -186,7 +195,8 @@ def npy_view(array: Array) -> np.ndarray | None:
     shape, dtype, offset = parsed
     count = math.prod(shape)
     if offset + count * dtype.itemsize != len(data):
-        return None
+        raise ValueError(f"array '{key}': its header declares shape {shape} of {dtype} ({count * dtype.itemsize} "
+                         f"bytes) but it carries {len(data) - offset} bytes")
     return np.frombuffer(data, dtype=dtype, count=count, offset=offset).reshape(shape)
 
 
@@ -204,13 +214,17 @@ def arrays_to_state(arrays: ArrayRecord, copy: bool = True) -> dict[str, torch.T
     Raises
     ------
     ValueError
-        If an array cannot be decoded.
+        If an array cannot be decoded, or its header declares another size than its
+        payload (naming the key; nothing is allocated from the declared shape).
     """
     out = {}
     for key, a in arrays.items():
-        view = None if copy else npy_view(a)
+        view = npy_view(a, key)  # a declared size that is not the payload's is refused here
         if view is None:
             out[key] = torch.from_numpy(a.numpy())  # np.load returns a fresh array
+            continue
+        if copy:
+            out[key] = torch.from_numpy(view.copy())
             continue
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # read-only buffer: we only read
