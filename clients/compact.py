@@ -12,7 +12,10 @@ already the compact reply the strategy expects (same keys, compact shapes)::
 A message without mask keys (a plain FedAvg message) gives the full model.
 
 A FjORD message (train config key ``fjord-widths``) gives a model whose width can be
-lowered per batch; :func:`width_schedule` samples the widths in the user's own loop.
+lowered per batch; :func:`width_schedule` samples the widths in the user's own loop. With
+``fjord-distill`` true (FjORD+KD) the schedule's ``distill`` asks the loop for a teacher
+pass at the node's max width (``schedule.teacher()``) and the KD loss
+(:func:`fl_subnet.core.ordered.fjord_kd_loss`) for the drawn width.
 
 A HeteroFL/FedRolex message with the label split on (train config key ``labels``) names
 the labels this node holds: :attr:`Received.labels`; mask the logits of the others before
@@ -36,7 +39,7 @@ from fl_subnet.core.spec import SubnetSpec, cached_spec
 from fl_subnet.wire.packed import Layout, is_packed, pack_state, slice_layout, unpack_state
 from fl_subnet.wire import (BATCHNORM_KEY, arrays_to_state, example_from_config,
                             has_mask, mask_from_config, read_train, state_to_arrays, widths_from_config)
-from fl_subnet.wire.records import LABELS_KEY
+from fl_subnet.wire.records import FJORD_DISTILL, LABELS_KEY
 
 
 @dataclass
@@ -144,6 +147,24 @@ def compact_model(msg: Message | RecordDict, model_factory: Callable[[], nn.Modu
     return receive(msg, model_factory).model
 
 
+def distill_from_config(config: Mapping[str, object]) -> bool:
+    """FjORD+KD's switch ``fjord-distill`` of a train config (absent: False).
+
+    Raises
+    ------
+    ValueError
+        Naming ``fjord-distill``, if the value is not a bool, or is true while the
+        config carries no ``fjord-widths`` (self-distillation is FjORD's).
+    """
+    raw = config.get(FJORD_DISTILL, False)
+    if not isinstance(raw, bool):
+        raise ValueError(f"config key '{FJORD_DISTILL}' must be a bool, got {str(raw)[:80]!r}")
+    if raw and not widths_from_config(config):
+        raise ValueError(f"config key '{FJORD_DISTILL}' is true but the config has no 'fjord-widths': "
+                         "self-distillation needs FjORD's per-batch widths")
+    return raw
+
+
 def width_schedule(received: Received, partition: int = 0) -> WidthSchedule:
     """FjORD's per-batch width sampler for a received train message (Horváth et al.,
     NeurIPS 2021, §3: ``p ~ U`` over the allowed widths up to the node's ``p_max``).
@@ -161,6 +182,19 @@ def width_schedule(received: Received, partition: int = 0) -> WidthSchedule:
                 loss = criterion(model(x), y)
                 ...
         # after the block the model is back at its max width: reply with model.state_dict()
+
+    With ``fjord-distill`` true (FjORD+KD, ``next_width.distill``) each batch first
+    trains the max width with the cross-entropy, then the drawn width on
+    :func:`~fl_subnet.core.ordered.fjord_kd_loss`, one optimizer step for both::
+
+                next_width(step)
+                opt.zero_grad()
+                with next_width.teacher():  # p_max
+                    full = model(x)
+                    criterion(full, y).backward()
+                loss = fjord_kd_loss(model(x), full)
+                loss.backward()
+                opt.step()
 
     fl-subnet's ClientApp passes it as ``before_step`` to
     :func:`~fl_subnet.clients.train.train_local`.
@@ -180,11 +214,13 @@ def width_schedule(received: Received, partition: int = 0) -> WidthSchedule:
     Raises
     ------
     ValueError
-        If an allowed width exceeds the slice the node received (naming the group).
+        If an allowed width exceeds the slice the node received (naming the group), or
+        ``fjord-distill`` is not a bool or is true without ``fjord-widths`` (naming it).
     """
+    distill = distill_from_config(received.config)
     gen = width_generator(int(received.config.get("seed", 0)), int(received.config.get("server-round", 0)),
                           int(partition))
-    return WidthSchedule(received.model, received.widths, gen)
+    return WidthSchedule(received.model, received.widths, gen, distill=distill)
 
 
 def reply_arrays(received: Received, model: nn.Module | None = None) -> dict[str, ArrayRecord]:
@@ -203,4 +239,4 @@ def reply_arrays(received: Received, model: nn.Module | None = None) -> dict[str
     return {received.arrays_key: arrays}
 
 
-__all__ = ["Received", "receive", "compact_model", "reply_arrays", "width_schedule"]
+__all__ = ["Received", "receive", "compact_model", "reply_arrays", "width_schedule", "distill_from_config"]

@@ -13,6 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from fl_subnet.core.label_split import check_labels, mask_logits
+from fl_subnet.core.ordered import WidthSchedule, fjord_kd_loss
 from fl_subnet.wire.records import LABELS_KEY
 
 LOSSES = ("cross-entropy", "mse")
@@ -179,15 +180,31 @@ def train_local(model: nn.Module, data: Dataset, cfg: TrainConfig, seed: int = 0
         Batch-order seed (e.g. derived from run seed, server round and partition).
     before_step : Callable[[int], object], optional
         Called with the step index (0, 1, …) before each batch's forward, e.g. FjORD's
-        per-batch width (:func:`fl_subnet.clients.compact.width_schedule`).
+        per-batch width (:func:`fl_subnet.clients.compact.width_schedule`). An active
+        :class:`~fl_subnet.core.ordered.WidthSchedule` with ``distill`` (FjORD+KD,
+        Horváth et al. NeurIPS 2021 §3.3; train config ``fjord-distill``) makes each
+        step a teacher pass at the max width ``p_max`` with the cross-entropy, then the
+        drawn width on :func:`~fl_subnet.core.ordered.fjord_kd_loss` against the
+        teacher's detached logits, the two gradients summed into one optimizer step, as
+        Flower's FjORD baseline (``baselines/fjord/fjord/models.py``, ``train``).
 
     Returns
     -------
     tuple[int, float]
         ``num-examples`` (size of the local set) and the mean training loss over the
-        steps taken. A batch of a single row is skipped (not counted as a step) when the
+        steps taken (with FjORD+KD the width-``p`` pass's KD loss, as the baseline
+        reports). A batch of a single row is skipped (not counted as a step) when the
         model has an ``nn.BatchNorm1d``, which cannot normalise one row in training.
+
+    Raises
+    ------
+    ValueError
+        Naming ``fjord-distill``, if distillation is asked for with a loss other than
+        cross-entropy.
     """
+    distill = isinstance(before_step, WidthSchedule) and before_step.active and before_step.distill
+    if distill and cfg.loss != "cross-entropy":
+        raise ValueError(f"fjord-distill (FjORD's self-distillation) needs loss 'cross-entropy', got {cfg.loss!r}")
     loader = make_loader(data, cfg.batch_size, shuffle=True, seed=seed)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
@@ -204,9 +221,19 @@ def train_local(model: nn.Module, data: Dataset, cfg: TrainConfig, seed: int = 0
             continue
         if before_step is not None:
             before_step(steps)
-        loss = loss_fn(cfg.loss, model(x), y, cfg.labels)
-        opt.zero_grad()
-        loss.backward()
+        if distill:  # FjORD+KD: teacher p_max on the labels, then width p on its soft outputs
+            opt.zero_grad()
+            with before_step.teacher():
+                full = model(x)
+                loss_fn(cfg.loss, full, y, cfg.labels).backward()
+            student = model(x)
+            loss = fjord_kd_loss(mask_logits(student, cfg.labels) if cfg.labels else student,
+                                 mask_logits(full, cfg.labels) if cfg.labels else full)
+            loss.backward()
+        else:
+            loss = loss_fn(cfg.loss, model(x), y, cfg.labels)
+            opt.zero_grad()
+            loss.backward()
         opt.step()
         total += float(loss.detach())
         steps += 1

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 from fl_subnet.core.samplers import NestedPrefixSampler, check_keep_prob
 from fl_subnet.wire import FJORD_WIDTHS, widths_to_config
+from fl_subnet.wire.records import FJORD_DISTILL
 
 from .heterofl import CapacityStrategy
 from .registry import register_protocol
@@ -52,6 +53,14 @@ class FjORD(CapacityStrategy):
     width level: the entries of level ``s`` are averaged over the nodes with
     ``p_max ≥ p_s``).
 
+    With ``distill=True`` (FjORD+KD, §3.3 "Knowledge distillation"; run-config key
+    ``fjord-distill``) the train config also carries ``fjord-distill = true``: for every
+    batch the node trains its max width ``p_max`` with the cross-entropy and the drawn
+    width ``p`` on the cross-entropy against the ``p_max`` pass's detached softmax, one
+    optimizer step for both (:func:`fl_subnet.core.ordered.fjord_kd_loss`, a port of
+    Flower's FjORD baseline, ``baselines/fjord/fjord/models.py``, ``train``). Off, the
+    messages are unchanged.
+
     Parameters
     ----------
     model_factory : Callable[[], nn.Module]
@@ -62,6 +71,8 @@ class FjORD(CapacityStrategy):
         ``--node-config "capacity=0.5"`` (as for :class:`HeteroFL`).
     widths : Sequence[float]
         The discrete widths in (0, 1] (relative to the full model).
+    distill : bool
+        FjORD+KD's self-distillation from each node's ``p_max`` sub-model (default False).
     **kwargs
         :class:`SubnetStrategy` options (``weighted`` defaults to True).
 
@@ -69,13 +80,18 @@ class FjORD(CapacityStrategy):
     ------
     ValueError
         If a width or tier is outside (0, 1] (naming ``widths`` / ``capacity``), a
-        tier is below the smallest width (no sub-model fits it), or the model declares
-        its groups with ``unit_groups()`` (ordered dropout needs the traced model).
+        tier is below the smallest width (no sub-model fits it), ``distill`` is not a
+        bool (naming ``distill``), or the model declares its groups with
+        ``unit_groups()`` (ordered dropout needs the traced model).
     """
 
     @classmethod
     def check_run_config(cls, cfg) -> None:
-        """Every capacity tier must fit the smallest of ``fjord-widths``."""
+        """Every capacity tier must fit the smallest of ``fjord-widths``; ``fjord-distill``
+        needs the cross-entropy."""
+        if cfg.fjord_distill and cfg.loss_name != "cross-entropy":
+            raise ValueError(f"fjord-distill (FjORD's self-distillation) needs a classification loss "
+                             f"('cross-entropy'), got loss {cfg.loss_name!r}")
         low = min(cfg.tiers())
         if low < min(cfg.widths()):
             raise ValueError(f"capacity-tiers ({cfg.capacity_tiers}) has a tier {low:g} below the smallest of "
@@ -84,12 +100,15 @@ class FjORD(CapacityStrategy):
     @classmethod
     def from_run_config(cls, cfg, model_factory, **common):
         """Build from a run config (:func:`~fl_subnet.strategies.build_strategy` passes ``common``)."""
-        return cls(model_factory, cfg.tiers(), cfg.widths(), local_steps=cfg.local_steps,
-                   fraction_train=cfg.fraction_train, **common)
+        return cls(model_factory, cfg.tiers(), cfg.widths(), distill=cfg.fjord_distill,
+                   local_steps=cfg.local_steps, fraction_train=cfg.fraction_train, **common)
 
     def __init__(self, model_factory, capacity_tiers: Sequence[float] = (1.0,),
-                 widths: Sequence[float] = DEFAULT_WIDTHS, *, seed: int = 0, **kwargs):
+                 widths: Sequence[float] = DEFAULT_WIDTHS, *, distill: bool = False, seed: int = 0, **kwargs):
         self.widths = check_widths(widths)
+        if not isinstance(distill, bool):
+            raise ValueError(f"distill (fjord-distill) must be a bool, got {distill!r}")
+        self.distill = distill
         kwargs.setdefault("weighted", True)
         super().__init__(model_factory, NestedPrefixSampler(1.0, scale=False, seed=seed), capacity_tiers,
                          seed=seed, **kwargs)
@@ -124,8 +143,12 @@ class FjORD(CapacityStrategy):
         return self.max_width(super().capacity_of(node))
 
     def node_config(self, node: int, mask) -> dict[str, object]:
-        """The node's allowed widths under ``fjord-widths``."""
-        return {FJORD_WIDTHS: widths_to_config(self.allowed_widths(self.capacity_of(node)))}
+        """The node's allowed widths under ``fjord-widths`` (and ``fjord-distill = true``
+        with self-distillation on)."""
+        config: dict[str, object] = {FJORD_WIDTHS: widths_to_config(self.allowed_widths(self.capacity_of(node)))}
+        if self.distill:
+            config[FJORD_DISTILL] = True
+        return config
 
 
 __all__ = ["FjORD", "DEFAULT_WIDTHS", "check_widths"]

@@ -61,6 +61,7 @@ KEY_CASES = [
     ("server-lr-negative", "server-lr = -0.1", "server-lr"),
     ("server-momentum-one", "server-momentum = 1.0", "server-momentum"),
     ("fjord-widths-zero", 'fjord-widths = "0,0.5,1"', "fjord-widths"),
+    ("fjord-distill-with-fedavg", "fjord-distill = true", "fjord-distill"),
     ("fjord-tier-below-widths", 'strategy = "fjord"\ncapacity-tiers = "0.1,1.0"', "capacity-tiers"),
     ("path-length-decreasing", 'path-length = "1.0,0.5"', "path-length"),
     ("path-scale-unknown", 'path-scale = "sqrt"', "path-scale"),

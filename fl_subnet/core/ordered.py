@@ -16,6 +16,10 @@ a zero gradient: momentum and weight decay still act on them, as in FjORD's slic
 implementation. BatchNorm layers are shared by all widths (FjORD's code keeps one per
 width; here the statistics are the averaged/static policies of
 :mod:`fl_subnet.core.batchnorm`).
+
+FjORD+KD (§3.3, self-distillation): :attr:`WidthSchedule.distill` asks the loop for a
+teacher pass at ``p_max`` (:meth:`WidthSchedule.teacher`) and :func:`fjord_kd_loss` for
+the width-``p`` pass.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from collections.abc import Collection, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .unit_scale import set_unit_scales, unit_scales
@@ -242,6 +247,11 @@ class WidthSchedule:
         FjORD's key.
     generator : torch.Generator
         E.g. :func:`width_generator`.
+    distill : bool, optional
+        FjORD+KD (§3.3): the training loop adds, per batch, a teacher pass at the max
+        width ``p_max`` (:meth:`teacher`) trained with the cross-entropy, and trains the
+        drawn width ``p`` on :func:`fjord_kd_loss` against the teacher's detached
+        outputs (:func:`fl_subnet.clients.train.train_local` does). Default False.
 
     Attributes
     ----------
@@ -251,13 +261,20 @@ class WidthSchedule:
     Raises
     ------
     ValueError
-        If a width is invalid for ``model`` (:func:`set_width`), or ``model`` was not
-        built by :func:`build_ordered` while ``widths`` is not empty.
+        If a width is invalid for ``model`` (:func:`set_width`), ``model`` was not
+        built by :func:`build_ordered` while ``widths`` is not empty, or ``distill`` is
+        not a bool or is True with empty ``widths`` (naming ``fjord-distill``).
     """
 
-    def __init__(self, model: nn.Module, widths: Sequence[float], generator: torch.Generator) -> None:
+    def __init__(self, model: nn.Module, widths: Sequence[float], generator: torch.Generator,
+                 distill: bool = False) -> None:
         self.model = model
         self.widths = tuple(float(w) for w in widths)
+        if not isinstance(distill, bool):
+            raise ValueError(f"fjord-distill must be a bool, got {distill!r}")
+        if distill and not self.widths:
+            raise ValueError("fjord-distill needs FjORD's per-batch widths (fjord-widths), got none")
+        self.distill = distill
         if self.widths:
             _holder(model)
             for w in self.widths:  # every allowed width must fit the node's slice
@@ -281,6 +298,19 @@ class WidthSchedule:
         self.history.append(width)
         return width
 
+    def teacher(self) -> contextlib.AbstractContextManager[nn.Module]:
+        """``with schedule.teacher(): ...`` — the node's max width ``p_max`` for the block
+        (FjORD+KD's teacher pass), then back to the width drawn for this step.
+
+        Raises
+        ------
+        ValueError
+            If the schedule is inactive (no widths).
+        """
+        if not self.widths:
+            raise ValueError("an inactive width schedule (no fjord-widths) has no teacher width")
+        return ordered_width(self.model, None)
+
     def close(self) -> None:
         """Back to the max width (restores the silenced units' buffers)."""
         if self.widths:
@@ -293,5 +323,50 @@ class WidthSchedule:
         self.close()
 
 
+def fjord_kd_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """FjORD+KD's loss of the width-``p`` pass: the cross-entropy of the student's logits
+    against the softmax of the teacher's (the node's own ``p_max`` sub-model), detached.
+
+    A port of Flower's FjORD baseline by the paper's authors (``baselines/fjord/fjord/
+    models.py``, function ``train``, branch ``know_distill``)::
+
+        full_output = net(images, sampler=max_sampler)
+        full_loss = criterion(full_output, target)
+        full_loss.backward()
+        target = full_output.detach().softmax(dim=1)
+        partial_loss = criterion(net(images, sampler=sampler), target)
+
+    with ``criterion = CrossEntropyLoss()`` (mean over the batch). This equals
+    ``KL(softmax(teacher) || softmax(student))`` plus the teacher's entropy, a constant for
+    the student, so its gradient is that of the KL term. Horváth et al. (NeurIPS 2021,
+    §3.3) write the width-``p`` loss as a mix, weighted by ``α``, of the cross-entropy
+    with the labels and the KL divergence to the ``p_max`` outputs softened by a
+    temperature ``T``; the authors' code above uses ``T = 1`` and the soft target alone
+    (``α = 1``), and this port follows the code. The teacher's own cross-entropy with the
+    labels is a separate loss; both gradients are summed before the one optimizer step.
+
+    Parameters
+    ----------
+    student : torch.Tensor
+        Logits ``(N, C)`` of the width-``p`` pass.
+    teacher : torch.Tensor
+        Logits ``(N, C)`` of the ``p_max`` pass (detached here).
+
+    Returns
+    -------
+    torch.Tensor
+        Scalar: ``-mean_n Σ_c softmax(teacher)[n, c] · log_softmax(student)[n, c]``.
+
+    Raises
+    ------
+    ValueError
+        If the shapes differ or are not ``(N, C)`` (naming ``fjord-distill``).
+    """
+    if student.dim() != 2 or student.shape != teacher.shape:
+        raise ValueError(f"fjord-distill needs (N, C) logits of equal shapes, got student "
+                         f"{tuple(student.shape)} and teacher {tuple(teacher.shape)}")
+    return F.cross_entropy(student, teacher.detach().softmax(dim=1))
+
+
 __all__ = ["OrderedWidths", "build_ordered", "set_width", "ordered_width", "max_width_units",
-           "width_generator", "WidthSchedule"]
+           "width_generator", "WidthSchedule", "fjord_kd_loss"]

@@ -285,6 +285,10 @@ class RunConfig:
                                        "masked, and each classifier row is averaged over the nodes holding "
                                        "its label (:mod:`fl_subnet.core.label_split`).")] = False
     fjord_widths: FjordWidths = "0.2,0.4,0.6,0.8,1.0"
+    fjord_distill: Annotated[bool, Field(strict=True, description="FjORD only: FjORD+KD's self-distillation "
+                                         "(Horváth et al. 2021, §3.3): per batch the node's max width is "
+                                         "trained on the labels and the drawn width on its softened outputs "
+                                         "(:func:`fl_subnet.core.ordered.fjord_kd_loss`).")] = False
     core_fraction: Number("core-alternation: the core's share of every unit group (its first "
                           "⌈f·size⌉ units), trained alone in core rounds.", gt=0.0, le=1.0) = 0.5
     core_period: Int(2, 100_000, "core-alternation: period p of the schedule, p - 1 core rounds then "
@@ -417,6 +421,8 @@ class RunConfig:
         if self.label_split and not getattr(protocol, "supports_label_split", False):
             able = [n for n, p in PROTOCOLS.items() if getattr(p.cls, "supports_label_split", False)]
             raise ValueError(f"label-split needs strategy {' or '.join(map(repr, able))}, got {self.strategy!r}")
+        if self.fjord_distill and self.strategy != "fjord":
+            raise ValueError(f"fjord-distill needs strategy 'fjord', got {self.strategy!r}")
         if protocol.needs_depth_blocks:
             if self.model not in DEPTH_MODELS:
                 raise ValueError(f"strategy {self.strategy!r} needs a model with depth blocks (skippable residual "

@@ -33,6 +33,7 @@ EXAMPLE_DTYPE = "example-dtype"
 METRICS_KEY = "metrics"
 BATCHNORM_KEY = "batchnorm"  # BatchNorm policy (fl_subnet.core.batchnorm), absent = "averaged"
 FJORD_WIDTHS = "fjord-widths"  # FjORD: comma-separated widths the node samples per batch; absent = off
+FJORD_DISTILL = "fjord-distill"  # FjORD+KD: bool, self-distillation from p_max per batch; absent = off
 #: HeteroFL's label split: the labels a node holds (list of ints), in its train config (the node
 #: masks the other logits) and in its reply to the node query; absent = every label
 LABELS_KEY = "labels"
