@@ -3,8 +3,9 @@
 The issue: norm screening does not stop an attacker who reads the run config. Setting:
 digits, the ClientApp data of ``tests/test_poisoning.py`` (iid partitions of 10, fixed),
 ``MLP(64, [64], 10)``, lr 0.1, 10 local steps, batch 32, 15 rounds, all 10 nodes sampled
-every round, through the in-process grid; protocols FedAvg (``SubnetFedAvg``) and
-federated dropout (``FederatedDropout``, ξ = 0.5).
+every round, through the in-process grid; protocols FedAvg (``SubnetFedAvg``),
+federated dropout (``FederatedDropout``, ξ = 0.5) and IST with 5 sub-networks over the 10
+nodes (``IST``, p = 5: every part has 2 holders).
 
 Nodes 0 and 1 collude. They read the run config (``max-ratio-to-median`` = 3,
 ``max-num-examples``), train honestly, then send an update of ratio
@@ -70,7 +71,7 @@ from fl_subnet.core.robust import update_ratio  # noqa: E402
 from fl_subnet.experiments.data import load_centralized_test, load_partition  # noqa: E402
 from fl_subnet.experiments.inprocess_grid import InProcessGrid  # noqa: E402
 from fl_subnet.models import MLP  # noqa: E402
-from fl_subnet.strategies import FederatedDropout, SubnetFedAvg  # noqa: E402
+from fl_subnet.strategies import IST, FederatedDropout, SubnetFedAvg  # noqa: E402
 from fl_subnet.strategies.defences import Defences  # noqa: E402
 from fl_subnet.wire import arrays_to_state  # noqa: E402
 
@@ -85,7 +86,11 @@ MAX_RATIO_TO_MEDIAN = 3.0
 #: The rogues' update ratio as a fraction of the screening bound (c = 0.6 × 3 = 1.8).
 TARGET_FRACTION = 0.6
 TRAIN = {"local-steps": 10, "lr": 0.1, "batch-size": 32, "loss": "cross-entropy"}
-PROTOCOLS = ("fedavg", "dropout")
+PROTOCOLS = ("fedavg", "dropout", "ist")
+#: IST's sub-networks: 5 parts over the 10 nodes of a round (slot i trains part i mod 5), so
+#: every part has 2 holders (redundancy 2; with 10 parts each unit would have one holder,
+#: whose value no rule can check).
+NUM_SUBNETS = 5
 #: defence name → aggregation rule; every one but "none" screens and caps the weight.
 DEFENCES = {"none": "mean", "screening": "mean", "screening+centered-clip": "centered-clip",
             "screening+bucketing": "bucketing", "screening+median": "median"}
@@ -205,6 +210,8 @@ def build_strategy(protocol: str, defence: str, seed: int, cap: int, nodes: int 
         kwargs["defences"] = Defences(max_ratio_to_median=MAX_RATIO_TO_MEDIAN, max_num_examples=cap)
     if protocol == "dropout":
         return FederatedDropout(factory, KEEP_PROB, **kwargs)
+    if protocol == "ist":  # every node of the round trains, two per part
+        return IST(factory, NUM_SUBNETS, local_steps=TRAIN["local-steps"], num_train_nodes=nodes, **kwargs)
     return SubnetFedAvg(factory, **kwargs)
 
 
