@@ -64,7 +64,7 @@ from torch.utils.data import TensorDataset
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import emit, machine, record  # noqa: E402
+from bench.common import between, emit, machine, record, replace_between, run_line  # noqa: E402
 from fl_subnet.clients import make_client_app  # noqa: E402
 from fl_subnet.clients.train import evaluate_model, train_local  # noqa: E402
 from fl_subnet.core.robust import update_ratio  # noqa: E402
@@ -323,26 +323,18 @@ def render_table(data: Mapping[str, object]) -> str:
             use = max((m["bound_use"] for m in attacked), default=float("nan"))
             lines.append(f"| {protocol} | {defence} | {_pct(honest)} | {_pct(get('ipm'))} | {_pct(get('sign-flip'))} "
                          f"| {_pct(absent)} | {cost} | {hcost} | {rejected} | {use:.2f} |")
-    if "wall_seconds" in data and "machine" in data:
-        mach = data["machine"]
-        lines += ["", f"`{data.get('command', 'python bench/attacks.py')}`: {data['wall_seconds']:.0f} s on "
-                      f"{mach.get('cpu')}, {mach.get('torch_threads')} torch thread(s), torch {mach.get('torch')}, "
-                      f"flwr {mach.get('flwr')}."]
+    lines += run_line(data, "python bench/attacks.py")
     return "\n".join(lines) + "\n"
 
 
 def write_docs(data: Mapping[str, object], path: Path = DOCS) -> None:
     """Replace the table between the markers of ``path`` with :func:`render_table`."""
-    text = path.read_text(encoding="utf-8")
-    head, rest = text.split(MARK_START, 1)
-    _, tail = rest.split(MARK_END, 1)
-    path.write_text(f"{head}{MARK_START}\n{render_table(data)}{MARK_END}{tail}", encoding="utf-8")
+    replace_between(path, MARK_START, MARK_END, render_table(data))
 
 
 def docs_table(path: Path = DOCS) -> str:
     """The table currently between the markers of ``path``."""
-    text = path.read_text(encoding="utf-8")
-    return text.split(MARK_START, 1)[1].split(MARK_END, 1)[0].lstrip("\n")
+    return between(path, MARK_START, MARK_END)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, object]:

@@ -23,6 +23,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 
 
 def machine() -> dict[str, object]:
@@ -114,3 +115,28 @@ def emit(measurement: Mapping[str, object]) -> None:
     """Print one measurement as a JSON line (and flush: run_all reads it as it comes)."""
     sys.stdout.write(json.dumps(measurement) + "\n")
     sys.stdout.flush()
+
+
+def replace_between(path: Path, start: str, end: str, body: str) -> None:
+    """Replace the text between the markers ``start`` and ``end`` of ``path`` with
+    ``body`` (a generated docs table; the markers stay)."""
+    text = path.read_text(encoding="utf-8")
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    path.write_text(f"{head}{start}\n{body}{end}{tail}", encoding="utf-8")
+
+
+def between(path: Path, start: str, end: str) -> str:
+    """The text currently between the markers ``start`` and ``end`` of ``path``."""
+    text = path.read_text(encoding="utf-8")
+    return text.split(start, 1)[1].split(end, 1)[0].lstrip("\n")
+
+
+def run_line(data: Mapping[str, object], command: str) -> list[str]:
+    """The line under a generated table saying which command made it, in how many
+    seconds, on which machine (empty when ``data`` lacks them)."""
+    if "wall_seconds" not in data or "machine" not in data:
+        return []
+    mach = data["machine"]
+    return ["", f"`{data.get('command', command)}`: {data['wall_seconds']:.0f} s on {mach.get('cpu')}, "
+                f"{mach.get('torch_threads')} torch thread(s), torch {mach.get('torch')}, flwr {mach.get('flwr')}."]

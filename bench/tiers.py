@@ -49,7 +49,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import emit, machine, record  # noqa: E402
+from bench.common import between, emit, machine, record, replace_between, run_line  # noqa: E402
 
 log = logging.getLogger("bench.tiers")
 
@@ -174,26 +174,18 @@ def render_table(data: Mapping[str, object]) -> str:
             cells = " | ".join(_delta(paired(variants, variant, base, f)) for f in
                                ("full-acc", "tier-0.25-acc", "tier-0.5-acc"))
             lines.append(f"| {variant} | {base} | {cells} |")
-    if "wall_seconds" in data and "machine" in data:
-        mach = data["machine"]
-        lines += ["", f"`{data.get('command', 'python bench/tiers.py')}`: {data['wall_seconds']:.0f} s on "
-                      f"{mach.get('cpu')}, {mach.get('torch_threads')} torch thread(s), torch {mach.get('torch')}, "
-                      f"flwr {mach.get('flwr')}."]
+    lines += run_line(data, "python bench/tiers.py")
     return "\n".join(lines) + "\n"
 
 
 def write_docs(data: Mapping[str, object], path: Path = DOCS) -> None:
     """Replace the table between the markers of ``path`` with :func:`render_table`."""
-    text = path.read_text(encoding="utf-8")
-    head, rest = text.split(MARK_START, 1)
-    _, tail = rest.split(MARK_END, 1)
-    path.write_text(f"{head}{MARK_START}\n{render_table(data)}{MARK_END}{tail}", encoding="utf-8")
+    replace_between(path, MARK_START, MARK_END, render_table(data))
 
 
 def docs_table(path: Path = DOCS) -> str:
     """The table currently between the markers of ``path``."""
-    text = path.read_text(encoding="utf-8")
-    return text.split(MARK_START, 1)[1].split(MARK_END, 1)[0].lstrip("\n")
+    return between(path, MARK_START, MARK_END)
 
 
 def check(data: Mapping[str, object]) -> None:
