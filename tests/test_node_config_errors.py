@@ -94,16 +94,22 @@ def _data(context):
     return torch.utils.data.TensorDataset(x, torch.randint(0, 3, (16,))), None
 
 
-def test_the_client_app_replies_with_an_error_naming_server_round():
-    """A message whose 'server-round' is not an integer: the node's error reply names it."""
+def _train_messages():
+    """A one-node in-process grid with fl-subnet's ClientApp, and federated dropout's
+    train messages of round 1 for it."""
     factory = lambda: MLP(6, [8], 3)  # noqa: E731
-    app = make_client_app(factory, _data, train_local)
-    grid = InProcessGrid(app, 1)
+    grid = InProcessGrid(make_client_app(factory, _data, train_local), 1)
     strategy = FederatedDropout(factory, 0.5, seed=0, fraction_evaluate=0.0, min_train_nodes=1,
                                  min_available_nodes=1)
     messages = list(strategy.configure_train(1, ArrayRecord(factory().state_dict()),
                                              ConfigRecord({"local-steps": 1, "lr": 0.1}), grid))
     assert messages
+    return grid, messages
+
+
+def test_the_client_app_replies_with_an_error_naming_server_round():
+    """A message whose 'server-round' is not an integer: the node's error reply names it."""
+    grid, messages = _train_messages()
     for m in messages:
         m.content["config"]["server-round"] = "x"
     replies = list(grid.send_and_receive(messages))
@@ -143,13 +149,7 @@ def test_an_array_declaring_10_gb_over_16_bytes_is_refused_without_allocating(co
 
 
 def test_the_client_app_refuses_a_model_array_declaring_10_gb_naming_it():
-    factory = lambda: MLP(6, [8], 3)  # noqa: E731
-    app = make_client_app(factory, _data, train_local)
-    grid = InProcessGrid(app, 1)
-    strategy = FederatedDropout(factory, 0.5, seed=0, fraction_evaluate=0.0, min_train_nodes=1,
-                                 min_available_nodes=1)
-    messages = list(strategy.configure_train(1, ArrayRecord(factory().state_dict()),
-                                             ConfigRecord({"local-steps": 1, "lr": 0.1}), grid))
+    grid, messages = _train_messages()
     for m in messages:
         arrays = m.content.array_records[next(iter(m.content.array_records))]
         key = next(iter(arrays))
