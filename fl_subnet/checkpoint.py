@@ -198,7 +198,9 @@ def load_checkpoint(folder: str | Path, *, verify: bool = True) -> tuple[dict[st
 
     With ``verify`` (the default) the checkpoint is refused unless (1) its digest
     (:func:`checkpoint_digest`) matches the tensors and the header, (2) every floating
-    tensor is finite, (3) ``checkpoint.json`` exists and names the same ``server-round``.
+    tensor is finite, (3) ``checkpoint.json`` names the same ``server-round``, or is
+    missing or one round behind (a run killed between the model file and its readable
+    copy, written after it: logged, the model file's round is used).
     A checkpoint written before digests existed (no ``sha256``) is checked for (2) and
     (3) and loads with a warning.
 
@@ -248,13 +250,20 @@ def verify_checkpoint(folder: Path, state: Mapping[str, torch.Tensor], meta: Map
     try:
         other = json.loads(readable.read_text())
     except FileNotFoundError:
-        raise CheckpointError(f"{path}: {STATE_FILE} is missing beside it (written with every checkpoint)") from None
+        other = None
     except (OSError, json.JSONDecodeError) as err:
         raise CheckpointError(f"{readable}: not readable JSON ({err})") from None
-    if not isinstance(other, dict) or other.get("server-round") != meta["server-round"]:
-        got = other.get("server-round") if isinstance(other, dict) else None
-        raise CheckpointError(f"{path}: its header says server-round {meta['server-round']} but {STATE_FILE} "
-                              f"says {got}: one of them was edited")
+    got = other.get("server-round") if isinstance(other, dict) else None
+    if got != meta["server-round"]:
+        if other is None or got == meta["server-round"] - 1:
+            # the readable copy is written after the model file: a kill between the two
+            # leaves it missing (round 0) or one round behind; the model file's header wins
+            log.warning("%s: %s is %s: the run was stopped between the two writes; continuing from the model "
+                        "file's round %d", path, STATE_FILE, "missing" if other is None else f"of round {got}",
+                        meta["server-round"])
+        else:
+            raise CheckpointError(f"{path}: its header says server-round {meta['server-round']} but {STATE_FILE} "
+                                  f"says {got}: one of them was edited")
     seconds = meta.get("seconds", 0.0)
     if not (isinstance(seconds, (int, float)) and math.isfinite(seconds)):
         raise CheckpointError(f"{path}: 'seconds' in its header must be a finite number, got {seconds!r}")

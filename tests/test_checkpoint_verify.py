@@ -104,6 +104,20 @@ def test_an_edited_server_round_is_refused(two_rounds, tmp_path):
     assert_refused(folder, "header says server-round 2 but checkpoint.json says 3")
 
 
+@pytest.mark.parametrize("readable", ["missing", "one round behind"])
+def test_a_kill_between_the_model_file_and_its_readable_copy_resumes(two_rounds, tmp_path, readable, caplog):
+    """checkpoint.json is written after the model file: a SIGKILL between the two leaves it
+    missing (round 0) or one round behind. The verified model file wins, with a warning."""
+    folder = copy_run(two_rounds, tmp_path / "window")
+    state, meta = load_checkpoint(folder)
+    if readable == "missing":
+        (folder / STATE_FILE).unlink()
+    else:
+        (folder / STATE_FILE).write_text(json.dumps({**meta, "server-round": 1}))
+    assert load_checkpoint(folder)[1]["server-round"] == 2
+    assert any("stopped between the two writes" in r.getMessage() for r in caplog.records)
+
+
 @pytest.mark.parametrize("damage", ["deleted", "gap"])
 def test_missing_metrics_rows_are_refused(two_rounds, tmp_path, damage):
     folder = copy_run(two_rounds, tmp_path / damage)
