@@ -4,8 +4,8 @@ The issue: norm screening does not stop an attacker who reads the run config. Se
 digits, the ClientApp data of ``tests/test_poisoning.py`` (iid partitions of 10, fixed),
 ``MLP(64, [64], 10)``, lr 0.1, 10 local steps, batch 32, 15 rounds, all 10 nodes sampled
 every round, through the in-process grid; protocols FedAvg (``SubnetFedAvg``),
-federated dropout (``FederatedDropout``, ξ = 0.5) and IST with 5 sub-networks over the 10
-nodes (``IST``, p = 5: every part has 2 holders).
+federated dropout (``FederatedDropout``, ξ = 0.5) and IST with 5 or 3 sub-networks over
+the 10 nodes (``IST``; p = 5: every part has 2 holders, p = 3: 3 or 4).
 
 Nodes 0 and 1 collude. They read the run config (``max-ratio-to-median`` = 3,
 ``max-num-examples``), train honestly, then send an update of ratio
@@ -86,11 +86,11 @@ MAX_RATIO_TO_MEDIAN = 3.0
 #: The rogues' update ratio as a fraction of the screening bound (c = 0.6 × 3 = 1.8).
 TARGET_FRACTION = 0.6
 TRAIN = {"local-steps": 10, "lr": 0.1, "batch-size": 32, "loss": "cross-entropy"}
-PROTOCOLS = ("fedavg", "dropout", "ist")
-#: IST's sub-networks: 5 parts over the 10 nodes of a round (slot i trains part i mod 5), so
-#: every part has 2 holders (redundancy 2; with 10 parts each unit would have one holder,
-#: whose value no rule can check).
-NUM_SUBNETS = 5
+PROTOCOLS = ("fedavg", "dropout", "ist", "ist-3")
+#: IST's sub-networks p per protocol: over the 10 nodes of a round (slot i trains part
+#: i mod p) "ist" has 5 parts of 2 holders each, "ist-3" 3 parts of 3 or 4 holders (the
+#: redundancy; with 10 parts each unit would have one holder, whose value no rule can check).
+NUM_SUBNETS = {"ist": 5, "ist-3": 3}
 #: defence name → aggregation rule; every one but "none" screens and caps the weight.
 DEFENCES = {"none": "mean", "screening": "mean", "screening+centered-clip": "centered-clip",
             "screening+bucketing": "bucketing", "screening+median": "median"}
@@ -210,8 +210,9 @@ def build_strategy(protocol: str, defence: str, seed: int, cap: int, nodes: int 
         kwargs["defences"] = Defences(max_ratio_to_median=MAX_RATIO_TO_MEDIAN, max_num_examples=cap)
     if protocol == "dropout":
         return FederatedDropout(factory, KEEP_PROB, **kwargs)
-    if protocol == "ist":  # every node of the round trains, two per part
-        return IST(factory, NUM_SUBNETS, local_steps=TRAIN["local-steps"], num_train_nodes=nodes, **kwargs)
+    if protocol in NUM_SUBNETS:  # every node of the round trains, several per part
+        return IST(factory, NUM_SUBNETS[protocol], local_steps=TRAIN["local-steps"], num_train_nodes=nodes,
+                   **kwargs)
     return SubnetFedAvg(factory, **kwargs)
 
 
