@@ -1,6 +1,6 @@
 """Adaptive rogue nodes against fl-subnet's defences, on digits (docs/attacks.md).
 
-The issue: norm screening does not stop an attacker who reads the run config. Setting:
+Norm screening alone does not stop an attacker who reads the run config. Setting:
 digits, the ClientApp data of ``tests/test_poisoning.py`` (iid partitions of 10, fixed),
 ``MLP(64, [64], 10)``, lr 0.1, 10 local steps, batch 32, 15 rounds, all 10 nodes sampled
 every round, through the in-process grid; protocols FedAvg (``SubnetFedAvg``),
@@ -96,7 +96,7 @@ DEFENCES = {"none": "mean", "screening": "mean", "screening+centered-clip": "cen
             "screening+bucketing": "bucketing", "screening+median": "median"}
 SCENARIOS = ("honest", "ipm", "sign-flip", "absent")
 ATTACKS = ("ipm", "sign-flip")
-#: The issue's targets, in accuracy points (0.05 = 5 points).
+#: The targets, in accuracy: an attack costs at most 5 points, a defence an honest run at most 0.5.
 ATTACK_COST_TARGET, HONEST_COST_TARGET = 0.05, 0.005
 MARK_START, MARK_END = "<!-- attacks:start -->", "<!-- attacks:end -->"
 DOCS = ROOT / "docs" / "attacks.md"
