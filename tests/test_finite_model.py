@@ -275,3 +275,27 @@ def test_a_batchnorm_recalibration_that_is_not_finite_keeps_the_model(caplog):
     for r in (2, 3):
         assert metrics[r]["num-replies"] == NODES and metrics[r]["num-rejected"] == 0, (r, dict(metrics[r]))
         assert finite(models[r]) and not torch.equal(models[r]["0.weight"], models[r - 1]["0.weight"])
+
+
+def test_model_kept_is_in_the_rounds_metrics_row(tmp_path):
+    """The harness's metrics row (metrics.json, metrics.csv) carries the strategy's
+    model-kept of the round: 1 where the round's aggregate was refused, 0 before it."""
+    import csv
+    import json
+    from types import SimpleNamespace
+
+    from fl_subnet.experiments.config import RunConfig
+    from fl_subnet.experiments.experiment import CentralEvaluation, factory_for
+    from fl_subnet.experiments.results import RunRecorder
+
+    cfg = RunConfig.from_mapping({"hidden": "8", "num-nodes": 2, "num-server-rounds": 3})
+    strategy = SimpleNamespace(last_train_metrics={"num-replies": 2, "model-kept": 1}, deployed_state=lambda s: s)
+    recorder = RunRecorder(tmp_path, cfg)
+    evaluate = CentralEvaluation(cfg, strategy, recorder.add_row)
+    arrays = ArrayRecord(factory_for(cfg)().state_dict())
+    evaluate(0, arrays)
+    evaluate(1, arrays)
+    rows = json.loads((tmp_path / "metrics.json").read_text())
+    assert [(r["server-round"], r["model-kept"]) for r in rows] == [(0, 0), (1, 1)]
+    with open(tmp_path / "metrics.csv", newline="") as f:
+        assert [row["model-kept"] for row in csv.DictReader(f)] == ["0", "1"]

@@ -169,6 +169,7 @@ class CentralEvaluation:
             "bytes-down": down, "bytes-up": up, "cumulative-bytes": self.cumulative,
             "coverage": float(tm.get("coverage", float("nan"))),
             "num-replies": int(tm.get("num-replies", 0)), "num-rejected": int(tm.get("num-rejected", 0)),
+            "model-kept": int(tm.get("model-kept", 0)),  # 1: the round's aggregate was not finite
             "seconds": time.perf_counter() - self.t0,
         }
         log.info("round %d: full-train-loss %.4g, eval-loss %.4g, eval-acc %.4f, %.2f MB so far",

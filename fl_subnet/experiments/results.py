@@ -23,7 +23,8 @@ from .config import RunConfig
 log = logging.getLogger(__name__)
 
 COLUMNS = ["server-round", "strategy", "train-loss", "full-train-loss", "eval-loss", "eval-acc",
-           "bytes-down", "bytes-up", "cumulative-bytes", "coverage", "num-replies", "num-rejected", "seconds"]
+           "bytes-down", "bytes-up", "cumulative-bytes", "coverage", "num-replies", "num-rejected", "model-kept",
+           "seconds"]
 
 
 def config_dict(cfg: RunConfig) -> dict:
