@@ -51,3 +51,15 @@ def central_loss(arrays, num_nodes=4):
     x, y = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
     with torch.no_grad():
         return float(torch.nn.functional.cross_entropy(model(x), y))
+
+
+def robust_strategy(protocol: str, aggregation: str, num_nodes: int = 4):
+    """IST (2 parts, 3 local steps) or federated dropout (ξ = 0.75) on ``num_nodes`` nodes
+    a round, with the aggregation rule ``aggregation``: the robust rules' end-to-end runs."""
+    from fl_subnet.strategies import IST, FederatedDropout
+
+    if protocol == "ist":
+        return IST(factory, 2, local_steps=3, num_train_nodes=num_nodes, aggregation=aggregation,
+                   fraction_evaluate=0.0)
+    return FederatedDropout(factory, 0.75, num_train_nodes=num_nodes, aggregation=aggregation,
+                            fraction_evaluate=0.0)

@@ -7,7 +7,6 @@ bound. docs/attacks.md's table must be the one the bench renders from docs/attac
 """
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -17,16 +16,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench import attacks  # noqa: E402
+from bench_runs import run_quick  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
-    out = tmp_path_factory.mktemp("attacks") / "attacks.json"
-    done = subprocess.run([sys.executable, str(ROOT / "bench" / "attacks.py"), "--quick", "--out", str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
-    assert done.returncode == 0, done.stderr[-3000:]
-    printed = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
-    data = json.loads(out.read_text())
+    data, printed = run_quick("attacks", tmp_path_factory.mktemp("attacks"))
     assert printed == data["measurements"]  # stdout: the measurements as JSON lines (bench/common.py)
     return data
 

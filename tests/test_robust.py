@@ -377,16 +377,10 @@ def test_cap_weight():
 def test_robust_rules_accept_honest_replies_through_strategy_start(aggregation, protocol):
     """A robust rule behind the strategy (Flower serde both ways on the in-process grid):
     every honest reply is accepted and the model learns."""
-    from fl_subnet.strategies import IST, FederatedDropout
-    from strategy_helpers import central_loss, factory, grid, initial_arrays, train_config
+    from strategy_helpers import central_loss, grid, initial_arrays, robust_strategy, train_config
 
     n = 4
-    if protocol == "ist":
-        strategy = IST(factory, 2, local_steps=3, num_train_nodes=n, aggregation=aggregation,
-                       fraction_evaluate=0.0)
-    else:
-        strategy = FederatedDropout(factory, 0.75, num_train_nodes=n, aggregation=aggregation,
-                                    fraction_evaluate=0.0)
+    strategy = robust_strategy(protocol, aggregation, n)
     result = strategy.start(grid=grid(n), initial_arrays=initial_arrays(), num_rounds=3,
                             train_config=train_config())
     for rnd in (1, 2, 3):

@@ -339,17 +339,10 @@ def test_rules_accept_honest_replies_through_strategy_start(aggregation, protoco
     """The rule behind the strategy (Flower serde both ways on the in-process grid): every
     honest reply is accepted, the model learns, and the next round starts from the last
     aggregate update (the strategy's ``clip_center``)."""
-    from strategy_helpers import central_loss, factory, grid, initial_arrays, train_config
-
-    from fl_subnet.strategies import IST, FederatedDropout
+    from strategy_helpers import central_loss, grid, initial_arrays, robust_strategy, train_config
 
     n = 4
-    if protocol == "ist":
-        strategy = IST(factory, 2, local_steps=3, num_train_nodes=n, aggregation=aggregation,
-                       fraction_evaluate=0.0)
-    else:
-        strategy = FederatedDropout(factory, 0.75, num_train_nodes=n, aggregation=aggregation,
-                                    fraction_evaluate=0.0)
+    strategy = robust_strategy(protocol, aggregation, n)
     assert strategy.clip_center is None
     result = strategy.start(grid=grid(n), initial_arrays=initial_arrays(), num_rounds=3,
                             train_config=train_config())

@@ -7,7 +7,6 @@ from docs/tiers-table.json.
 
 import json
 import math
-import subprocess
 import sys
 from pathlib import Path
 
@@ -17,16 +16,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench import tiers  # noqa: E402
+from bench_runs import run_quick  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
-    out = tmp_path_factory.mktemp("tiers") / "tiers.json"
-    done = subprocess.run([sys.executable, str(ROOT / "bench" / "tiers.py"), "--quick", "--out", str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
-    assert done.returncode == 0, done.stderr[-3000:]
-    printed = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
-    return json.loads(out.read_text()), printed
+    return run_quick("tiers", tmp_path_factory.mktemp("tiers"))
 
 
 def test_quick_run_structure(quick):
