@@ -61,39 +61,66 @@ class IST(SubnetStrategy):
           (:meth:`deployed_state`).
     precision : {"float64", "float32"}
         Aggregation sums; float64 (default) makes reassembly bit-exact.
+    min_holders : int
+        k ≥ 1 (``min-holders``), redundancy for the robust aggregation rules: every part
+        (so every hidden unit) is dealt to at least ``k`` of the round's nodes, which
+        slot ``i`` → part ``i mod p`` does with ``n ≥ k·p`` nodes (the masks are the same
+        as without the option; only the number of nodes changes). With
+        ``num_train_nodes`` given, fewer than ``k·p`` raises ``ValueError`` here; without
+        it the strategy asks Flower's rule for at least ``k·p`` nodes a round (and waits
+        for them, up to ``node_wait_timeout``). Should a round still have fewer (the
+        sampler called directly), :class:`PartitionSampler` logs a warning and deals
+        the nodes it has. 1 (default): at least ``p`` nodes, as without the option. Costs
+        bytes: a round sends ``n`` sub-models of about ``1/p`` of the hidden units each.
 
     Raises
     ------
     ValueError
-        For p < 1, τ < 1, or an unknown mode/scaling (the message names the key).
+        For p < 1, τ < 1, an unknown mode/scaling, ``min_holders`` not an integer ≥ 1,
+        or ``num_train_nodes`` below ``min_holders · p`` when ``min_holders`` > 1 (the
+        message names the key: ``min-holders`` for the last two).
     """
+
+    #: Takes ``min-holders`` (the run config refuses it for protocols without this flag).
+    supports_min_holders = True
 
     @classmethod
     def from_run_config(cls, cfg, model_factory, **common):
         """Build from a run config (:func:`~fl_subnet.strategies.build_strategy` passes ``common``)."""
         return cls(model_factory, cfg.num_subnets, local_steps=max(cfg.local_steps, 1),
                    partition_mode=cfg.partition_mode, scaling=cfg.ist_scaling,
-                   fraction_train=cfg.fraction_train, **common)
+                   fraction_train=cfg.fraction_train, min_holders=cfg.min_holders, **common)
 
     @classmethod
     def check_run_config(cls, cfg) -> None:
-        """``num-subnets`` must not exceed ``num-nodes``: one sub-network per node."""
+        """``num-subnets`` must not exceed ``num-nodes``: one sub-network per node; with
+        ``min-holders`` k > 1, ``k · num-subnets`` must not exceed ``num-nodes``."""
         if cfg.num_subnets > cfg.num_nodes:
             raise ValueError(f"num-subnets ({cfg.num_subnets}) must not exceed num-nodes ({cfg.num_nodes}): "
                              "IST trains one sub-network per node")
+        if cfg.min_holders * cfg.num_subnets > cfg.num_nodes:
+            raise ValueError(f"min-holders ({cfg.min_holders}) × num-subnets ({cfg.num_subnets}) must not exceed "
+                             f"num-nodes ({cfg.num_nodes}): IST deals every part to at least min-holders nodes")
 
     def __init__(self, model_factory, num_subnets: int, *, local_steps: int = 1,
                  partition_mode: str = "equal", scaling: str = "p", seed: int = 0,
-                 num_train_nodes: int | None = None, precision: str = "float64", **kwargs):
+                 num_train_nodes: int | None = None, precision: str = "float64", min_holders: int = 1,
+                 **kwargs):
         if scaling not in IST_SCALINGS:
             raise ValueError(f"ist-scaling must be one of {IST_SCALINGS}, got {scaling!r}")
         if int(local_steps) < 1:
             raise ValueError(f"local-steps must be >= 1, got {local_steps!r}")
         sampler = PartitionSampler(num_subnets, mode=partition_mode,
-                                   scale=float(num_subnets) if scaling in ("p", "p-lr") else 1.0, seed=seed)
-        if num_train_nodes is None:  # Flower's fraction rule, but never fewer than p nodes
-            kwargs["min_train_nodes"] = max(kwargs.get("min_train_nodes", 1), sampler.num_subnets)
-            kwargs.setdefault("min_available_nodes", sampler.num_subnets)
+                                   scale=float(num_subnets) if scaling in ("p", "p-lr") else 1.0, seed=seed,
+                                   min_holders=min_holders)
+        need = sampler.min_holders * sampler.num_subnets  # p nodes a round, k·p with min-holders k
+        if sampler.min_holders > 1 and num_train_nodes is not None and num_train_nodes < need:
+            raise ValueError(f"min-holders ({sampler.min_holders}) × num-subnets ({sampler.num_subnets}) = {need} "
+                             f"nodes a round needed, but num_train_nodes is {num_train_nodes}: IST deals every part "
+                             f"to at least min-holders nodes")
+        if num_train_nodes is None:  # Flower's fraction rule, but never fewer than k·p nodes
+            kwargs["min_train_nodes"] = max(kwargs.get("min_train_nodes", 1), need)
+            kwargs.setdefault("min_available_nodes", need)
         if scaling == "p-lr":  # ×p and lr ×1/p: the linear lr scaling of the base strategy
             kwargs["lr_scaling"] = "linear"
         super().__init__(model_factory, sampler, local_steps=local_steps, seed=seed,
@@ -125,4 +152,7 @@ class IST(SubnetStrategy):
         return fold_output_scales(self.spec, state, {g.name: 1.0 / self.sampler.num_subnets for g in self.groups})
 
     def _need_reason(self) -> str:
+        if self.sampler.min_holders > 1:
+            return (f"num-subnets={self.sampler.num_subnets} × min-holders={self.sampler.min_holders}: "
+                    "every sub-network on at least min-holders nodes")
         return f"num-subnets={self.sampler.num_subnets}: one sub-network per node"

@@ -17,7 +17,8 @@ from __future__ import annotations
 import torch
 
 from .masks import Mask
-from .samplers import MaskSampler, check_keep_prob, generator_for, prefix_size
+from .holders import check_min_holders
+from .samplers import MaskSampler, check_keep_prob, generator_for, prefix_size, top_up
 
 
 class EvenCoverageSampler(MaskSampler):
@@ -31,17 +32,24 @@ class EvenCoverageSampler(MaskSampler):
         Multiply kept units' output by 1/ξ (inverted dropout), as :class:`BernoulliSampler`.
     seed : int
         Run seed.
+    min_holders : int
+        k ≥ 1 (``min-holders``): units dealt to fewer than ``min(k, num_masks)`` slots are
+        added to randomly chosen other slots (:func:`~fl_subnet.core.holders.top_up_holders`),
+        at the same 1/ξ scale, as :class:`BernoulliSampler` does; such a slot then holds
+        more than ``⌈ξ·size⌉`` units. 1 (default): the deal as is.
 
     Raises
     ------
     ValueError
-        If ``keep_prob`` is outside (0, 1] (naming ``keep-prob``).
+        If ``keep_prob`` is outside (0, 1] (naming ``keep-prob``) or ``min_holders`` is not
+        an integer ≥ 1 (naming ``min-holders``).
     """
 
-    def __init__(self, keep_prob: float, scale: bool = True, seed: int = 0) -> None:
+    def __init__(self, keep_prob: float, scale: bool = True, seed: int = 0, min_holders: int = 1) -> None:
         super().__init__(seed)
         self.keep_prob = check_keep_prob(keep_prob)
         self.scale = bool(scale)
+        self.min_holders = check_min_holders(min_holders)
 
     def sample(self, groups, server_round, num_masks):
         gen = generator_for(self.seed, server_round, -3)  # one draw per round, shared by the slots
@@ -55,4 +63,4 @@ class EvenCoverageSampler(MaskSampler):
                 pos = (slot * k + torch.arange(k)) % g.size
                 idx[g.name] = torch.sort(perms[g.name][pos]).values
             masks.append(Mask(idx, {g.name: s for g in groups}))
-        return masks
+        return top_up(self, masks, groups, server_round)

@@ -7,6 +7,7 @@ slot) only (docs/design.md, "Exact semantics"): never the global ``random``/``nu
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 
@@ -14,14 +15,17 @@ import numpy as np
 import torch
 
 from .groups import UnitGroup
+from .holders import TOP_UP_SLOT, check_min_holders, top_up_holders
 from .masks import Mask
+
+log = logging.getLogger(__name__)
 
 PARTITION_MODES = ("equal", "iid")
 
 
 def generator_for(seed: int, server_round: int, slot: int) -> torch.Generator:
     """A CPU generator determined by ``(seed, server_round, slot)`` alone."""
-    # slots < 0 are round-level draws (-1: IST partition, -2: node sample)
+    # slots < 0 are round-level draws (-1: IST partition, -2: node sample; holders.TOP_UP_SLOT)
     entropy = [int(v) % 2**64 for v in (seed, server_round, slot)]
     state = np.random.SeedSequence(entropy).generate_state(2)
     return torch.Generator(device="cpu").manual_seed(int(state[0]) << 32 | int(state[1]))
@@ -76,17 +80,26 @@ class BernoulliSampler(MaskSampler):
         Multiply kept units' output by 1/ξ (inverted dropout) when True.
     seed : int
         Run seed.
+    min_holders : int
+        k ≥ 1 (``min-holders``): after the round's masks are drawn, every unit held by
+        fewer than ``min(k, num_masks)`` masks is added to randomly chosen masks that do not
+        hold it (:func:`~fl_subnet.core.holders.top_up_holders`, drawn from
+        ``generator_for(seed, server_round, TOP_UP_SLOT)``), at the same 1/ξ scale as the
+        mask's other units. 1 (default): the masks as drawn, bit for bit (a unit may have
+        no holder).
 
     Raises
     ------
     ValueError
-        If ``keep_prob`` is outside (0, 1].
+        If ``keep_prob`` is outside (0, 1] (naming ``keep-prob``) or ``min_holders`` is not
+        an integer ≥ 1 (naming ``min-holders``).
     """
 
-    def __init__(self, keep_prob: float, scale: bool = True, seed: int = 0) -> None:
+    def __init__(self, keep_prob: float, scale: bool = True, seed: int = 0, min_holders: int = 1) -> None:
         super().__init__(seed)
         self.keep_prob = check_keep_prob(keep_prob)
         self.scale = bool(scale)
+        self.min_holders = check_min_holders(min_holders)
 
     def sample(self, groups, server_round, num_masks):
         masks = []
@@ -96,7 +109,20 @@ class BernoulliSampler(MaskSampler):
                    for g in groups}
             s = 1.0 / self.keep_prob if self.scale else 1.0
             masks.append(Mask(idx, {g.name: s for g in groups}))
+        return top_up(self, masks, groups, server_round)
+
+
+def top_up(sampler: MaskSampler, masks: list[Mask], groups: Sequence[UnitGroup], server_round: int) -> list[Mask]:
+    """``masks`` with every unit held at least ``min(sampler.min_holders, len(masks))`` times
+    (:func:`~fl_subnet.core.holders.top_up_holders`); ``masks`` itself when ``min_holders`` is 1."""
+    k = getattr(sampler, "min_holders", 1)
+    if k <= 1:
         return masks
+    if len(masks) < k and not getattr(sampler, "_warned_few", False):
+        sampler._warned_few = True
+        log.warning("min-holders %d: round %d has only %d nodes, so every unit gets %d holders", k,
+                    server_round, len(masks), len(masks))
+    return top_up_holders(masks, groups, k, generator_for(sampler.seed, server_round, TOP_UP_SLOT))
 
 
 class PartitionSampler(MaskSampler):
@@ -115,16 +141,26 @@ class PartitionSampler(MaskSampler):
         ``iid``: each unit picks its part uniformly (the paper's code).
     scale : float
         Output scale of kept units: 1 (IST's original code) or ``p`` (= 1/ξ).
+    min_holders : int
+        k ≥ 1 (``min-holders``): every part is meant for at least ``k`` slots, which slot
+        ``i`` → part ``i mod p`` gives with ``num_masks ≥ k·p``. With fewer masks
+        :meth:`sample` logs a warning (once) and deals them as always: each part then
+        has ``⌊num_masks/p⌋`` or ``⌈num_masks/p⌉`` holders, the most possible. The masks
+        never depend on ``k``. The IST strategy asks for ``k·p`` nodes a round and
+        refuses fewer at construction.
 
     Raises
     ------
     ValueError
-        If ``num_subnets`` < 1, ``mode`` is unknown or ``scale`` ≤ 0.
+        If ``num_subnets`` < 1, ``mode`` is unknown, ``scale`` ≤ 0 or ``min_holders`` is not
+        an integer ≥ 1 (naming ``min-holders``).
     """
 
-    def __init__(self, num_subnets: int, mode: str = "equal", scale: float = 1.0, seed: int = 0):
+    def __init__(self, num_subnets: int, mode: str = "equal", scale: float = 1.0, seed: int = 0,
+                 min_holders: int = 1):
         super().__init__(seed)
         self.num_subnets = check_num_subnets(num_subnets)
+        self.min_holders = check_min_holders(min_holders)
         if mode not in PARTITION_MODES:
             raise ValueError(f"partition-mode must be one of {PARTITION_MODES}, got {mode!r}")
         if not float(scale) > 0:
@@ -142,6 +178,12 @@ class PartitionSampler(MaskSampler):
         return part
 
     def sample(self, groups, server_round, num_masks):
+        need = self.min_holders * self.num_subnets
+        if self.min_holders > 1 and num_masks < need and not getattr(self, "_warned_few", False):
+            self._warned_few = True
+            log.warning("min-holders %d with num-subnets %d needs %d nodes a round; round %d has %d: each part "
+                        "gets %d or %d holders", self.min_holders, self.num_subnets, need, server_round, num_masks,
+                        num_masks // self.num_subnets, -(-num_masks // self.num_subnets))
         gen = generator_for(self.seed, server_round, -1)
         parts = {g.name: self.parts(g, gen) for g in groups}
         return [

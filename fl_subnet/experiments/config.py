@@ -341,6 +341,11 @@ class RunConfig:
     dropout_sampling: Choice(DropoutSampling, "Federated dropout's masks: ``bernoulli`` (each unit kept "
                                               "independently per node) or ``even`` (FedEcover: ⌈ξ·size⌉ units per "
                                               "node, dealt without replacement across the round's nodes).") = "bernoulli"
+    min_holders: Int(1, 10_000, "Redundancy for the robust aggregation rules (IST and federated dropout only): "
+                                "k holders per unit a round. IST deals every part to at least k nodes (needs "
+                                "k·``num-subnets`` nodes a round); federated dropout adds each unit held by fewer "
+                                "than min(k, nodes) to randomly chosen nodes' masks, at the same 1/ξ scale. 1: "
+                                "the masks as drawn.") = 1
     server_optimizer: Choice(ServerOptimizer, "Server optimizer on the masked pseudo-gradient (Reddi et al. "
                                               "2021; :mod:`fl_subnet.core.server_opt`): entries no node held keep "
                                               "their value and optimizer state; ``none``: the aggregate itself "
@@ -423,6 +428,10 @@ class RunConfig:
             raise ValueError(f"label-split needs strategy {' or '.join(map(repr, able))}, got {self.strategy!r}")
         if self.fjord_distill and self.strategy != "fjord":
             raise ValueError(f"fjord-distill needs strategy 'fjord', got {self.strategy!r}")
+        if self.min_holders != 1 and not getattr(protocol, "supports_min_holders", False):
+            able = [n for n, p in PROTOCOLS.items() if getattr(p.cls, "supports_min_holders", False)]
+            raise ValueError(f"min-holders ({self.min_holders}) needs strategy {' or '.join(map(repr, able))}, "
+                             f"got {self.strategy!r}")
         if protocol.needs_depth_blocks:
             if self.model not in DEPTH_MODELS:
                 raise ValueError(f"strategy {self.strategy!r} needs a model with depth blocks (skippable residual "
