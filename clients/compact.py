@@ -17,6 +17,10 @@ lowered per batch; :func:`width_schedule` samples the widths in the user's own l
 pass at the node's max width (``schedule.teacher()``) and the KD loss
 (:func:`fl_subnet.core.ordered.fjord_kd_loss`) for the drawn width.
 
+A FjORD message with per-width BatchNorm statistics (a second ArrayRecord ``fjord-bn``)
+gives each width its own running statistics (:func:`fl_subnet.core.ordered.set_width_stats`);
+:func:`reply_arrays` sends them back.
+
 A HeteroFL/FedRolex message with the label split on (train config key ``labels``) names
 the labels this node holds: :attr:`Received.labels`; mask the logits of the others before
 the loss with :func:`fl_subnet.core.label_split.mask_logits` (``loss =
@@ -34,12 +38,13 @@ from torch import nn
 from fl_subnet.core.batchnorm import check_policy, use_batch_statistics
 from fl_subnet.core.label_split import check_labels
 from fl_subnet.core.masks import Mask, full_mask
-from fl_subnet.core.ordered import WidthSchedule, build_ordered, width_generator
+from fl_subnet.core.ordered import WidthSchedule, build_ordered, set_width_stats, width_generator, width_stats
 from fl_subnet.core.spec import SubnetSpec, cached_spec
 from fl_subnet.wire.packed import Layout, is_packed, pack_state, slice_layout, unpack_state
 from fl_subnet.wire import (BATCHNORM_KEY, arrays_to_state, example_from_config,
                             has_mask, mask_from_config, read_train, state_to_arrays, widths_from_config)
-from fl_subnet.wire.records import FJORD_DISTILL, LABELS_KEY
+from fl_subnet.wire.records import (FJORD_BN_RECORD, FJORD_DISTILL, LABELS_KEY, width_stats_from_record,
+                                    width_stats_to_record)
 
 
 @dataclass
@@ -106,7 +111,7 @@ def receive(msg: Message | RecordDict, model_factory: Callable[[], nn.Module]) -
         If ``model_factory`` is a model instance rather than a callable returning one.
     ValueError
         Naming the key, for a malformed message (no ArrayRecord, a bad mask, example
-        shape or ``labels``), or if the arrays do not match the mask.
+        shape, ``labels`` or ``fjord-bn`` record), or if the arrays do not match the mask.
     """
     if isinstance(model_factory, nn.Module):
         raise TypeError("receive() needs a model factory (e.g. the class Net), not a model instance "
@@ -132,7 +137,21 @@ def receive(msg: Message | RecordDict, model_factory: Callable[[], nn.Module]) -
     # FjORD gates the groups the server masked (none for a message without mask keys)
     model = build_ordered(spec, state, mask, gated=mask.indices if masked else ()) if widths \
         else spec.build(state, mask)
-    if check_policy(str(config.get(BATCHNORM_KEY, "averaged"))) == "static":
+    static = check_policy(str(config.get(BATCHNORM_KEY, "averaged"))) == "static"
+    if FJORD_BN_RECORD in content.array_records:  # FjORD's per-width BatchNorm statistics
+        if not widths or static:
+            raise ValueError(f"the message carries '{FJORD_BN_RECORD}' (per-width BatchNorm statistics) but "
+                             + ("no 'fjord-widths'" if not widths else "static BatchNorm (batchnorm = 'static')"))
+        stats = width_stats_from_record(content.array_records[FJORD_BN_RECORD])
+        missing = sorted(set(widths) - set(stats))
+        if missing or max(stats) != max(widths):
+            raise ValueError(f"'{FJORD_BN_RECORD}' holds the statistics of widths {sorted(stats)}, but "
+                             f"'fjord-widths' allows {list(widths)}")
+        try:
+            set_width_stats(model, stats)
+        except ValueError as err:
+            raise ValueError(f"'{FJORD_BN_RECORD}': {err}") from None
+    if static:
         use_batch_statistics(model)
     return Received(model, mask, spec, arrays_key, config, widths, layout, labels)
 
@@ -227,16 +246,22 @@ def reply_arrays(received: Received, model: nn.Module | None = None) -> dict[str
     """``{arrays_key: ArrayRecord(compact state)}`` for the reply's RecordDict: packed
     like the received slice (one array per dtype kind) when it came packed, else one
     array per tensor. ``ArrayRecord(model.state_dict())`` is a valid reply too, about
-    200 bytes per tensor larger.
+    200 bytes per tensor larger. With FjORD's per-width statistics it also holds them,
+    under ``fjord-bn``.
 
     Raises
     ------
     ValueError
         If the model's state no longer has the received slice's keys and shapes.
     """
-    state = (received.model if model is None else model).state_dict()
+    model = received.model if model is None else model
+    state = model.state_dict()
     arrays = state_to_arrays(state) if received.layout is None else pack_state(state, received.layout)
-    return {received.arrays_key: arrays}
+    out = {received.arrays_key: arrays}
+    stats = width_stats(model) if received.widths else None
+    if stats is not None:
+        out[FJORD_BN_RECORD] = width_stats_to_record(stats)
+    return out
 
 
 __all__ = ["Received", "receive", "compact_model", "reply_arrays", "width_schedule", "distill_from_config"]

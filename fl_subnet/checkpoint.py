@@ -43,6 +43,7 @@ MODEL_FILE = "model.safetensors"
 STATE_FILE = "checkpoint.json"
 OPTIMIZER_STEM = "server-optimizer-"
 CLIP_CENTER_STEM = "clip-center-"
+WIDTH_STATS_STEM = "fjord-bn-"
 #: Key of the checkpoint's digest in its metadata (:func:`checkpoint_digest`).
 DIGEST_KEY = "sha256"
 
@@ -154,7 +155,8 @@ def checkpoint_digest(state: Mapping[str, torch.Tensor], meta: Mapping[str, obje
 
 def save_checkpoint(folder: str | Path, state: Mapping[str, torch.Tensor], meta: Mapping[str, object],
                     optimizer_state: Mapping[str, torch.Tensor] | None = None,
-                    clip_center: Mapping[str, torch.Tensor] | None = None) -> None:
+                    clip_center: Mapping[str, torch.Tensor] | None = None,
+                    width_stats: Mapping[float, Mapping[str, torch.Tensor]] | None = None) -> None:
     """Save the model with ``meta`` (must hold ``server-round``) and its digest
     (:func:`checkpoint_digest`, key ``sha256``) in one atomic file, then a readable copy
     of that metadata as ``checkpoint.json``.
@@ -162,14 +164,18 @@ def save_checkpoint(folder: str | Path, state: Mapping[str, torch.Tensor], meta:
     ``optimizer_state`` (the server optimizer's flat ``state_dict``) goes to
     ``server-optimizer-<round>.safetensors``, written before the model file; older
     optimizer files are removed after it. ``clip_center`` (the centered-clipping rule's
-    centre) goes to ``clip-center-<round>.safetensors`` alike.
+    centre) goes to ``clip-center-<round>.safetensors`` alike, and ``width_stats`` (FjORD's
+    per-width BatchNorm statistics, ``{width: {buffer key: tensor}}``) to
+    ``fjord-bn-<round>.safetensors`` (tensor names ``"<width>/<key>"``).
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     rnd = int(meta["server-round"])
     meta = {k: v for k, v in meta.items() if k != DIGEST_KEY}
     meta[DIGEST_KEY] = checkpoint_digest(state, meta)
-    extras = {OPTIMIZER_STEM: optimizer_state, CLIP_CENTER_STEM: clip_center}
+    flat_stats = None if width_stats is None else {
+        f"{float(w)!r}/{k}": t for w in sorted(width_stats) for k, t in width_stats[w].items()}
+    extras = {OPTIMIZER_STEM: optimizer_state, CLIP_CENTER_STEM: clip_center, WIDTH_STATS_STEM: flat_stats}
     for stem, extra in extras.items():
         if extra is not None:
             save_model(folder / f"{stem}{rnd}.safetensors", extra, {"server-round": rnd})
@@ -191,6 +197,31 @@ def load_clip_center(folder: str | Path, server_round: int) -> dict[str, torch.T
     """The centered-clipping centre saved with round ``server_round`` (None if there is none)."""
     path = Path(folder) / f"{CLIP_CENTER_STEM}{int(server_round)}.safetensors"
     return load_model(path) if path.is_file() else None
+
+
+def load_width_stats(folder: str | Path, server_round: int) -> dict[float, dict[str, torch.Tensor]] | None:
+    """FjORD's per-width statistics saved with round ``server_round`` (None if there are none).
+
+    Raises
+    ------
+    CheckpointError
+        If a tensor name is not ``"<width>/<key>"`` or a value is not finite (naming the
+        file).
+    """
+    path = Path(folder) / f"{WIDTH_STATS_STEM}{int(server_round)}.safetensors"
+    if not path.is_file():
+        return None
+    out: dict[float, dict[str, torch.Tensor]] = {}
+    for name, t in load_model(path).items():
+        head, _, key = name.partition("/")
+        try:
+            width = float(head)
+        except ValueError:
+            width = float("nan")
+        if not key or not 0 < width <= 1 or not bool(torch.isfinite(t).all()):
+            raise CheckpointError(f"{path}: tensor {name!r} is not a finite '<width>/<buffer key>' statistic")
+        out.setdefault(width, {})[key] = t
+    return out
 
 
 def load_checkpoint(folder: str | Path, *, verify: bool = True) -> tuple[dict[str, torch.Tensor], dict]:

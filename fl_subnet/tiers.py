@@ -315,7 +315,9 @@ def evaluate_tiers(model_or_state: ModelOrState, model_factory: Callable[[], nn.
                    capacities: Iterable[float], test_set, *, loss: str = "cross-entropy", example_input=None,
                    scale: bool = False, calibration_batches: Iterable[torch.Tensor] | None = None,
                    out_dir: str | Path | None = None, meta: Mapping[str, object] | None = None,
-                   spec: SubnetSpec | None = None) -> dict[str, float]:
+                   spec: SubnetSpec | None = None,
+                   tier_state: Callable[[float, dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None
+                   ) -> dict[str, float]:
     """Loss and accuracy of each tier's sub-model on ``test_set``.
 
     Each tier is cut (:func:`extract_tier`, one analysis for all) and evaluated alone with
@@ -335,6 +337,10 @@ def evaluate_tiers(model_or_state: ModelOrState, model_factory: Callable[[], nn.
         Also write each tier as ``tier-<r>.safetensors`` there (:func:`save_submodel`).
     meta : Mapping, optional
         Extra header entries of those files.
+    tier_state : Callable[[float, dict], dict], optional
+        ``(capacity, full state) -> full state`` the tier is cut from (e.g.
+        :meth:`fl_subnet.strategies.FjORD.tier_state`: the tier's own per-width BatchNorm
+        statistics); default: every tier is cut from the same state.
 
     Returns
     -------
@@ -349,7 +355,7 @@ def evaluate_tiers(model_or_state: ModelOrState, model_factory: Callable[[], nn.
     calib = list(calibration_batches) if calibration_batches is not None else None
     out: dict[str, float] = {}
     for r in dict.fromkeys(float(c) for c in capacities):
-        tier = _cut(spec, state, r, scale, calib)
+        tier = _cut(spec, state if tier_state is None else tier_state(r, state), r, scale, calib)
         metrics = evaluate_model(tier.module(), test_set, loss)
         out[tier_key(r, "loss")] = metrics["eval-loss"]
         if "eval-acc" in metrics:

@@ -29,6 +29,7 @@ from fl_subnet.core.masks import Mask, coverage
 from fl_subnet.core.flat import flat_map_of
 from fl_subnet.wire.packed import PACKED_PREFIX, RAW_STYPE, decode_slice, gather_packed, is_packed, slice_layout
 from fl_subnet.wire import BATCHNORM_KEY, arrays_to_state, example_to_config, mask_to_config, state_to_arrays
+from fl_subnet.wire.records import FJORD_BN_RECORD
 from fl_subnet.core.samplers import MaskSampler
 
 from fl_subnet.core.server_opt import MaskedServerOptimizer
@@ -428,7 +429,8 @@ class SubnetStrategy(NodeSampling, FedAvg):
             full = self.slicer.is_full(mask)  # validates the mask
             extra = {**self._example_config, **mask_to_config(mask, self.spec.all_groups, self.groups),
                      **self._node_lr(config, mask), **self.node_config(node_id, mask)}
-            if full and shared is not None and shared[0] == extra:
+            records = self.node_records(node_id, mask)
+            if full and shared is not None and shared[0] == extra and not records:
                 content = shared[1]
             else:
                 if not full and self._flat is not None and whole is None:
@@ -442,10 +444,11 @@ class SubnetStrategy(NodeSampling, FedAvg):
                 for key, value in extra.items():
                     node_config[key] = value
                 content = RecordDict({self.arrayrecord_key: slice_arrays,
-                                      self.configrecord_key: node_config})
-                if full:
+                                      self.configrecord_key: node_config, **records})
+                if full and not records:
                     shared = (extra, content)
             self._bytes_down += payload_bytes(content[self.arrayrecord_key], content[self.configrecord_key])
+            self._bytes_down += sum(payload_bytes(r) for r in records.values())
             messages.append(Message(content=content, message_type=MessageType.TRAIN,
                                     dst_node_id=node_id))
             self._sent[node_id] = mask
@@ -477,6 +480,17 @@ class SubnetStrategy(NodeSampling, FedAvg):
         """Protocol-specific train-config entries for ``node`` (sent with its mask and
         counted in ``bytes-down``); none by default. FjORD sends the node's widths."""
         return {}
+
+    def node_records(self, node: int, mask: Mask) -> dict[str, ArrayRecord]:
+        """Protocol-specific ArrayRecords sent to ``node`` besides its slice (counted in
+        ``bytes-down``); none by default. FjORD's per-width BatchNorm statistics
+        (``fjord-bn``)."""
+        return {}
+
+    def aggregate_records(self, server_round: int, replies: list[tuple[int, RecordDict, float]]) -> None:
+        """Fold what the accepted replies carry besides their slice, ``(node, content,
+        weight)`` each (the weight after the cap, 1 when unweighted), before
+        :meth:`after_aggregation`; nothing by default. FjORD's per-width statistics."""
 
     def reply_rows(self, node: int) -> dict[str, torch.Tensor] | None:
         """The rows (dim 0, full positions) of some tensors that ``node``'s reply alone
@@ -517,6 +531,8 @@ class SubnetStrategy(NodeSampling, FedAvg):
             return self._no_valid_reply(tally, metrics)
         self._failed_rounds = 0
         aggregate = agg.finalize()
+        self.aggregate_records(tally.server_round, [
+            (r.node, r.msg.content, self.defences.weight(r.weight) if self.weighted else 1.0) for r in folded])
         saved = self.server_optimizer.snapshot() if self.server_optimizer is not None else None
         new_state = self.after_aggregation(aggregate, agg.held())
         where = self._non_finite(aggregate, new_state, saved is not None, len(folded))
@@ -555,7 +571,8 @@ class SubnetStrategy(NodeSampling, FedAvg):
                     raise ReplyError("unknown node (no mask was sent to it this round)")
                 compact, weight, size = parse_reply(msg.content, self.weighted_by_key,
                                                     functools.partial(self._node_layout, node, mask))
-                packed = is_packed(next(iter(msg.content.array_records.values())))  # exactly one (parse_reply)
+                packed = is_packed(next(a for k, a in msg.content.array_records.items()
+                                        if k != FJORD_BN_RECORD))  # exactly one (parse_reply)
                 if not packed and self._is_full_size(compact, mask):  # a packed reply has the layout's shapes
                     tally.full_size.append(node)
                 agg.check(compact, mask)

@@ -5,9 +5,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
+import torch
+from flwr.app import ArrayRecord, RecordDict
+
+from fl_subnet.core.masks import Mask
 from fl_subnet.core.samplers import NestedPrefixSampler, check_keep_prob
 from fl_subnet.wire import FJORD_WIDTHS, widths_to_config
-from fl_subnet.wire.records import FJORD_DISTILL
+from fl_subnet.wire.records import FJORD_BN_RECORD, FJORD_DISTILL, width_stats_from_record, width_stats_to_record
 
 from .heterofl import CapacityStrategy
 from .registry import register_protocol
@@ -15,6 +19,8 @@ from .registry import register_protocol
 log = logging.getLogger(__name__)
 
 DEFAULT_WIDTHS = (0.2, 0.4, 0.6, 0.8, 1.0)
+#: ``fjord-bn``: one set of BatchNorm running statistics for all widths, or one per width
+FJORD_BN_MODES = ("shared", "per-width")
 
 
 def check_widths(widths: Sequence[float], key: str = "widths") -> tuple[float, ...]:
@@ -61,6 +67,22 @@ class FjORD(CapacityStrategy):
     Flower's FjORD baseline, ``baselines/fjord/fjord/models.py``, ``train``). Off, the
     messages are unchanged.
 
+    With ``bn="per-width"`` (run-config key ``fjord-bn``; FjORD's ``ODBatchNorm2d``,
+    ``baselines/fjord/fjord/od/layers/batch_norm.py``) every width ``p`` keeps its own
+    BatchNorm running mean and variance over its first ``⌈p·n⌉`` channels (the affine
+    weight and bias stay shared): the server holds them, sends a node those of its
+    allowed widths in a second ArrayRecord ``fjord-bn`` (their bytes count in
+    ``bytes-down``/``bytes-up``), the node normalises and updates width ``p``'s while it
+    trains a batch at ``p`` (:func:`fl_subnet.core.ordered.set_width_stats`), and the
+    server averages width ``p``'s over the nodes that hold it (``p_max ≥ p``), weighted
+    by ``num-examples`` — ``fjord_average``'s ``layer_p`` branch in the baseline's
+    ``strategy.py``. The global model's own statistics are then the largest width's, and
+    a tier of capacity ``p`` is evaluated with width ``p``'s (:meth:`tier_state`). A
+    node's statistics that do not match what it was sent (widths, keys, shapes, NaN,
+    Inf or a negative variance) are left out with a warning; its weights still count.
+    ``num_batches_tracked`` stays shared. Needs ``batchnorm="averaged"`` (static
+    BatchNorm recomputes each tier's statistics on the server instead).
+
     Parameters
     ----------
     model_factory : Callable[[], nn.Module]
@@ -73,6 +95,8 @@ class FjORD(CapacityStrategy):
         The discrete widths in (0, 1] (relative to the full model).
     distill : bool
         FjORD+KD's self-distillation from each node's ``p_max`` sub-model (default False).
+    bn : {"shared", "per-width"}
+        BatchNorm running statistics shared by all widths (default) or kept per width.
     **kwargs
         :class:`SubnetStrategy` options (``weighted`` defaults to True).
 
@@ -81,8 +105,10 @@ class FjORD(CapacityStrategy):
     ValueError
         If a width or tier is outside (0, 1] (naming ``widths`` / ``capacity``), a
         tier is below the smallest width (no sub-model fits it), ``distill`` is not a
-        bool (naming ``distill``), or the model declares its groups with
-        ``unit_groups()`` (ordered dropout needs the traced model).
+        bool (naming ``distill``), ``bn`` is unknown or ``"per-width"`` with static
+        BatchNorm or a model without BatchNorm statistics (naming ``fjord-bn``), or the
+        model declares its groups with ``unit_groups()`` (ordered dropout needs the
+        traced model).
     """
 
     @classmethod
@@ -92,6 +118,9 @@ class FjORD(CapacityStrategy):
         if cfg.fjord_distill and cfg.loss_name != "cross-entropy":
             raise ValueError(f"fjord-distill (FjORD's self-distillation) needs a classification loss "
                              f"('cross-entropy'), got loss {cfg.loss_name!r}")
+        if cfg.fjord_bn == "per-width" and cfg.batchnorm != "averaged":
+            raise ValueError(f"fjord-bn = 'per-width' needs batchnorm = 'averaged', got {cfg.batchnorm!r} (static "
+                             "BatchNorm recomputes every tier's statistics on the server)")
         low = min(cfg.tiers())
         if low < min(cfg.widths()):
             raise ValueError(f"capacity-tiers ({cfg.capacity_tiers}) has a tier {low:g} below the smallest of "
@@ -100,15 +129,21 @@ class FjORD(CapacityStrategy):
     @classmethod
     def from_run_config(cls, cfg, model_factory, **common):
         """Build from a run config (:func:`~fl_subnet.strategies.build_strategy` passes ``common``)."""
-        return cls(model_factory, cfg.tiers(), cfg.widths(), distill=cfg.fjord_distill,
+        return cls(model_factory, cfg.tiers(), cfg.widths(), distill=cfg.fjord_distill, bn=cfg.fjord_bn,
                    local_steps=cfg.local_steps, fraction_train=cfg.fraction_train, **common)
 
     def __init__(self, model_factory, capacity_tiers: Sequence[float] = (1.0,),
-                 widths: Sequence[float] = DEFAULT_WIDTHS, *, distill: bool = False, seed: int = 0, **kwargs):
+                 widths: Sequence[float] = DEFAULT_WIDTHS, *, distill: bool = False, bn: str = "shared",
+                 seed: int = 0, **kwargs):
         self.widths = check_widths(widths)
         if not isinstance(distill, bool):
             raise ValueError(f"distill (fjord-distill) must be a bool, got {distill!r}")
         self.distill = distill
+        if bn not in FJORD_BN_MODES:
+            raise ValueError(f"fjord-bn must be one of {FJORD_BN_MODES}, got {bn!r}")
+        self.bn = bn
+        #: per-width statistics, full shapes: width → buffer key → tensor (``bn="per-width"``)
+        self.width_stats: dict[float, dict[str, torch.Tensor]] | None = None
         kwargs.setdefault("weighted", True)
         super().__init__(model_factory, NestedPrefixSampler(1.0, scale=False, seed=seed), capacity_tiers,
                          seed=seed, **kwargs)
@@ -120,6 +155,152 @@ class FjORD(CapacityStrategy):
             if r < self.widths[0]:
                 raise ValueError(f"capacity tier {r} is below FjORD's smallest width {self.widths[0]}: "
                                  f"no sub-model of widths {self.widths} fits it")
+        self._stat_keys: tuple[str, ...] = ()
+        if bn == "per-width":
+            if self.batchnorm != "averaged":
+                raise ValueError(f"fjord-bn = 'per-width' needs batchnorm = 'averaged', got {self.batchnorm!r} "
+                                 "(static BatchNorm recomputes every tier's statistics on the server)")
+            self._stat_keys = self._gated_buffers()
+            if not self._stat_keys:
+                raise ValueError(f"fjord-bn = 'per-width': {self.spec.model_name} has no BatchNorm running "
+                                 "statistics on its masked units")
+            self._width_masks = {w: NestedPrefixSampler(1.0, scale=False).sample(self.groups, 0, 1, capacities=[w])[0]
+                                 for w in self.widths}
+
+    def settings(self) -> dict[str, object]:
+        """The strategy's settings (:meth:`SubnetStrategy.settings`) with ``fjord-bn``."""
+        return {**super().settings(), "fjord-bn": self.bn}
+
+    def _gated_buffers(self) -> tuple[str, ...]:
+        """The floating buffers (BatchNorm's running statistics) coupled to a masked group:
+        those a node's ordered model keeps per width (:func:`~fl_subnet.core.ordered.build_ordered`)."""
+        names = {g.name for g in self.groups}
+        params = self.spec.parameter_keys
+        return tuple(k for k, (_, dtype) in self.spec.state_meta.items()
+                     if k not in params and dtype.is_floating_point
+                     and any(g in names for entries in self.slicer.coupled.get(k, {}).values() for g, _, _ in entries))
+
+    def _ensure_width_stats(self) -> dict[float, dict[str, torch.Tensor]]:
+        """The per-width statistics, started from the global model's own (first round)."""
+        if self.width_stats is None:
+            self.width_stats = {w: {k: self._state[k].detach().clone() for k in self._stat_keys}
+                                for w in self.widths}
+        return self.width_stats
+
+    def restore_width_stats(self, stats: dict[float, dict[str, torch.Tensor]] | None) -> None:
+        """Per-width statistics saved with a checkpoint (:func:`fl_subnet.checkpoint.load_width_stats`),
+        for a resumed run; None: every width starts from the model's own.
+
+        Raises
+        ------
+        ValueError
+            Naming ``fjord-bn``, unless they hold exactly this strategy's widths and
+            buffers at the full model's shapes and dtypes.
+        """
+        if stats is None:
+            self.width_stats = None
+            return
+        meta = self.spec.state_meta
+        if sorted(stats) != list(self.widths):
+            raise ValueError(f"fjord-bn: the saved per-width statistics hold widths {sorted(stats)}, the run has "
+                             f"{list(self.widths)}")
+        for w, per_key in stats.items():
+            if set(per_key) != set(self._stat_keys):
+                raise ValueError(f"fjord-bn: the saved statistics of width {w:g} hold {sorted(per_key)}, expected "
+                                 f"{sorted(self._stat_keys)}")
+            for k, t in per_key.items():
+                if tuple(t.shape) != tuple(meta[k][0]) or t.dtype != meta[k][1]:
+                    raise ValueError(f"fjord-bn: the saved statistic '{k}' of width {w:g} is {tuple(t.shape)} "
+                                     f"{t.dtype}, the model's {tuple(meta[k][0])} {meta[k][1]}")
+        self.width_stats = {w: {k: t.clone() for k, t in per_key.items()} for w, per_key in stats.items()}
+
+    def _width_slice(self, width: float) -> dict[str, torch.Tensor]:
+        """Width ``width``'s statistics restricted to its units (what a node holds of them)."""
+        mask = self._width_masks[width]
+        return {k: self.slicer.gather_key(t, self.slicer.kept(mask, k, t.shape))
+                for k, t in self._ensure_width_stats()[width].items()}
+
+    def node_records(self, node: int, mask: Mask) -> dict[str, ArrayRecord]:
+        """``{"fjord-bn": the statistics of the node's allowed widths}`` with per-width
+        statistics, else none."""
+        if self.bn != "per-width":
+            return {}
+        return {FJORD_BN_RECORD: width_stats_to_record(
+            {w: self._width_slice(w) for w in self.allowed_widths(self.capacity_of(node))})}
+
+    def aggregate_records(self, server_round: int, replies: list[tuple[int, RecordDict, float]]) -> None:
+        """Per-width statistics: width ``p``'s averaged over the replies holding it
+        (weighted), written back at its units; a node's that do not match are left out,
+        logged."""
+        if self.bn != "per-width":
+            return
+        stats = self._ensure_width_stats()
+        sums: dict[float, dict[str, torch.Tensor]] = {}
+        totals: dict[float, float] = {}
+        for node, content, weight in replies:
+            try:
+                got = self._check_stats(node, content)
+            except ValueError as err:
+                log.warning("FjORD: round %d: node %d's per-width statistics left out: %s", server_round, node, err)
+                continue
+            for w, per_key in got.items():
+                acc = sums.setdefault(w, {})
+                for k, t in per_key.items():
+                    acc[k] = acc.get(k, 0) + weight * t.double()
+                totals[w] = totals.get(w, 0.0) + weight
+        for w, acc in sums.items():
+            mean = {k: (v / totals[w]).to(stats[w][k].dtype) for k, v in acc.items()}
+            stats[w] = self.slicer.scatter(mean, self._width_masks[w], stats[w])
+
+    def _check_stats(self, node: int, content: RecordDict) -> dict[float, dict[str, torch.Tensor]]:
+        """The node's per-width statistics, checked against what it was sent.
+
+        Raises
+        ------
+        ValueError
+            Naming ``fjord-bn``: absent, other widths or keys, other shapes, NaN/Inf, or
+            a negative ``running_var``.
+        """
+        if FJORD_BN_RECORD not in content.array_records:
+            raise ValueError(f"the reply has no '{FJORD_BN_RECORD}' ArrayRecord (a ClientApp that does not reply "
+                             "with fl_subnet.clients.reply_arrays)")
+        got = width_stats_from_record(content.array_records[FJORD_BN_RECORD])
+        allowed = self.allowed_widths(self.capacity_of(node))
+        if sorted(got) != sorted(allowed):
+            raise ValueError(f"'{FJORD_BN_RECORD}' holds widths {sorted(got)}, the node was sent {list(allowed)}")
+        for w in allowed:
+            want = self._width_slice(w)
+            if set(got[w]) != set(want):
+                raise ValueError(f"'{FJORD_BN_RECORD}' width {w:g}: buffers {sorted(got[w])}, expected {sorted(want)}")
+            for k, t in got[w].items():
+                if t.shape != want[k].shape or t.dtype != want[k].dtype:
+                    raise ValueError(f"'{FJORD_BN_RECORD}' width {w:g}, '{k}': {tuple(t.shape)} {t.dtype}, expected "
+                                     f"{tuple(want[k].shape)} {want[k].dtype}")
+                if not bool(torch.isfinite(t).all()):
+                    raise ValueError(f"'{FJORD_BN_RECORD}' width {w:g}, '{k}': NaN or Inf")
+                if k.endswith("running_var") and bool((t < 0).any()):
+                    raise ValueError(f"'{FJORD_BN_RECORD}' width {w:g}, '{k}': a negative variance")
+        return got
+
+    def after_aggregation(self, aggregate, held):
+        """The base step; with per-width statistics the model's own statistics become the
+        largest width's (the full model's, when 1.0 is a width)."""
+        new_state = super().after_aggregation(aggregate, held)
+        if self.bn == "per-width" and self.width_stats is not None:
+            top = self.widths[-1]
+            new_state = {**new_state, **self.slicer.scatter(self._width_slice(top), self._width_masks[top],
+                                                            {k: new_state[k] for k in self._stat_keys})}
+        return new_state
+
+    def tier_state(self, capacity: float, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The full state a tier of ``capacity`` is cut from: with per-width statistics
+        and ``capacity`` one of the widths, its statistics are that width's; otherwise
+        ``state`` unchanged."""
+        width = float(capacity)
+        if self.bn != "per-width" or self.width_stats is None or width not in self.width_stats:
+            return state
+        return {**state, **self.slicer.scatter(self._width_slice(width), self._width_masks[width],
+                                               {k: state[k] for k in self._stat_keys})}
 
     def max_width(self, capacity: float | None) -> float:
         """``p_max``: the largest width ≤ ``capacity`` (None: 1.0). A declared capacity
@@ -151,4 +332,4 @@ class FjORD(CapacityStrategy):
         return config
 
 
-__all__ = ["FjORD", "DEFAULT_WIDTHS", "check_widths"]
+__all__ = ["FjORD", "DEFAULT_WIDTHS", "FJORD_BN_MODES", "check_widths"]

@@ -8,6 +8,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
 from fl_subnet.wire.packed import decode_slice
+from fl_subnet.wire.records import FJORD_BN_RECORD
 from fl_subnet.exceptions import ReplyError  # noqa: F401  (re-exported: raised here)
 
 
@@ -25,7 +26,9 @@ def payload_bytes(arrays: ArrayRecord, config: ConfigRecord | None = None) -> in
 
 
 def parse_reply(content: RecordDict, weighted_by_key: str, layout=None) -> tuple[dict[str, torch.Tensor], float, int]:
-    """The compact state, the weight and the arrays' size (bytes) of a train reply.
+    """The compact state, the weight and the arrays' size (bytes) of a train reply
+    (FjORD's per-width statistics, ArrayRecord ``fjord-bn``, are counted in the size and
+    read by the strategy).
 
     ``layout``: the node's slice layout, or a function computing it
     (:func:`fl_subnet.wire.packed.slice_layout`), to read a packed reply; a reply of one
@@ -34,14 +37,15 @@ def parse_reply(content: RecordDict, weighted_by_key: str, layout=None) -> tuple
     Raises
     ------
     ReplyError
-        If the reply does not hold exactly one ArrayRecord and one MetricRecord, the
+        If the reply does not hold exactly one ArrayRecord besides ``fjord-bn`` and one
+        MetricRecord, the
         weight ``weighted_by_key`` is missing or not a finite number > 0, or an array
         cannot be decoded.
     """
-    arrays = list(content.array_records.values())
+    arrays = [a for k, a in content.array_records.items() if k != FJORD_BN_RECORD]
     metrics = list(content.metric_records.values())
     if len(arrays) != 1:
-        raise ReplyError(f"expected one ArrayRecord, got {len(arrays)}")
+        raise ReplyError(f"expected one ArrayRecord (besides '{FJORD_BN_RECORD}'), got {len(arrays)}")
     if len(metrics) != 1:
         raise ReplyError(f"expected one MetricRecord, got {len(metrics)}")
     weight = metrics[0].get(weighted_by_key)
@@ -53,4 +57,5 @@ def parse_reply(content: RecordDict, weighted_by_key: str, layout=None) -> tuple
         state = decode_slice(arrays[0], layout, copy=False)  # read-only views: we only read
     except Exception as err:  # noqa: BLE001 — undecodable payload
         raise ReplyError(f"arrays cannot be decoded: {err}") from err
-    return state, float(weight), payload_bytes(arrays[0])
+    extra = content.array_records.get(FJORD_BN_RECORD) if FJORD_BN_RECORD in content.array_records else None
+    return state, float(weight), payload_bytes(arrays[0]) + (payload_bytes(extra) if extra is not None else 0)

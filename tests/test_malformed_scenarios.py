@@ -64,6 +64,10 @@ KEY_CASES = [
     ("server-lr-negative", "server-lr = -0.1", "server-lr"),
     ("server-momentum-one", "server-momentum = 1.0", "server-momentum"),
     ("fjord-widths-zero", 'fjord-widths = "0,0.5,1"', "fjord-widths"),
+    ("fjord-bn-unknown", 'strategy = "fjord"\nfjord-bn = "each"', "fjord-bn"),
+    ("fjord-bn-with-heterofl", 'strategy = "heterofl"\nfjord-bn = "per-width"', "fjord-bn"),
+    ("fjord-bn-with-static-batchnorm", 'strategy = "fjord"\nmodel = "cnn-bn"\nbatchnorm = "static"\n'
+     'fjord-bn = "per-width"', "fjord-bn"),
     ("fjord-distill-with-fedavg", "fjord-distill = true", "fjord-distill"),
     ("fjord-tier-below-widths", 'strategy = "fjord"\ncapacity-tiers = "0.1,1.0"', "capacity-tiers"),
     ("path-length-decreasing", 'path-length = "1.0,0.5"', "path-length"),

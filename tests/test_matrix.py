@@ -334,6 +334,8 @@ cell("bn-static", "random-path", options=dict(batchnorm="static"), calibrate=Tru
 cell("bn-static-median", "federated-dropout", problem="cnn-bn", options=dict(batchnorm="static", aggregation="median"),
      calibrate=True)
 cell("bn-averaged-trimmed-mean", "ist", problem="cnn-bn", options=dict(aggregation="trimmed-mean"))
+cell("bn-per-width", "fjord", problem="cnn-bn", options=dict(bn="per-width"))  # FjORD's ODBatchNorm2d
+cell("bn-per-width-median", "fjord", problem="cnn-bn", options=dict(bn="per-width", aggregation="median"))
 cell("bn-static-FedAdam", "federated-dropout", problem="cnn-bn", options=dict(server_optimizer="FedAdam",
                                                                          batchnorm="static"), calibrate=True)
 

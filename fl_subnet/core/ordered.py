@@ -13,9 +13,16 @@ gradients (tested against it), and the units beyond ``p`` get zero gradient. Buf
 that belong to them (BatchNorm running statistics) are restored when the width changes,
 so they end as the width-``p`` model would leave them. Parameters beyond ``p`` only see
 a zero gradient: momentum and weight decay still act on them, as in FjORD's slicing
-implementation. BatchNorm layers are shared by all widths (FjORD's code keeps one per
-width; here the statistics are the averaged/static policies of
-:mod:`fl_subnet.core.batchnorm`).
+implementation.
+
+BatchNorm statistics: by default one set of running statistics is shared by all widths
+(the averaged/static policies of :mod:`fl_subnet.core.batchnorm`). With per-width
+statistics (:func:`set_width_stats`; FjORD's ``ODBatchNorm2d``, Flower's FjORD baseline
+``baselines/fjord/fjord/od/layers/batch_norm.py``: one ``BatchNorm2d(affine=False)`` per
+width ``p`` over the first ``⌈p·n⌉`` channels, one shared affine weight and bias) every
+width keeps its own running mean and variance: a batch drawn at width ``p`` updates only
+width ``p``'s, and the model's buffers hold the max width's between batches. The
+affine parameters and ``num_batches_tracked`` stay shared.
 
 FjORD+KD (§3.3, self-distillation): :attr:`WidthSchedule.distill` asks the loop for a
 teacher pass at ``p_max`` (:meth:`WidthSchedule.teacher`) and :func:`fjord_kd_loss` for
@@ -60,6 +67,9 @@ class OrderedWidths(nn.Module):
         floating buffer dim coupled to a gated group.
     width : float or None
         The current width (None: the max width).
+    stats : dict[float, dict[str, torch.Tensor]] or None
+        Per-width statistics (:func:`set_width_stats`), keyed by width then buffer key,
+        each the buffer restricted to the width's units; None: shared statistics.
     """
 
     def __init__(self, sizes, kept, base, keep_units, buffers) -> None:
@@ -68,6 +78,8 @@ class OrderedWidths(nn.Module):
         self.keep_units, self.buffers = keep_units, buffers
         self.width: float | None = None
         self.saved: list[tuple[str, int, torch.Tensor, torch.Tensor]] = []
+        self.stats: dict[float, dict[str, torch.Tensor]] | None = None
+        self.max_width: float | None = None  # the key of the max width's statistics
 
     def forward(self, *args):  # pragma: no cover — never called
         raise RuntimeError("OrderedWidths holds state only")
@@ -184,24 +196,161 @@ def set_width(model: nn.Module, width: float | None) -> None:
                 raise ValueError(f"width {width} keeps the first {k} units of group '{g}' but this node holds "
                                  f"only {int(kept.numel())} of them (above its max width)")
             gates[g] = (kept < k).to(torch.float32)
+    if holder.stats is not None:  # per-width statistics: keep what the width being left gathered
+        _store_stats(model, holder, holder.width)
     for key, dim, idx, values in holder.saved:  # restore the silenced units' buffers
         model.get_buffer(key).index_copy_(dim, idx, values.to(model.get_buffer(key).device))
     holder.saved = []
     set_unit_scales(model, {g: holder.base[g] * gates[g] if width is not None else holder.base[g]
                             for g in holder.base})
     holder.width = None if width is None else float(width)
-    if width is None:
-        return
-    keep_p = dict(holder.keep_units)
-    for g, kept in holder.kept.items():
-        v = torch.zeros(holder.sizes[g], dtype=torch.bool)
-        v[kept[gates[g].bool()]] = True
-        keep_p[g] = v
-    for key, dim, length, entries, keep_pos in holder.buffers:
-        outside = torch.nonzero(~dim_keep(length, entries, keep_p)[keep_pos]).flatten()
-        if outside.numel():
+    if width is not None:
+        for key, dim, idx in _positions(holder, width, inside=False):
             buf = model.get_buffer(key)
-            holder.saved.append((key, dim, outside.to(buf.device), buf.index_select(dim, outside.to(buf.device))))
+            holder.saved.append((key, dim, idx.to(buf.device), buf.index_select(dim, idx.to(buf.device))))
+    if holder.stats is not None:
+        _load_stats(model, holder, holder.width)
+
+
+def _positions(holder: OrderedWidths, width: float | None, inside: bool = True
+               ) -> list[tuple[str, int, torch.Tensor]]:
+    """``(key, dim, compact positions)`` of every gated buffer dim: the positions of the
+    units of ``width`` (``inside``) or of the others; None: every position (inside).
+    Cached per holder."""
+    cache = holder.__dict__.setdefault("_positions", {})
+    hit = cache.get((width, inside))
+    if hit is None:
+        hit = cache[(width, inside)] = _compute_positions(holder, width, inside)
+    return hit
+
+
+def _compute_positions(holder: OrderedWidths, width: float | None, inside: bool) -> list[tuple[str, int, torch.Tensor]]:
+    keep_p = dict(holder.keep_units)
+    if width is not None:
+        for g, kept in holder.kept.items():
+            v = torch.zeros(holder.sizes[g], dtype=torch.bool)
+            v[kept[kept < prefix_size(holder.sizes[g], width)]] = True
+            keep_p[g] = v
+    out = []
+    for key, dim, length, entries, keep_pos in holder.buffers:
+        held = dim_keep(length, entries, keep_p)[keep_pos]
+        idx = torch.nonzero(held if inside else ~held).flatten()
+        if idx.numel() or inside:
+            out.append((key, dim, idx))
+    return out
+
+
+def _stats_key(holder: OrderedWidths, width: float | None) -> float:
+    return holder.max_width if width is None else float(width)
+
+
+def _store_stats(model: nn.Module, holder: OrderedWidths, width: float | None) -> None:
+    """Copy the buffers' values at the units of ``width`` into its statistics."""
+    stats = holder.stats[_stats_key(holder, width)]
+    for key, dim, idx in _positions(holder, width):
+        buf = model.get_buffer(key)
+        stats[key] = buf.index_select(dim, idx.to(buf.device)).clone()
+
+
+def _load_stats(model: nn.Module, holder: OrderedWidths, width: float | None) -> None:
+    """Write the statistics of ``width`` into the buffers at its units."""
+    stats = holder.stats[_stats_key(holder, width)]
+    for key, dim, idx in _positions(holder, width):
+        buf = model.get_buffer(key)
+        buf.index_copy_(dim, idx.to(buf.device), stats[key].to(device=buf.device, dtype=buf.dtype))
+
+
+def width_stats_shapes(model: nn.Module, widths: Sequence[float]) -> dict[float, dict[str, tuple[int, ...]]]:
+    """The shape of every per-width statistic of a :func:`build_ordered` model: for each
+    width, each gated floating buffer (BatchNorm's ``running_mean``/``running_var``)
+    restricted to the width's units.
+
+    Raises
+    ------
+    ValueError
+        If the model was not built by :func:`build_ordered`.
+    """
+    holder = _holder(model)
+    out: dict[float, dict[str, tuple[int, ...]]] = {}
+    for w in widths:
+        out[float(w)] = {}
+        for key, dim, idx in _positions(holder, float(w)):
+            shape = list(model.get_buffer(key).shape)
+            shape[dim] = int(idx.numel())
+            out[float(w)][key] = tuple(shape)
+    return out
+
+
+@torch.no_grad()
+def set_width_stats(model: nn.Module, stats: Mapping[float, Mapping[str, torch.Tensor]]) -> None:
+    """Give every width its own BatchNorm running statistics (FjORD's ``ODBatchNorm2d``).
+
+    From here on a batch at width ``p`` (:func:`set_width`) normalises with, and updates,
+    width ``p``'s statistics; between batches (at the max width) the buffers hold the max
+    width's. Read them back with :func:`width_stats`.
+
+    Parameters
+    ----------
+    model : nn.Module
+        Built by :func:`build_ordered`, at its max width.
+    stats : Mapping[float, Mapping[str, torch.Tensor]]
+        For every width the node may draw (including its max width ``p_max``), every
+        gated floating buffer restricted to that width's units, shapes as
+        :func:`width_stats_shapes`; the largest width is taken as ``p_max``.
+
+    Raises
+    ------
+    ValueError
+        If the model was not built by :func:`build_ordered` or is not at its max width,
+        a width or buffer is missing or extra, a shape differs, or a value is not finite
+        (naming the width and the buffer).
+    """
+    holder = _holder(model)
+    if holder.width is not None:
+        raise ValueError("set_width_stats needs the model at its max width (set_width(model, None))")
+    if not stats:
+        raise ValueError("set_width_stats: no width given")
+    widths = sorted(float(w) for w in stats)
+    want = width_stats_shapes(model, widths)
+    clean: dict[float, dict[str, torch.Tensor]] = {}
+    for w in widths:
+        got = stats[w]
+        if set(got) != set(want[w]):
+            raise ValueError(f"per-width statistics of width {w:g}: expected buffers {sorted(want[w])}, "
+                             f"got {sorted(got)}")
+        clean[w] = {}
+        for key, shape in want[w].items():
+            t = got[key]
+            if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape:
+                raise ValueError(f"per-width statistics of width {w:g}, '{key}': expected shape {shape}, got "
+                                 f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+            if not bool(torch.isfinite(t).all()):
+                raise ValueError(f"per-width statistics of width {w:g}, '{key}': NaN or Inf")
+            clean[w][key] = t.detach().clone()
+    holder.stats, holder.max_width = clean, widths[-1]
+    for key, dim, idx in _positions(holder, None):
+        if int(idx.numel()) != want[widths[-1]][key][dim]:
+            raise ValueError(f"per-width statistics: the largest width given, {widths[-1]:g}, is not the node's "
+                             f"max width ('{key}' holds {int(idx.numel())} units, width {widths[-1]:g} "
+                             f"{want[widths[-1]][key][dim]})")
+    _load_stats(model, holder, None)
+
+
+@torch.no_grad()
+def width_stats(model: nn.Module) -> dict[float, dict[str, torch.Tensor]] | None:
+    """The per-width statistics of a model given them by :func:`set_width_stats`
+    (including what the current width has gathered), or None (shared statistics).
+
+    Raises
+    ------
+    ValueError
+        If the model was not built by :func:`build_ordered`.
+    """
+    holder = _holder(model)
+    if holder.stats is None:
+        return None
+    _store_stats(model, holder, holder.width)
+    return {w: {k: t.clone() for k, t in s.items()} for w, s in holder.stats.items()}
 
 
 @contextlib.contextmanager
@@ -369,4 +518,5 @@ def fjord_kd_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
 
 
 __all__ = ["OrderedWidths", "build_ordered", "set_width", "ordered_width", "max_width_units",
+           "set_width_stats", "width_stats", "width_stats_shapes",
            "width_generator", "WidthSchedule", "fjord_kd_loss"]

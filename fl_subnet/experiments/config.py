@@ -37,6 +37,7 @@ from fl_subnet.core.server_opt import SERVER_OPTIMIZERS
 from fl_subnet.strategies import PROTOCOLS, protocol_class
 from fl_subnet.strategies.base import AGGREGATIONS
 from fl_subnet.strategies.federated_dropout import DROPOUT_SAMPLINGS
+from fl_subnet.strategies.fjord import FJORD_BN_MODES
 from fl_subnet.strategies.ist import IST_SCALINGS
 from fl_subnet.strategies.lr_scaling import LR_SCALINGS
 
@@ -60,6 +61,7 @@ ScreenMode = Literal[SCREEN_MODES]
 DropoutSampling = Literal[DROPOUT_SAMPLINGS]
 ServerOptimizer = Literal[("none",) + SERVER_OPTIMIZERS]
 PathScale = Literal[PATH_SCALES]
+FjordBn = Literal[FJORD_BN_MODES]
 
 STRATEGIES: tuple[str, ...] = get_args(Strategy)
 DATASETS: tuple[str, ...] = get_args(Dataset)
@@ -289,6 +291,8 @@ class RunConfig:
                                          "(Horváth et al. 2021, §3.3): per batch the node's max width is "
                                          "trained on the labels and the drawn width on its softened outputs "
                                          "(:func:`fl_subnet.core.ordered.fjord_kd_loss`).")] = False
+    fjord_bn: Choice(FjordBn, "FjORD only: BatchNorm running statistics shared by all widths, or one set per "
+                     "width as FjORD's ODBatchNorm2d (needs batchnorm = 'averaged').") = "shared"
     core_fraction: Number("core-alternation: the core's share of every unit group (its first "
                           "⌈f·size⌉ units), trained alone in core rounds.", gt=0.0, le=1.0) = 0.5
     core_period: Int(2, 100_000, "core-alternation: period p of the schedule, p - 1 core rounds then "
@@ -428,6 +432,8 @@ class RunConfig:
             raise ValueError(f"label-split needs strategy {' or '.join(map(repr, able))}, got {self.strategy!r}")
         if self.fjord_distill and self.strategy != "fjord":
             raise ValueError(f"fjord-distill needs strategy 'fjord', got {self.strategy!r}")
+        if self.fjord_bn != "shared" and self.strategy != "fjord":
+            raise ValueError(f"fjord-bn needs strategy 'fjord', got {self.strategy!r}")
         if self.min_holders != 1 and not getattr(protocol, "supports_min_holders", False):
             able = [n for n, p in PROTOCOLS.items() if getattr(p.cls, "supports_min_holders", False)]
             raise ValueError(f"min-holders ({self.min_holders}) needs strategy {' or '.join(map(repr, able))}, "

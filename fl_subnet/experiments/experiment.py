@@ -192,7 +192,8 @@ class CentralEvaluation:
                 meta["ratio-history"] = history
             save_checkpoint(self.checkpoint_dir, state, meta,
                             optimizer_state=opt.state_dict() if opt is not None else None,
-                            clip_center=getattr(self.strategy, "clip_center", None))
+                            clip_center=getattr(self.strategy, "clip_center", None),
+                            width_stats=getattr(self.strategy, "width_stats", None))
         return metrics
 
     def tier_metrics(self, state: dict) -> dict[str, float]:
@@ -217,7 +218,8 @@ class CentralEvaluation:
         return evaluate_tiers(state, self.factory, tiers, self.test, loss=self.cfg.loss_name,
                               example_input=example_input(self.cfg), spec=getattr(self.strategy, "spec", None),
                               calibration_batches=calibration, out_dir=self.checkpoint_dir,
-                              meta={"config": config_dict(self.cfg)})
+                              meta={"config": config_dict(self.cfg)},
+                              tier_state=getattr(self.strategy, "tier_state", None))
 
     def check_outcome(self) -> None:
         """Raise :class:`RunFailed` if no round had a valid reply or the loss diverged."""
@@ -322,6 +324,13 @@ def run_server(grid: Grid, cfg: RunConfig, on_round: Callable[[dict], None] | No
 
         # centered clipping starts from the previous round's aggregate update (none saved: from 0)
         strategy.clip_center = load_clip_center(checkpoint_dir, first_round - 1)
+        if getattr(strategy, "bn", None) == "per-width":  # FjORD's per-width BatchNorm statistics
+            from fl_subnet.checkpoint import load_width_stats
+
+            strategy.restore_width_stats(load_width_stats(checkpoint_dir, first_round - 1))
+            if strategy.width_stats is None:
+                log.warning("resume: %s has no per-width statistics of round %d: every width starts from the "
+                            "model's own", checkpoint_dir, first_round - 1)
     evaluate = CentralEvaluation(cfg, strategy, on_round, checkpoint_dir=checkpoint_dir, resume_meta=meta,
                                  train_set=train)
     from fl_subnet.strategies.base import NotEnoughNodes, TrainingStalled

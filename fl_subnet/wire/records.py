@@ -37,6 +37,10 @@ FJORD_DISTILL = "fjord-distill"  # FjORD+KD: bool, self-distillation from p_max 
 #: HeteroFL's label split: the labels a node holds (list of ints), in its train config (the node
 #: masks the other logits) and in its reply to the node query; absent = every label
 LABELS_KEY = "labels"
+#: FjORD's per-width BatchNorm statistics: the name of a second ArrayRecord in a train
+#: message and its reply, one array per width and buffer, keyed ``"<width>/<buffer key>"``
+#: (:func:`width_stats_to_record`); absent = statistics shared by all widths
+FJORD_BN_RECORD = "fjord-bn"
 
 
 def example_to_config(example) -> dict[str, str]:
@@ -104,17 +108,18 @@ def widths_from_config(config: Mapping[str, object]) -> tuple[float, ...]:
 
 def read_train(content) -> tuple[str, ArrayRecord, Mapping[str, object]]:
     """``(arrays key, ArrayRecord, config)`` of a train/evaluate message, whatever the
-    records are called.
+    records are called (FjORD's per-width statistics, ArrayRecord ``fjord-bn``, aside).
 
     Raises
     ------
     ValueError
-        If the message does not hold exactly one ArrayRecord, or more than one ConfigRecord.
+        If the message does not hold exactly one ArrayRecord besides ``fjord-bn``, or
+        more than one ConfigRecord.
     """
-    arrays = list(content.array_records.items())
+    arrays = [(k, a) for k, a in content.array_records.items() if k != FJORD_BN_RECORD]
     configs = list(content.config_records.values())
     if len(arrays) != 1:
-        raise ValueError(f"expected one ArrayRecord in the message, got {len(arrays)}")
+        raise ValueError(f"expected one ArrayRecord in the message (besides '{FJORD_BN_RECORD}'), got {len(arrays)}")
     if len(configs) > 1:
         raise ValueError(f"expected at most one ConfigRecord in the message, got {len(configs)}")
     return arrays[0][0], arrays[0][1], (configs[0] if configs else {})
@@ -232,3 +237,36 @@ def arrays_to_state(arrays: ArrayRecord, copy: bool = True) -> dict[str, torch.T
             out[key] = torch.from_numpy(view)
     return out
 
+
+
+def width_stats_to_record(stats: Mapping[float, Mapping[str, torch.Tensor]]) -> ArrayRecord:
+    """FjORD's per-width statistics as the ``fjord-bn`` ArrayRecord: one array per width
+    ``w`` and buffer ``key``, named ``f"{w!r}/{key}"`` (the width's ``repr``, so it
+    round-trips exactly)."""
+    return ArrayRecord({f"{float(w)!r}/{key}": tensor_to_array(t)
+                        for w in sorted(stats) for key, t in stats[w].items()})
+
+
+def width_stats_from_record(record: ArrayRecord) -> dict[float, dict[str, torch.Tensor]]:
+    """The ``fjord-bn`` ArrayRecord as ``{width: {buffer key: tensor}}`` (copies).
+
+    Raises
+    ------
+    ValueError
+        Naming ``fjord-bn`` and the array, if a name is not ``"<width>/<key>"`` with a
+        width in (0, 1], or an array cannot be decoded.
+    """
+    out: dict[float, dict[str, torch.Tensor]] = {}
+    for name, array in record.items():
+        head, sep, key = name.partition("/")
+        try:
+            width = float(head)
+        except ValueError:
+            width = math.nan
+        if not sep or not key or not (0 < width <= 1):
+            raise ValueError(f"'{FJORD_BN_RECORD}' array {name[:80]!r}: expected '<width in (0, 1]>/<buffer key>'")
+        try:
+            out.setdefault(width, {})[key] = arrays_to_state(ArrayRecord({key: array}))[key]
+        except Exception as err:  # noqa: BLE001
+            raise ValueError(f"'{FJORD_BN_RECORD}' array {name[:80]!r} cannot be decoded: {err}") from err
+    return out
