@@ -10,7 +10,9 @@ order, 20 rounds of 10 local steps). Variants (:data:`VARIANTS`), one scenario f
 * ``heterofl-dynamic``: ``strategy = "heterofl-dynamic"`` (a capacity drawn every round);
 * ``fedrolex``: rolling windows (``tiers-cnn-fedrolex.toml``);
 * ``fjord``: ordered dropout (``tiers-cnn-fjord.toml``);
-* ``fjord-distill``: the same with ``fjord-distill = true``.
+* ``fjord-distill``: the same with ``fjord-distill = true``;
+* ``fjord-averaged-bn``: FjORD with averaged BatchNorm statistics shared by all widths;
+* ``fjord-per-width-bn``: the same with ``fjord-bn = "per-width"`` (one set per width).
 
 Each variant runs for every seed (the scenario's ``seed`` key, which sets the initial
 model, the Dirichlet split, the masks and the batch orders), one run after the other in
@@ -29,7 +31,7 @@ between ``<!-- tiers-table:start -->`` and ``<!-- tiers-table:end -->``
 Usage::
 
     python bench/tiers.py --quick --out /tmp/tiers.json   # 1 seed, 2 rounds, 2 variants
-    python bench/tiers.py --write-docs                    # 3 seeds, 6 variants
+    python bench/tiers.py --write-docs                    # 3 seeds, 8 variants
     python bench/tiers.py --render-only --write-docs      # the table from docs/tiers-table.json
 """
 
@@ -61,6 +63,8 @@ VARIANTS: dict[str, tuple[str, str | None]] = {
     "fedrolex": ("scenarios/tiers-cnn-fedrolex.toml", None),
     "fjord": ("scenarios/tiers-cnn-fjord.toml", None),
     "fjord-distill": ("scenarios/tiers-option-fjord-distill.toml", "fjord"),
+    "fjord-averaged-bn": ("scenarios/tiers-option-fjord-averaged-bn.toml", "fjord"),
+    "fjord-per-width-bn": ("scenarios/tiers-option-fjord-per-width-bn.toml", "fjord-averaged-bn"),
 }
 QUICK_VARIANTS = ("heterofl", "fjord-distill")
 SEEDS, QUICK_SEEDS = (0, 1, 2), (0,)

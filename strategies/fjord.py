@@ -19,8 +19,10 @@ from .registry import register_protocol
 log = logging.getLogger(__name__)
 
 DEFAULT_WIDTHS = (0.2, 0.4, 0.6, 0.8, 1.0)
-#: ``fjord-bn``: one set of BatchNorm running statistics for all widths, or one per width
-FJORD_BN_MODES = ("shared", "per-width")
+#: ``fjord-bn``: one set of BatchNorm running statistics for all widths, one per width, or
+#: ``auto`` (the default): per width wherever that applies (averaged BatchNorm, a model with
+#: running statistics on its masked units), shared otherwise
+FJORD_BN_MODES = ("auto", "shared", "per-width")
 
 
 def check_widths(widths: Sequence[float], key: str = "widths") -> tuple[float, ...]:
@@ -67,10 +69,12 @@ class FjORD(CapacityStrategy):
     Flower's FjORD baseline, ``baselines/fjord/fjord/models.py``, ``train``). Off, the
     messages are unchanged.
 
-    With ``bn="per-width"`` (run-config key ``fjord-bn``; FjORD's ``ODBatchNorm2d``,
-    ``baselines/fjord/fjord/od/layers/batch_norm.py``) every width ``p`` keeps its own
-    BatchNorm running mean and variance over its first ``⌈p·n⌉`` channels (the affine
-    weight and bias stay shared): the server holds them, sends a node those of its
+    With per-width statistics (``bn="per-width"``, or ``"auto"``, the default, with
+    averaged BatchNorm on a model that has BatchNorm; run-config key ``fjord-bn``;
+    FjORD's ``ODBatchNorm2d``, ``baselines/fjord/fjord/od/layers/batch_norm.py``) every
+    width ``p`` keeps its own BatchNorm running mean and variance over its first
+    ``⌈p·n⌉`` channels (the affine weight and bias stay shared): the server holds them,
+    sends a node those of its
     allowed widths in a second ArrayRecord ``fjord-bn`` (their bytes count in
     ``bytes-down``/``bytes-up``), the node normalises and updates width ``p``'s while it
     trains a batch at ``p`` (:func:`fl_subnet.core.ordered.set_width_stats`), and the
@@ -95,8 +99,13 @@ class FjORD(CapacityStrategy):
         The discrete widths in (0, 1] (relative to the full model).
     distill : bool
         FjORD+KD's self-distillation from each node's ``p_max`` sub-model (default False).
-    bn : {"shared", "per-width"}
-        BatchNorm running statistics shared by all widths (default) or kept per width.
+    bn : {"auto", "shared", "per-width"}
+        BatchNorm running statistics shared by all widths or kept per width; ``auto``
+        (default): per width with ``batchnorm="averaged"`` on a model with running
+        statistics on its masked units (where it measured better: docs/heterogeneous.md,
+        "Per-width BatchNorm statistics"), shared otherwise (static BatchNorm recomputes
+        every tier's statistics; a model without BatchNorm has none). :attr:`bn` holds
+        the mode in use.
     **kwargs
         :class:`SubnetStrategy` options (``weighted`` defaults to True).
 
@@ -133,7 +142,7 @@ class FjORD(CapacityStrategy):
                    local_steps=cfg.local_steps, fraction_train=cfg.fraction_train, **common)
 
     def __init__(self, model_factory, capacity_tiers: Sequence[float] = (1.0,),
-                 widths: Sequence[float] = DEFAULT_WIDTHS, *, distill: bool = False, bn: str = "shared",
+                 widths: Sequence[float] = DEFAULT_WIDTHS, *, distill: bool = False, bn: str = "auto",
                  seed: int = 0, **kwargs):
         self.widths = check_widths(widths)
         if not isinstance(distill, bool):
@@ -156,6 +165,9 @@ class FjORD(CapacityStrategy):
                 raise ValueError(f"capacity tier {r} is below FjORD's smallest width {self.widths[0]}: "
                                  f"no sub-model of widths {self.widths} fits it")
         self._stat_keys: tuple[str, ...] = ()
+        if bn == "auto":
+            self.bn = bn = "per-width" if self.batchnorm == "averaged" and self._gated_buffers() else "shared"
+            log.info("FjORD: fjord-bn 'auto' -> %r", bn)
         if bn == "per-width":
             if self.batchnorm != "averaged":
                 raise ValueError(f"fjord-bn = 'per-width' needs batchnorm = 'averaged', got {self.batchnorm!r} "

@@ -238,7 +238,7 @@ def test_server_averages_each_width_over_its_holders_by_hand():
     extra_down = sum(len(a.data) for m in messages for a in m.content[FJORD_BN_RECORD].values())
     extra_up = sum(len(a.data) for r in replies for a in r.content[FJORD_BN_RECORD].values())
     assert extra_down > 0 and extra_up == extra_down
-    shared = FjORD(TinyBN, capacity_tiers=(0.25, 0.5, 1.0), widths=WIDTHS, example_input=EXAMPLE,
+    shared = FjORD(TinyBN, capacity_tiers=(0.25, 0.5, 1.0), widths=WIDTHS, bn="shared", example_input=EXAMPLE,
                    fraction_evaluate=0.0, min_available_nodes=3)
     plain_messages, plain_replies, _, plain = _round(shared, lambda m, d, c, s, before_step=None: (len(d), 0.0))
     assert all(FJORD_BN_RECORD not in m.content.array_records for m in plain_messages + plain_replies)
@@ -269,6 +269,18 @@ def test_bad_statistics_are_left_out_and_the_round_goes_on(caplog):
     for p in (0.75, 1.0):
         torch.testing.assert_close(strategy.width_stats[p]["bn2.running_var"], init["bn2.running_var"])
     torch.testing.assert_close(out["bn2.running_var"], init["bn2.running_var"])
+
+
+def test_auto_is_per_width_where_it_applies():
+    """``auto`` (the default): per width with averaged BatchNorm on a model with running
+    statistics; shared with static BatchNorm and on a model without BatchNorm."""
+    assert FjORD(TinyBN, widths=WIDTHS, example_input=EXAMPLE).bn == "per-width"
+    assert FjORD(TinyBN, widths=WIDTHS, example_input=EXAMPLE, batchnorm="static",
+                 calibration_batches=[EXAMPLE]).bn == "shared"
+    plain = FjORD(lambda: nn.Sequential(nn.Flatten(), nn.Linear(36, 8), nn.ReLU(), nn.Linear(8, 3)), widths=WIDTHS,
+                  example_input=EXAMPLE)
+    assert plain.bn == "shared" and plain.node_records(0, None) == {}
+    assert RunConfig().fjord_bn == "auto"
 
 
 def test_settings_are_checked_naming_the_key():

@@ -292,7 +292,8 @@ class RunConfig:
                                          "trained on the labels and the drawn width on its softened outputs "
                                          "(:func:`fl_subnet.core.ordered.fjord_kd_loss`).")] = False
     fjord_bn: Choice(FjordBn, "FjORD only: BatchNorm running statistics shared by all widths, or one set per "
-                     "width as FjORD's ODBatchNorm2d (needs batchnorm = 'averaged').") = "shared"
+                     "width as FjORD's ODBatchNorm2d (needs batchnorm = 'averaged'); ``auto``: per width "
+                     "wherever that applies, else shared.") = "auto"
     core_fraction: Number("core-alternation: the core's share of every unit group (its first "
                           "⌈f·size⌉ units), trained alone in core rounds.", gt=0.0, le=1.0) = 0.5
     core_period: Int(2, 100_000, "core-alternation: period p of the schedule, p - 1 core rounds then "
@@ -432,7 +433,7 @@ class RunConfig:
             raise ValueError(f"label-split needs strategy {' or '.join(map(repr, able))}, got {self.strategy!r}")
         if self.fjord_distill and self.strategy != "fjord":
             raise ValueError(f"fjord-distill needs strategy 'fjord', got {self.strategy!r}")
-        if self.fjord_bn != "shared" and self.strategy != "fjord":
+        if self.fjord_bn != "auto" and self.strategy != "fjord":
             raise ValueError(f"fjord-bn needs strategy 'fjord', got {self.strategy!r}")
         if self.min_holders != 1 and not getattr(protocol, "supports_min_holders", False):
             able = [n for n, p in PROTOCOLS.items() if getattr(p.cls, "supports_min_holders", False)]
