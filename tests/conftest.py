@@ -1,7 +1,14 @@
-"""Shared fixtures: small reference models and their unit groups."""
+"""Shared fixtures: small reference models and their unit groups; the partition cache
+(fl_subnet.experiments.data) of a test session in a folder of its own, not the user's."""
+
+import os
+import tempfile
 
 import pytest
 import torch
+
+# set before any test imports the data module; subprocesses (flwr run, SuperNodes) inherit it
+os.environ.setdefault("FL_SUBNET_CACHE", tempfile.mkdtemp(prefix="fl-subnet-test-cache-"))
 
 from fl_subnet.core.analysis import find_unit_groups
 from fl_subnet.models import MLP, ShallowReLU

@@ -6,6 +6,11 @@ partitioner) and call ``load_partition(i)``. That is all this module does, plus
 argument checks whose ``ValueError`` names the configuration key (``partitioning``,
 ``num-partitions``, ``dirichlet-alpha``, ``classes-per-partition``).
 
+``datasets`` and ``flwr_datasets`` (whose package import pulls in seaborn, matplotlib and
+scipy) are imported when :func:`partition` runs, not with this module: a ClientApp whose
+partition is already in the partition cache (:mod:`fl_subnet.experiments.data`) imports
+neither.
+
 Quirks of flwr-datasets 0.6.1 handled here:
 
 * ``IidPartitioner`` does not shuffle: partition ``i`` is the ``i``-th contiguous
@@ -26,9 +31,10 @@ from __future__ import annotations
 import logging
 import math
 import warnings
+from typing import TYPE_CHECKING
 
-import datasets
-from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, PathologicalPartitioner
+if TYPE_CHECKING:
+    import datasets
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +70,8 @@ def check_alpha(alpha: float) -> float:
 
 def _label_classes(dataset: datasets.Dataset, label_key: str, scheme: str) -> int:
     """Number of distinct labels; ``ValueError`` naming ``partitioning`` if there is no usable label column."""
+    import datasets
+
     feature = dataset.features.get(label_key)
     is_int = isinstance(feature, datasets.Value) and (feature.dtype.startswith(("int", "uint")) or feature.dtype == "string")
     if not (isinstance(feature, datasets.ClassLabel) or is_int):
@@ -126,6 +134,8 @@ def partition(
         ``dirichlet-alpha`` (not finite > 0, or no draw met ``min_partition_size``) or
         ``classes-per-partition`` (not in [1, num_classes]).
     """
+    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, PathologicalPartitioner
+
     check_scheme(scheme)
     check_num_partitions(num_partitions, len(dataset))
     seed = int(seed)
