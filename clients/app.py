@@ -6,11 +6,13 @@ import inspect
 import logging
 from collections.abc import Callable, Sequence
 
+import torch
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from torch import nn
 from torch.utils.data import Dataset
 
+from fl_subnet.core.device import model_device, resolve_device
 from fl_subnet.core.label_split import check_labels
 from fl_subnet.wire import METRICS_KEY, arrays_to_state, read_train
 from fl_subnet.wire.records import LABELS_KEY
@@ -60,12 +62,47 @@ def partition_reply(msg: Message, context: Context, labels: Sequence[int] | None
     return Message(content=RecordDict({METRICS_KEY: metrics}), reply_to=msg)
 
 
-def _takes_before_step(fn: Callable) -> bool:
+def node_device(context: Context) -> torch.device:
+    """The device this node trains and evaluates on: its node config's ``device``
+    (``--node-config "device='cuda:1'"``) if set, else the run config's ``device``, else
+    ``"auto"`` (``cuda`` if this machine has CUDA, else ``cpu``); see
+    :func:`fl_subnet.core.device.resolve_device`.
+
+    Raises
+    ------
+    ValueError
+        Naming ``device`` (and whether the node or the run config set it), if it is not
+        ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"``, or names a CUDA device this
+        node lacks.
+    """
+    if "device" in context.node_config:
+        return resolve_device(context.node_config["device"], key="node-config key 'device'")
+    if "device" in context.run_config:
+        return resolve_device(context.run_config["device"], key="run-config key 'device'")
+    return resolve_device("auto")
+
+
+def _takes(fn: Callable, name: str) -> bool:
     try:
         params = inspect.signature(fn).parameters
     except (TypeError, ValueError):
-        return True  # no signature to read: try the call
-    return "before_step" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+        return name == "before_step"  # no signature to read: try the call (device: keep the CPU)
+    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
+def _takes_before_step(fn: Callable) -> bool:
+    return _takes(fn, "before_step")
+
+
+_warned_cpu: set[str] = set()
+
+
+def _warn_cpu_once(train_fn: Callable, device: torch.device) -> None:
+    name = getattr(train_fn, "__qualname__", repr(train_fn))
+    if name not in _warned_cpu:
+        _warned_cpu.add(name)
+        log.warning("train_fn %r takes no device= argument: it trains on the CPU, not on this node's device %s "
+                    "(add a device= keyword, as fl_subnet.clients.train_local has, to train there)", name, device)
 
 
 def make_client_app(model_factory: Callable[[], nn.Module] | None, load_data: DataFn,
@@ -85,7 +122,11 @@ def make_client_app(model_factory: Callable[[], nn.Module] | None, load_data: Da
     train_fn : Callable, optional
         ``train_fn(model, train_set, cfg, seed) -> (num_examples, train_loss)``;
         defaults to :func:`~fl_subnet.clients.train.train_local` (SGD, τ steps or E
-        epochs). For FjORD messages (``fjord-widths``) it is also passed
+        epochs). If it takes a ``device=`` keyword it is passed the node's device
+        (:func:`node_device`: node config ``device``, else run config ``device``, else
+        ``"auto"``) and trains there (the reply is moved back to the CPU); a ``train_fn``
+        without it trains on the CPU (logged once when the node has another device).
+        Evaluation runs on the node's device. For FjORD messages (``fjord-widths``) it is also passed
         ``before_step=``, the per-batch width sampler (:func:`width_schedule`), to call
         with the step index before each batch. With HeteroFL's label split the config's
         ``labels`` name the node's labels: mask the other logits before the loss
@@ -118,6 +159,7 @@ def make_client_app(model_factory: Callable[[], nn.Module] | None, load_data: Da
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
+        device = node_device(context)  # before any work: ValueError naming 'device' on the wrong node
         got = receive(msg, factory_of(context))
         config, model = got.config, got.model
         cfg = TrainConfig.from_config(config)
@@ -128,19 +170,27 @@ def make_client_app(model_factory: Callable[[], nn.Module] | None, load_data: Da
         log.info("node %d round %d: received %d bytes of arrays, widths %s", context.node_id, round_,
                  sum(len(a.data) for a in read_train(msg.content)[1].values()),  # what this node got, per group
                  ",".join(f"{g}={len(i)}" for g, i in sorted(got.mask.indices.items())))
+        extra: dict[str, object] = {}
+        if _takes(train_fn, "device"):
+            extra["device"] = device
+        elif device.type != "cpu":
+            _warn_cpu_once(train_fn, device)
         with width_schedule(got, partition) as schedule:  # FjORD's per-batch widths, else inactive
             if schedule.active:
                 if not _takes_before_step(train_fn):
                     raise TypeError(f"the server runs FjORD (train config 'fjord-widths') but train_fn "
                                     f"{getattr(train_fn, '__name__', train_fn)!r} takes no before_step= "
                                     "argument: call before_step(step) before each batch's forward")
-                n, loss = train_fn(model, train_set, cfg, seed, before_step=schedule)
+                n, loss = train_fn(model, train_set, cfg, seed, before_step=schedule, **extra)
             else:
-                n, loss = train_fn(model, train_set, cfg, seed)
+                n, loss = train_fn(model, train_set, cfg, seed, **extra)
+        if model_device(model).type != "cpu":
+            model.cpu()  # the reply's tensors (and FjORD's per-width statistics) from CPU memory
         if schedule.active:
             log.info("node %d round %d: FjORD widths %s, %d steps", context.node_id, round_, schedule.widths,
                      len(schedule.history))
-        log.info("node %d round %d: %d examples, train-loss %.4f", context.node_id, round_, n, loss)
+        log.info("node %d round %d: %d examples, train-loss %.4f on %s", context.node_id, round_, n, loss,
+                 extra.get("device", "cpu"))
         content = RecordDict({
             **reply_arrays(got, model),
             METRICS_KEY: MetricRecord({"num-examples": int(n), "train-loss": float(loss)}),
@@ -149,6 +199,7 @@ def make_client_app(model_factory: Callable[[], nn.Module] | None, load_data: Da
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
+        device = node_device(context)
         _, arrays, config = read_train(msg.content)
         cfg = TrainConfig.from_config(config)
         model = factory_of(context)()
@@ -156,7 +207,7 @@ def make_client_app(model_factory: Callable[[], nn.Module] | None, load_data: Da
         _, test_set = load_data(context)
         metrics: dict[str, float | int] = {"num-examples": 0}
         if test_set is not None and len(test_set):
-            metrics = {"num-examples": len(test_set), **evaluate_model(model, test_set, cfg.loss)}
+            metrics = {"num-examples": len(test_set), **evaluate_model(model, test_set, cfg.loss, device=device)}
         return Message(content=RecordDict({METRICS_KEY: MetricRecord(metrics)}), reply_to=msg)
 
     @app.query()
@@ -168,4 +219,4 @@ def make_client_app(model_factory: Callable[[], nn.Module] | None, load_data: Da
     return app
 
 
-__all__ = ["make_client_app", "partition_reply"]
+__all__ = ["make_client_app", "partition_reply", "node_device"]

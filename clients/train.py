@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from fl_subnet.core.device import AMP_MODES, autocast, grad_scaler, model_device, resolve_device
 from fl_subnet.core.label_split import check_labels, mask_logits
 from fl_subnet.core.ordered import WidthSchedule, fjord_kd_loss
 from fl_subnet.wire.records import LABELS_KEY
@@ -78,6 +79,10 @@ class TrainConfig:
         HeteroFL's label split (``labels``, sorted): the labels this node holds; the
         logits of the others are set to 0 before the loss
         (:func:`fl_subnet.core.label_split.mask_logits`). Empty: no masking.
+    amp : {"none", "bf16", "fp16"}
+        Mixed precision of the forward passes (``amp``, :func:`fl_subnet.core.device.autocast`):
+        none, bfloat16 autocast (CPU or CUDA), or float16 autocast with a gradient scaler
+        (CUDA only). The key is absent from the train config when it is ``none``.
     """
 
     local_steps: int = 1
@@ -89,6 +94,7 @@ class TrainConfig:
     loss: str = "cross-entropy"
     seed: int = 0
     labels: tuple[int, ...] = ()
+    amp: str = "none"
 
     #: Most local steps / epochs a node accepts from a server message (more is refused,
     #: naming the key, instead of running until the node is killed).
@@ -105,7 +111,8 @@ class TrainConfig:
             negative count, more than :attr:`MAX_LOCAL_STEPS` local steps or
             :attr:`MAX_LOCAL_EPOCHS` local epochs, a non-positive or non-finite lr, an
             unknown loss, or ``labels`` that are not a non-empty list of distinct ints
-            >= 0 (or given with a loss other than cross-entropy).
+            >= 0 (or given with a loss other than cross-entropy), or an ``amp`` that is not
+            one of ``("none", "bf16", "fp16")``.
         """
         d = cls()
         cfg = cls(
@@ -118,6 +125,7 @@ class TrainConfig:
             loss=str(config.get("loss", d.loss)),
             seed=config_int(config, "seed", d.seed),
             labels=check_labels(config.get(LABELS_KEY), key=LABELS_KEY),
+            amp=config.get("amp", d.amp),
         )
         for key, value, most in (("local-steps", cfg.local_steps, cls.MAX_LOCAL_STEPS),
                                  ("local-epochs", cfg.local_epochs, cls.MAX_LOCAL_EPOCHS)):
@@ -131,6 +139,8 @@ class TrainConfig:
             raise ValueError("local-steps and local-epochs cannot both be 0")
         if not cfg.lr > 0:
             raise ValueError(f"lr must be > 0, got {cfg.lr}")
+        if not isinstance(cfg.amp, str) or cfg.amp not in AMP_MODES:
+            raise ValueError(f"config key 'amp' must be one of {AMP_MODES}, got {str(cfg.amp)[:80]!r}")
         if cfg.loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {cfg.loss!r}")
         if cfg.labels and cfg.loss != "cross-entropy":
@@ -164,7 +174,8 @@ def make_loader(data: Dataset, batch_size: int, shuffle: bool, seed: int) -> Dat
 
 
 def train_local(model: nn.Module, data: Dataset, cfg: TrainConfig, seed: int = 0, *,
-                before_step: Callable[[int], object] | None = None) -> tuple[int, float]:
+                before_step: Callable[[int], object] | None = None,
+                device: str | torch.device | None = None) -> tuple[int, float]:
     """Train ``model`` in place on ``data``.
 
     Parameters
@@ -187,6 +198,12 @@ def train_local(model: nn.Module, data: Dataset, cfg: TrainConfig, seed: int = 0
         drawn width on :func:`~fl_subnet.core.ordered.fjord_kd_loss` against the
         teacher's detached logits, the two gradients summed into one optimizer step, as
         Flower's FjORD baseline (``baselines/fjord/fjord/models.py``, ``train``).
+    device : str or torch.device, optional
+        Where to train: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or a
+        ``torch.device`` (:func:`fl_subnet.core.device.resolve_device`). The model is
+        moved there in place and stays there (move it back with ``model.cpu()`` if
+        needed); each batch is moved there. None (default): the model's current device,
+        so a model already on the GPU trains there and a CPU model on the CPU.
 
     Returns
     -------
@@ -200,11 +217,30 @@ def train_local(model: nn.Module, data: Dataset, cfg: TrainConfig, seed: int = 0
     ------
     ValueError
         Naming ``fjord-distill``, if distillation is asked for with a loss other than
-        cross-entropy.
+        cross-entropy; naming ``device``, for a device this machine lacks (``cuda``
+        without CUDA); naming ``amp``, for ``fp16`` on a device other than CUDA.
+
+    Notes
+    -----
+    ``cfg.amp`` (``bf16``/``fp16``) runs each forward pass and loss under
+    ``torch.autocast`` on the training device (backward and the optimizer step outside
+    it, the parameters stay float32); ``fp16`` also scales the loss with a
+    ``torch.amp.GradScaler``, which skips a step whose gradients overflowed.
     """
     distill = isinstance(before_step, WidthSchedule) and before_step.active and before_step.distill
     if distill and cfg.loss != "cross-entropy":
         raise ValueError(f"fjord-distill (FjORD's self-distillation) needs loss 'cross-entropy', got {cfg.loss!r}")
+    if device is None:
+        dev = model_device(model)
+    else:
+        dev = resolve_device(device)
+        model.to(dev)
+    scaler = grad_scaler(dev, cfg.amp)  # None but for fp16; ValueError naming 'amp' where it cannot run
+    amp = autocast(dev, cfg.amp)  # reusable: a nullcontext, or torch.autocast
+
+    def backward(value: torch.Tensor) -> None:
+        (value if scaler is None else scaler.scale(value)).backward()
+
     loader = make_loader(data, cfg.batch_size, shuffle=True, seed=seed)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
@@ -213,39 +249,75 @@ def train_local(model: nn.Module, data: Dataset, cfg: TrainConfig, seed: int = 0
     else:
         batches = itertools.chain.from_iterable(itertools.repeat(loader, cfg.local_epochs))
     model.train()
-    total, steps = 0.0, 0
+    # the loss summed on the device in float64 (as Python's float sum would): no host sync per step
+    total, steps = torch.zeros((), dtype=torch.float64, device=dev), 0
     # BatchNorm1d cannot normalise a batch of one row in training: skip such a trailing batch
     singletons_fail = any(isinstance(m, nn.BatchNorm1d) for m in model.modules())
     for x, y in batches:
         if singletons_fail and len(x) < 2:
             continue
+        x, y = x.to(dev), y.to(dev)  # no copy when already there
         if before_step is not None:
             before_step(steps)
         if distill:  # FjORD+KD: teacher p_max on the labels, then width p on its soft outputs
             opt.zero_grad()
             with before_step.teacher():
-                full = model(x)
-                loss_fn(cfg.loss, full, y, cfg.labels).backward()
-            student = model(x)
-            loss = fjord_kd_loss(mask_logits(student, cfg.labels) if cfg.labels else student,
-                                 mask_logits(full, cfg.labels) if cfg.labels else full)
-            loss.backward()
+                with amp:
+                    full = model(x)
+                    teacher_loss = loss_fn(cfg.loss, full, y, cfg.labels)
+                backward(teacher_loss)
+            with amp:
+                student = model(x)
+                loss = fjord_kd_loss(mask_logits(student, cfg.labels) if cfg.labels else student,
+                                     mask_logits(full, cfg.labels) if cfg.labels else full)
+            backward(loss)
         else:
-            loss = loss_fn(cfg.loss, model(x), y, cfg.labels)
+            with amp:
+                loss = loss_fn(cfg.loss, model(x), y, cfg.labels)
             opt.zero_grad()
-            loss.backward()
-        opt.step()
-        total += float(loss.detach())
+            backward(loss)
+        if scaler is None:
+            opt.step()
+        else:
+            scaler.step(opt)
+            scaler.update()
+        total += loss.detach().double()
         steps += 1
-    return len(data), (total / steps if steps else math.nan)
+    return len(data), (float(total) / steps if steps else math.nan)
 
 
 @torch.no_grad()
-def evaluate_model(model: nn.Module, data: Dataset, loss: str, batch_size: int = 512) -> dict[str, float]:
-    """``eval-loss`` (mean over examples) and, for classification, ``eval-acc``."""
+def evaluate_model(model: nn.Module, data: Dataset, loss: str, batch_size: int = 512, *,
+                   device: str | torch.device | None = None) -> dict[str, float]:
+    """``eval-loss`` (mean over examples) and, for classification, ``eval-acc``.
+
+    Parameters
+    ----------
+    model : nn.Module
+        Evaluated in eval mode.
+    data : Dataset
+        Yields ``(x, y)`` pairs.
+    loss : {"cross-entropy", "mse"}
+    batch_size : int
+        Rows per forward pass.
+    device : str or torch.device, optional
+        Where to evaluate (as :func:`train_local`'s ``device``: the model is moved there in
+        place, each batch too); None: the model's current device.
+
+    Raises
+    ------
+    ValueError
+        Naming ``device``, for a device this machine lacks.
+    """
+    if device is None:
+        dev = model_device(model)
+    else:
+        dev = resolve_device(device)
+        model.to(dev)
     model.eval()
     n, total, correct = 0, 0.0, 0
     for x, y in DataLoader(data, batch_size=batch_size):
+        x, y = x.to(dev), y.to(dev)
         out = model(x)
         total += float(loss_fn(loss, out, y)) * len(x)
         if loss == "cross-entropy":

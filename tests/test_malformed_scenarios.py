@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+import torch
 
 from fl_subnet.experiments import cli
 
@@ -78,6 +79,14 @@ KEY_CASES = [
     ("random-path-without-blocks", 'strategy = "random-path"\nmodel = "mlp"', "random-path"),
     ("core-fraction-zero", "core-fraction = 0.0", "core-fraction"),
     ("core-period-one", "core-period = 1", "core-period"),
+    ("device-unknown", 'device = "tpu"', "device"),
+    ("device-as-int", "device = 0", "device"),
+    ("device-cuda-beyond-count", 'device = "cuda:9999"', "device"),  # no machine here has 10,000 GPUs
+    ("amp-unknown", 'amp = "fp8"', "amp"),
+    ("amp-fp16-on-cpu", 'device = "cpu"\namp = "fp16"', "amp"),
+    # the machine decides: fl-subnet runs every node here, so it refuses what this machine lacks
+    *([("device-cuda-without-cuda", 'device = "cuda"', "device"),
+       ("amp-fp16-without-cuda", 'amp = "fp16"', "amp")] if not torch.cuda.is_available() else []),
     # wrong types: no silent coercion
     ("int-as-string", 'num-server-rounds = "3"', "num-server-rounds"),
     ("int-as-bool", "num-nodes = true", "num-nodes"),

@@ -80,7 +80,9 @@ def load_scenario(path: str | Path, overrides: dict | None = None) -> dict:
     """Read a scenario TOML (flat run-config keys) and validate it.
 
     An empty file is a valid scenario: every key at its default. Validation covers every
-    key on its own and the combinations (:class:`RunConfig`), before any data is loaded.
+    key on its own and the combinations (:class:`RunConfig`), before any data is loaded,
+    and, since ``fl-subnet`` runs every node on this machine, whether this machine has the
+    ``device`` (and ``amp``) asked for (:func:`~fl_subnet.experiments.experiment.local_device`).
 
     Raises
     ------
@@ -96,8 +98,10 @@ def load_scenario(path: str | Path, overrides: dict | None = None) -> dict:
         raise ValueError(f"{path}: [{tables[0]}] is a table; a scenario file holds flat run-config keys "
                          f"(no [sections]); accepted keys: {', '.join(RunConfig.keys())}")
     values.update(overrides or {})
+    from .experiment import local_device
+
     try:
-        RunConfig.from_mapping(values)
+        local_device(RunConfig.from_mapping(values))
     except ValueError as err:
         raise ValueError(f"{path}: {err}") from None
     return values
@@ -404,7 +408,9 @@ def main(argv: list[str] | None = None) -> int:
     for (name, file, extra, prefix), value in zip(planned, sweep_values or [None] * len(planned)):
         try:
             if resumed is not None:
-                RunConfig.from_mapping({**resumed, **overrides})
+                from .experiment import local_device
+
+                local_device(RunConfig.from_mapping({**resumed, **overrides}))
                 scenarios.append((Path(resume).name, {**resumed, **overrides}))
             else:
                 scenarios.append((name, load_scenario(file, {**overrides, **extra})))

@@ -30,6 +30,7 @@ import annotated_types as at
 from pydantic import AfterValidator, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 from pydantic.dataclasses import dataclass
 
+from fl_subnet.core.device import AMP_MODES, DEVICE_CHOICES, check_device_name
 from fl_subnet.core.paths import PATH_SCALES
 from fl_subnet.core.robust import SCREEN_MODES
 from fl_subnet.core.robust_direction import BUCKET_SIZE, CLIP_ITERATIONS
@@ -62,6 +63,7 @@ DropoutSampling = Literal[DROPOUT_SAMPLINGS]
 ServerOptimizer = Literal[("none",) + SERVER_OPTIMIZERS]
 PathScale = Literal[PATH_SCALES]
 FjordBn = Literal[FJORD_BN_MODES]
+Amp = Literal[AMP_MODES]
 
 STRATEGIES: tuple[str, ...] = get_args(Strategy)
 DATASETS: tuple[str, ...] = get_args(Dataset)
@@ -218,6 +220,15 @@ FolderPath = Annotated[
                                    "``~/flwr-runs/`` (empty: ``~/flwr-runs/<strategy>-<time>``); "
                                    "``fl-subnet`` sets it from ``--out``."),
 ]
+DeviceName = Annotated[
+    str, AfterValidator(check_device_name), _Allowed(DEVICE_CHOICES),
+    Field(strict=True, description="Where the nodes train and evaluate, and the server's central evaluation "
+                                   "runs: ``auto`` (``cuda`` if the machine has CUDA, else ``cpu``), ``cpu``, "
+                                   "``cuda`` or ``cuda:N``. Checked here for its form only; each node checks "
+                                   "its own hardware (``cuda`` on a node without CUDA fails there, naming "
+                                   "``device``) and may override it (``--node-config \"device='cuda:1'\"``). "
+                                   "``fl-subnet`` runs every node on this machine and checks it at once."),
+]
 ResumeFrom = Annotated[
     str, AfterValidator(_check_path), _Allowed("a folder path (a string without NUL characters)"),
     Field(strict=True, description="``flwr run``: continue the run saved in this results folder (absolute, or "
@@ -233,7 +244,7 @@ ResumeFrom = Annotated[
 RESUMABLE_KEYS = frozenset({
     "num-server-rounds", "out-dir", "resume-from", "round-timeout", "node-wait-timeout", "max-failed-rounds",
     "fraction-evaluate", "aggregation", "trim-fraction", "max-update-ratio", "max-ratio-to-median", "screen",
-    "max-num-examples", "clip-radius", "clip-iterations", "bucket-size",
+    "max-num-examples", "clip-radius", "clip-iterations", "bucket-size", "device",
 })
 
 _CONFIG = ConfigDict(strict=True, extra="forbid")
@@ -363,6 +374,10 @@ class RunConfig:
                               gt=0.0) = 60.0
     out_dir: FolderPath = ""
     resume_from: ResumeFrom = ""
+    device: DeviceName = "auto"
+    amp: Choice(Amp, "Mixed precision of the nodes' local training (forward passes under ``torch.autocast``): "
+                     "``none``, ``bf16`` (CPU or CUDA) or ``fp16`` (CUDA only, with a gradient scaler; a node "
+                     "without CUDA refuses it, naming ``amp``). Evaluation stays in float32.") = "none"
 
     @model_validator(mode="after")
     def _check_combination(self) -> "RunConfig":
@@ -425,6 +440,9 @@ class RunConfig:
                              f"{info.classes} classes of dataset {self.dataset!r}")
         if self.local_steps == 0 and self.local_epochs == 0:
             raise ValueError("local-steps and local-epochs cannot both be 0")
+        if self.amp == "fp16" and self.device == "cpu":
+            raise ValueError("amp 'fp16' needs a CUDA device (float16 autocast with a gradient scaler), got device "
+                             "'cpu': use amp 'bf16' or 'none' on the CPU")
         if self.aggregation != "mean" and self.untouched != "keep":
             raise ValueError(f"aggregation {self.aggregation!r} needs untouched 'keep', got {self.untouched!r}")
         protocol = protocol_class(self.strategy)
@@ -478,10 +496,14 @@ class RunConfig:
 
     def train_config(self) -> dict[str, object]:
         """The ConfigRecord sent with every train/evaluate message."""
-        return {"local-steps": self.local_steps, "local-epochs": self.local_epochs, "lr": self.lr,
-                "momentum": self.momentum, "weight-decay": self.weight_decay,
-                "batch-size": self.batch_size, "loss": self.loss_name, "seed": self.seed,
-                "batchnorm": self.batchnorm}
+        out: dict[str, object] = {
+            "local-steps": self.local_steps, "local-epochs": self.local_epochs, "lr": self.lr,
+            "momentum": self.momentum, "weight-decay": self.weight_decay,
+            "batch-size": self.batch_size, "loss": self.loss_name, "seed": self.seed,
+            "batchnorm": self.batchnorm}
+        if self.amp != "none":  # absent at its default: the messages of a run without it are unchanged
+            out["amp"] = self.amp
+        return out
 
 
 # --- Messages derived from the field definitions -----------------------------------------------

@@ -18,6 +18,7 @@ from flwr.serverapp import Grid
 from torch.utils.data import TensorDataset
 
 from .config import CONV_MODELS, RESUMABLE_KEYS, RunConfig
+from fl_subnet.core.device import check_amp, resolve_device
 from fl_subnet.wire import arrays_to_state
 from .zoo import model_factory
 from fl_subnet.exceptions import RunFailed  # noqa: F401  (re-exported: raised here)
@@ -102,6 +103,31 @@ def context_data(context: Context) -> tuple[TensorDataset, TensorDataset | None]
     return node_data(cfg, pid, n)
 
 
+def local_device(cfg: RunConfig) -> torch.device:
+    """The device ``cfg`` trains on when every node runs on this machine (``fl-subnet``'s
+    in-process runs): ``device`` resolved here, ``amp`` checked against it.
+
+    Raises
+    ------
+    ValueError
+        Naming ``device`` (a CUDA device this machine lacks) or ``amp`` (``fp16`` without CUDA).
+    """
+    device = resolve_device(cfg.device, key="device")
+    check_amp(cfg.amp, device)
+    return device
+
+
+def evaluation_device(cfg: RunConfig) -> torch.device:
+    """Where the server's central evaluation runs: ``device`` resolved on the server's
+    machine. A ``device`` the server lacks (it names the nodes' hardware, e.g. ``cuda`` with
+    a CPU-only SuperLink host) evaluates on the CPU, logged once."""
+    try:
+        return resolve_device(cfg.device, key="device")
+    except ValueError as err:
+        log.warning("central evaluation runs on the CPU: %s", err)
+        return torch.device("cpu")
+
+
 class CentralEvaluation:
     """Flower ``evaluate_fn``: the global model on the global test and train sets.
 
@@ -110,14 +136,17 @@ class CentralEvaluation:
     full model's loss on the union of all training data: the quantity of Liao &
     Kyrillidis' theorems), and passes one metrics row per round to ``on_round``
     together with the strategy's train metrics of that round (bytes, coverage, ...).
+    The model is evaluated on ``device`` (default :func:`evaluation_device`: the run
+    config's ``device`` on this machine).
     """
 
     def __init__(self, cfg: RunConfig, strategy, on_round: Callable[[dict], None] | None = None, *,
                  checkpoint_dir: str | Path | None = None, resume_meta: dict | None = None,
-                 train_set: TensorDataset | None = None):
+                 train_set: TensorDataset | None = None, device: torch.device | str | None = None):
         from .data import load_centralized_test
 
         self.cfg = cfg
+        self.device = evaluation_device(cfg) if device is None else resolve_device(device)
         self.checkpoint_dir = checkpoint_dir
         self.resuming = bool(resume_meta)
         self.replies = 0  # valid replies over the rounds of this process
@@ -149,8 +178,8 @@ class CentralEvaluation:
         deployed = self.strategy.deployed_state(state) if self.strategy is not None else state
         model.load_state_dict(deployed)  # the full model as evaluated (IST scaling "eval": 1/p folded in)
         loss = self.cfg.loss_name
-        test = evaluate_model(model, self.test, loss)
-        train = evaluate_model(model, self.train, loss)
+        test = evaluate_model(model, self.test, loss, device=self.device)
+        train = evaluate_model(model, self.train, loss, device=self.device)
         metrics = MetricRecord({**test, "full-train-loss": train["eval-loss"]})
         tm = getattr(self.strategy, "last_train_metrics", None) if server_round > 0 else None
         tm = dict(tm) if tm is not None else {}
