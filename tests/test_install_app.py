@@ -73,7 +73,7 @@ version = "1.0.0"
 description = "A user's own Flower app that trains with fl-subnet's IST"
 license = "Apache-2.0"
 dependencies = [
-    "flwr[simulation]>=1.41,<1.42",
+    "flwr[simulation]>=1.41,<1.43",
     "torch==2.13.0",
     "fl-subnet",
     "scikit-learn>=1.5",
