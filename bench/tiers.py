@@ -26,7 +26,7 @@ Output: one JSON line per variant on stdout (:mod:`bench.common`'s shape: ``metr
 ``--out`` writes ``{"variants": {variant: {seed: {...}}}, "machine": ..., ...}`` (default
 docs/tiers-table.json); ``--write-docs`` renders its table into docs/heterogeneous.md
 between ``<!-- tiers-table:start -->`` and ``<!-- tiers-table:end -->``
-(:func:`render_table`).
+(:func:`render_table`) and draws it as docs/tiers-table.png (:func:`plot`).
 
 Usage::
 
@@ -75,6 +75,7 @@ FIELDS = ("full-acc", *(f"tier-{r:g}-acc" for r in TIERS), "total-mb", "seconds"
 MARK_START, MARK_END = "<!-- tiers-table:start -->", "<!-- tiers-table:end -->"
 DOCS = ROOT / "docs" / "heterogeneous.md"
 JSON_OUT = ROOT / "docs" / "tiers-table.json"
+PLOT = ROOT / "docs" / "tiers-table.png"
 
 
 def scenario(variant: str, seed: int, rounds: int | None) -> dict:
@@ -182,9 +183,39 @@ def render_table(data: Mapping[str, object]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot(data: Mapping[str, object], path: Path = PLOT):
+    """A bar chart of the table: per variant, the full model and each tier alone (mean
+    over the seeds, the seeds' sd as error bars), written to ``path`` (PNG). Returns the
+    matplotlib ``Figure``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fields = (("full-acc", "full model"), *((f"tier-{r:g}-acc", f"tier {r:g} alone") for r in TIERS if r < 1))
+    variants = list(data["variants"])
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(variants)), 3.6), layout="constrained")
+    width = 0.8 / len(fields)
+    for i, (field, label) in enumerate(fields):
+        stats = [_stat(data["variants"][v], field) for v in variants]
+        ax.bar([j + (i - (len(fields) - 1) / 2) * width for j in range(len(variants))],
+               [100 * m for m, _ in stats], width, yerr=[100 * sd for _, sd in stats], capsize=2, label=label)
+    ax.set_xticks(range(len(variants)), variants, rotation=30, ha="right")
+    ax.set_ylabel("final test accuracy (%)")
+    seeds = next(iter(data["variants"].values()))
+    ax.set_title(f"Three capacity tiers on digits, {len(seeds)} seeds (bench/tiers.py)")
+    ax.set_ylim(0, 100)
+    ax.legend(loc="lower left", fontsize="small")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return fig
+
+
 def write_docs(data: Mapping[str, object], path: Path = DOCS) -> None:
-    """Replace the table between the markers of ``path`` with :func:`render_table`."""
+    """Replace the table between the markers of ``path`` with :func:`render_table`, and
+    draw it as :data:`PLOT` (:func:`plot`)."""
     replace_between(path, MARK_START, MARK_END, render_table(data))
+    plot(data)
 
 
 def docs_table(path: Path = DOCS) -> str:

@@ -50,3 +50,17 @@ def test_quick_run_structure(quick):
 def test_docs_table_is_rendered_from_the_json():
     data = json.loads((ROOT / "docs" / "tiers-table.json").read_text())
     assert tiers.docs_table() == tiers.render_table(data)
+
+
+def test_plot_draws_the_json(tmp_path):
+    """The bar chart has one bar per variant and field (full model, tier 0.25, tier 0.5),
+    each the mean over the seeds in percent."""
+    data = json.loads((ROOT / "docs" / "tiers-table.json").read_text())
+    fig = tiers.plot(data, tmp_path / "t.png")
+    assert (tmp_path / "t.png").stat().st_size > 0
+    bars = [p for p in fig.axes[0].patches]
+    variants = list(data["variants"])
+    assert len(bars) == 3 * len(variants)
+    full = [b.get_height() for b in bars[:len(variants)]]
+    want = [100 * sum(r["full-acc"] for r in data["variants"][v].values()) / len(data["variants"][v]) for v in variants]
+    assert full == pytest.approx(want)
