@@ -62,7 +62,6 @@ import math
 import os
 import re
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -304,12 +303,9 @@ def run_child(kind: str, wire_file: Path | None, config: Mapping[str, object], t
     if wire_file is not None:
         cmd += ["--child-wire", str(wire_file)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    if threads:
-        env["OMP_NUM_THREADS"] = str(threads)
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(f"child {kind} failed ({done.returncode}):\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    from common import run_child_json
+
+    return run_child_json(cmd, env, threads, ROOT)
 
 
 def measure(args: argparse.Namespace, keep_prob: float, workdir: Path) -> list[dict[str, object]]:

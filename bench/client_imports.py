@@ -44,7 +44,6 @@ import json
 import logging
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -189,12 +188,9 @@ def run_child(kind: str, wire_file: Path, config: dict[str, object], template_di
            "--child-config", json.dumps(config), "--child-template", str(template_dir)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(HERE), os.environ.get("PYTHONPATH", "")]),
            "FL_SUBNET_CACHE": str(template_dir / "partition-cache")}
-    if threads:
-        env["OMP_NUM_THREADS"] = str(threads)
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(f"child {kind} failed ({done.returncode}):\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    from common import run_child_json
+
+    return run_child_json(cmd, env, threads, ROOT)
 
 
 def measure(args: argparse.Namespace, workdir: Path) -> list[dict[str, object]]:

@@ -140,3 +140,25 @@ def run_line(data: Mapping[str, object], command: str) -> list[str]:
     mach = data["machine"]
     return ["", f"`{data.get('command', command)}`: {data['wall_seconds']:.0f} s on {mach.get('cpu')}, "
                 f"{mach.get('torch_threads')} torch thread(s), torch {mach.get('torch')}, flwr {mach.get('flwr')}."]
+
+
+def run_child_json(cmd: Sequence[str], env: Mapping[str, str], threads: int, cwd: Path) -> dict[str, object]:
+    """Run ``cmd`` (a benchmark's child in a fresh interpreter) with ``env`` (and
+    ``OMP_NUM_THREADS = threads`` when ``threads``) and return the JSON of its last line
+    of stdout.
+
+    Raises
+    ------
+    RuntimeError
+        If the child exits with a non-zero status (with the end of its stderr).
+    """
+    import subprocess
+
+    env = dict(env)
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    done = subprocess.run(list(cmd), capture_output=True, text=True, env=env, cwd=cwd, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"child {cmd[3] if len(cmd) > 3 else cmd} failed ({done.returncode}):\n"
+                           f"{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])

@@ -1,5 +1,6 @@
-"""Extra small models for tests: a residual MLP, a model with an op that has no rule, and one
-that declares its own unit group with an integer buffer and a 0-dim tensor."""
+"""Extra small models for tests: a residual MLP, a model with an op that has no rule, one
+that declares its own unit group with an integer buffer and a 0-dim tensor, and a tiny CNN
+with BatchNorm (FjORD's per-width statistics, devices)."""
 
 from __future__ import annotations
 
@@ -74,3 +75,23 @@ class WithBuffers(nn.Module):
 
     def unit_groups(self):
         return [UnitGroup("rows", 4, (Coupling("w", 0),), ())]
+
+
+class TinyBN(nn.Module):
+    """``conv1 → bn1 → ReLU → conv2 → bn2 → ReLU → mean pool → fc`` (classes unmasked).
+
+    Input ``(N, 1, H, W)``; output ``(N, 3)``; ``conv1`` has 8 channels, ``conv2`` 6.
+    """
+
+    C1, C2, CLASSES = 8, 6, 3
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(1, self.C1, 3, padding=1), nn.BatchNorm2d(self.C1)
+        self.conv2, self.bn2 = nn.Conv2d(self.C1, self.C2, 3, padding=1), nn.BatchNorm2d(self.C2)
+        self.fc = nn.Linear(self.C2, self.CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.bn1(self.conv1(x)))
+        h = F.relu(self.bn2(self.conv2(h)))
+        return self.fc(h.mean(dim=(2, 3)))

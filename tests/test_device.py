@@ -31,26 +31,12 @@ from fl_subnet.experiments.inprocess_grid import InProcessGrid
 from fl_subnet.strategies import FederatedDropout, FjORD
 from fl_subnet.wire import arrays_to_state
 from strategy_helpers import central_loss, factory, initial_arrays, load_data, train_config
+from models_extra import TinyBN
 
 NO_CUDA = not torch.cuda.is_available()
 needs_no_cuda = pytest.mark.skipif(not NO_CUDA, reason="checks the error of a machine without CUDA")
-C1, C2, CLASSES = 8, 6, 3
+C1, C2, CLASSES = TinyBN.C1, TinyBN.C2, TinyBN.CLASSES
 EXAMPLE = torch.zeros(2, 1, 6, 6)
-
-
-class TinyBN(nn.Module):
-    """conv → BN → ReLU → conv → BN → ReLU → mean pool → linear."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv1, self.bn1 = nn.Conv2d(1, C1, 3, padding=1), nn.BatchNorm2d(C1)
-        self.conv2, self.bn2 = nn.Conv2d(C1, C2, 3, padding=1), nn.BatchNorm2d(C2)
-        self.fc = nn.Linear(C2, CLASSES)
-
-    def forward(self, x):
-        h = F.relu(self.bn1(self.conv1(x)))
-        h = F.relu(self.bn2(self.conv2(h)))
-        return self.fc(h.mean(dim=(2, 3)))
 
 
 def bn_data(context):

@@ -30,25 +30,11 @@ from fl_subnet.experiments.inprocess_grid import InProcessGrid
 from fl_subnet.strategies import FjORD
 from fl_subnet.wire import arrays_to_state
 from fl_subnet.wire.records import FJORD_BN_RECORD, width_stats_from_record, width_stats_to_record
+from models_extra import TinyBN
 
-C1, C2, CLASSES = 8, 6, 3
+C1, C2, CLASSES = TinyBN.C1, TinyBN.C2, TinyBN.CLASSES
 WIDTHS = (0.25, 0.5, 0.75, 1.0)
 EXAMPLE = torch.zeros(2, 1, 6, 6)
-
-
-class TinyBN(nn.Module):
-    """conv → BN → ReLU → conv → BN → ReLU → mean pool → linear (classes unmasked)."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv1, self.bn1 = nn.Conv2d(1, C1, 3, padding=1), nn.BatchNorm2d(C1)
-        self.conv2, self.bn2 = nn.Conv2d(C1, C2, 3, padding=1), nn.BatchNorm2d(C2)
-        self.fc = nn.Linear(C2, CLASSES)
-
-    def forward(self, x):
-        h = F.relu(self.bn1(self.conv1(x)))
-        h = F.relu(self.bn2(self.conv2(h)))
-        return self.fc(h.mean(dim=(2, 3)))
 
 
 def ceil_prefix(size: int, p: float) -> int:
