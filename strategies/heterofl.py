@@ -55,7 +55,8 @@ class CapacityStrategy(SubnetStrategy):
         if getattr(cfg, "label_split", False):
             if cfg.aggregation != "mean":
                 raise ValueError(f"label-split needs aggregation 'mean' (HeteroFL's count mean over the nodes "
-                                 f"holding each label), got {cfg.aggregation!r}")
+                                 f"holding each label), got {cfg.aggregation!r}: set aggregation = \"mean\" "
+                                 f"(the run config's default is centered-clip)")
             if cfg.loss_name != "cross-entropy":
                 raise ValueError(f"label-split masks classification logits: it needs loss 'cross-entropy', got "
                                  f"{cfg.loss_name!r}")

@@ -227,7 +227,9 @@ def test_bad_labels_everywhere_name_the_key():
         RunConfig(strategy="heterofl", label_split="yes")
     with pytest.raises(ValueError, match="label-split"):
         RunConfig(strategy="heterofl", label_split=True, aggregation="median")
-    assert RunConfig(strategy="heterofl-dynamic", label_split=True).label_split
+    assert RunConfig(strategy="heterofl-dynamic", label_split=True, aggregation="mean").label_split
+    with pytest.raises(ValueError, match="label-split needs aggregation .mean.*set aggregation"):
+        RunConfig(strategy="heterofl", label_split=True)  # the default, centered-clip
     with pytest.raises(ValueError, match="label-split"):
         FjORD(factory, capacity_tiers=(1.0,), label_split=True)
     with pytest.raises(ValueError, match="label-split"):

@@ -337,7 +337,9 @@ class RunConfig:
                                      "or the robust ``median`` / ``trimmed-mean`` (coordinate-wise, unweighted, "
                                      "Yin et al. 2018), ``centered-clip`` (centered clipping of whole updates, "
                                      "Karimireddy et al. 2021) or ``bucketing`` (centered clipping of bucket "
-                                     "means, Karimireddy et al. 2022).") = "mean"
+                                     "means, Karimireddy et al. 2022). The default, ``centered-clip``, is "
+                                     "chosen in docs/attacks.md (\"The default\"); ``mean`` is the "
+                                     "protocols as published.") = "centered-clip"
     trim_fraction: Number("β of ``trimmed-mean``: the fraction of an entry's holders dropped at each end.",
                           ge=0.0, lt=0.5) = 0.25
     clip_radius: Number("τ of ``centered-clip`` / ``bucketing``: a reply's (bucket's) update farther than τ "
