@@ -16,17 +16,21 @@ import numpy as np
 import pytest
 import torch
 
-from fl_subnet.experiments import data
+from fl_subnet.experiments import data, partition_cache
 from fl_subnet.experiments.data import (
-    CACHE_ENV,
     load_centralized_test,
     load_centralized_train,
     load_dataset_by_name,
     load_partition,
-    partition_cache_dir,
     to_tensors,
 )
+from fl_subnet.experiments.partition_cache import CACHE_ENV, partition_cache_dir
 from fl_subnet.experiments.partition import partition
+
+
+def key_of(kind: str, name: str, data_kw: tuple, **fields) -> str:
+    """The cache key the data module uses for these arguments."""
+    return partition_cache.cache_key(kind, name, data.data_key(name, data_kw), data._SOURCES, **fields)
 
 ROOT = Path(__file__).resolve().parents[1]
 #: Imported by the computation only (flwr_datasets' package import pulls in seaborn and matplotlib).
@@ -266,8 +270,8 @@ def test_the_key_holds_what_determines_the_tensors(cache):
     load_partition("synthetic-regression", 0, 5, n=100, d=4)
     load_partition("synthetic-regression", 0, 5, n=100, d=5)
     assert len(_files(cache)) == n + 2
-    key = data.cache_key("partition", "digits", (("seed", 0),), seed=0)
-    assert json.loads(key)["format"] == data.CACHE_FORMAT
+    key = key_of("partition", "digits", (("seed", 0),), seed=0)
+    assert json.loads(key)["format"] == partition_cache.CACHE_FORMAT
     assert {"numpy", "datasets", "flwr-datasets", "scikit-learn", "source"} <= set(json.loads(key)["code"])
 
 
@@ -275,10 +279,10 @@ def test_a_path_data_set_is_keyed_by_its_files(tmp_path, cache):
     folder = tmp_path / "saved"
     folder.mkdir()
     (folder / "a.arrow").write_bytes(b"1234")
-    first = data.cache_key("split", "mnist", (("path", str(folder)), ("seed", 0)), split="train")
-    assert data.cache_key("split", "mnist", (("path", str(folder)), ("seed", 0)), split="train") == first
+    first = key_of("split", "mnist", (("path", str(folder)), ("seed", 0)), split="train")
+    assert key_of("split", "mnist", (("path", str(folder)), ("seed", 0)), split="train") == first
     (folder / "a.arrow").write_bytes(b"12345")
-    assert data.cache_key("split", "mnist", (("path", str(folder)), ("seed", 0)), split="train") != first
+    assert key_of("split", "mnist", (("path", str(folder)), ("seed", 0)), split="train") != first
 
 
 def test_an_unwritable_cache_folder_falls_back_to_computing(tmp_path, monkeypatch, caplog):
