@@ -28,7 +28,8 @@ when the honest median is like theirs, so screening never rejects it) and claim
 Defences (:data:`DEFENCES`): none; screening (``max-ratio-to-median`` 3,
 ``max-num-examples`` = the largest partition); screening + ``centered-clip``; screening +
 ``bucketing``; screening + coordinate-wise ``median``; ``centered-clip`` alone (the run
-config's default). For each protocol × defence the
+config's default); ``screening-clip`` (``screen = "clip"``: an update over the bound is
+scaled down to it, the clipping to the round's median norm). For each protocol × defence the
 final test accuracy of the honest run (10 nodes), of each attack, and of the run in which
 nodes 0 and 1 are absent (not connected; the other 8 keep their partitions: the best a defence can do),
 over ``--seeds`` (the strategy's seed and the train config's ``seed``; the initial model
@@ -47,6 +48,7 @@ Usage::
     python bench/attacks.py --out docs/attacks.json --write-docs
     python bench/attacks.py --render-only --out docs/attacks.json --write-docs
     python bench/attacks.py --defences centered-clip --merge --out docs/attacks.json --write-docs
+    python bench/attacks.py --defences screening-clip --merge --out docs/attacks.json --write-docs
 """
 
 from __future__ import annotations
@@ -100,7 +102,8 @@ NUM_SUBNETS = {"ist": 5, "ist-3": 3}
 #: defence name → aggregation rule; every one but "none" screens and caps the weight.
 DEFENCES = {"none": "mean", "screening": "mean", "screening+centered-clip": "centered-clip",
             "screening+bucketing": "bucketing", "screening+median": "median",
-            "centered-clip": "centered-clip"}  # the last: the run config's default, no screening
+            "centered-clip": "centered-clip",  # the run config's default, no screening
+            "screening-clip": "mean"}  # screen = "clip": each update cut to the bound, 3 × the round's median
 SCENARIOS = ("honest", "ipm", "sign-flip", "label-flip", "absent")
 ATTACKS = ("ipm", "sign-flip", "label-flip")
 CLASSES = 10
@@ -230,7 +233,8 @@ def node_seed(run_seed: int, rnd: int, pid: int) -> int:
 def build_strategy(protocol: str, defence: str, seed: int, cap: int, nodes: int = NODES):
     kwargs = dict(seed=seed, fraction_evaluate=0.0, min_available_nodes=nodes, aggregation=DEFENCES[defence])
     if defence.startswith("screening"):
-        kwargs["defences"] = Defences(max_ratio_to_median=MAX_RATIO_TO_MEDIAN, max_num_examples=cap)
+        kwargs["defences"] = Defences(max_ratio_to_median=MAX_RATIO_TO_MEDIAN, max_num_examples=cap,
+                                      screen="clip" if defence == "screening-clip" else "reject")
     if protocol == "dropout":
         return FederatedDropout(factory, KEEP_PROB, **kwargs)
     if protocol in NUM_SUBNETS:  # every node of the round trains, several per part
