@@ -247,11 +247,12 @@ class FjORD(CapacityStrategy):
         if self.bn != "per-width":
             return
         stats = self._ensure_width_stats()
+        sent = {w: self._width_slice(w) for w in self.widths}  # what every node was sent, once for all replies
         sums: dict[float, dict[str, torch.Tensor]] = {}
         totals: dict[float, float] = {}
         for node, content, weight in replies:
             try:
-                got = self._check_stats(node, content)
+                got = self._check_stats(node, content, sent)
             except ValueError as err:
                 log.warning("FjORD: round %d: node %d's per-width statistics left out: %s", server_round, node, err)
                 continue
@@ -264,8 +265,10 @@ class FjORD(CapacityStrategy):
             mean = {k: (v / totals[w]).to(stats[w][k].dtype) for k, v in acc.items()}
             stats[w] = self.slicer.scatter(mean, self._width_masks[w], stats[w])
 
-    def _check_stats(self, node: int, content: RecordDict) -> dict[float, dict[str, torch.Tensor]]:
-        """The node's per-width statistics, checked against what it was sent.
+    def _check_stats(self, node: int, content: RecordDict, sent: dict[float, dict[str, torch.Tensor]]
+                     ) -> dict[float, dict[str, torch.Tensor]]:
+        """The node's per-width statistics, checked against what it was sent (``sent``:
+        every width's statistics restricted to its units).
 
         Raises
         ------
@@ -281,7 +284,7 @@ class FjORD(CapacityStrategy):
         if sorted(got) != sorted(allowed):
             raise ValueError(f"'{FJORD_BN_RECORD}' holds widths {sorted(got)}, the node was sent {list(allowed)}")
         for w in allowed:
-            want = self._width_slice(w)
+            want = sent[w]
             if set(got[w]) != set(want):
                 raise ValueError(f"'{FJORD_BN_RECORD}' width {w:g}: buffers {sorted(got[w])}, expected {sorted(want)}")
             for k, t in got[w].items():
@@ -299,10 +302,13 @@ class FjORD(CapacityStrategy):
         largest width's (the full model's, when 1.0 is a width)."""
         new_state = super().after_aggregation(aggregate, held)
         if self.bn == "per-width" and self.width_stats is not None:
-            top = self.widths[-1]
-            new_state = {**new_state, **self.slicer.scatter(self._width_slice(top), self._width_masks[top],
-                                                            {k: new_state[k] for k in self._stat_keys})}
+            new_state = self._with_width_stats(new_state, self.widths[-1])
         return new_state
+
+    def _with_width_stats(self, state: dict[str, torch.Tensor], width: float) -> dict[str, torch.Tensor]:
+        """``state`` with width ``width``'s statistics written at its units."""
+        return {**state, **self.slicer.scatter(self._width_slice(width), self._width_masks[width],
+                                               {k: state[k] for k in self._stat_keys})}
 
     def tier_state(self, capacity: float, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The full state a tier of ``capacity`` is cut from: with per-width statistics
@@ -311,8 +317,7 @@ class FjORD(CapacityStrategy):
         width = float(capacity)
         if self.bn != "per-width" or self.width_stats is None or width not in self.width_stats:
             return state
-        return {**state, **self.slicer.scatter(self._width_slice(width), self._width_masks[width],
-                                               {k: state[k] for k in self._stat_keys})}
+        return self._with_width_stats(state, width)
 
     def max_width(self, capacity: float | None) -> float:
         """``p_max``: the largest width ≤ ``capacity`` (None: 1.0). A declared capacity
