@@ -103,7 +103,13 @@ NUM_SUBNETS = {"ist": 5, "ist-3": 3}
 DEFENCES = {"none": "mean", "screening": "mean", "screening+centered-clip": "centered-clip",
             "screening+bucketing": "bucketing", "screening+median": "median",
             "centered-clip": "centered-clip",  # the run config's default, no screening
-            "screening-clip": "mean"}  # screen = "clip": each update cut to the bound, 3 × the round's median
+            "screening-clip": "mean",  # screen = "clip": each update cut to the bound, 3 × the round's median
+            "geometric-median": "geometric-median", "multi-krum": "multi-krum",
+            # direction screening (min-cosine) before the rule, no norm screening
+            "centered-clip+direction": "centered-clip", "mean+direction": "mean"}
+#: ``min-cosine`` of the "+direction" defences: an update at more than 90° from the round's
+#: geometric median is rejected.
+MIN_COSINE = 0.0
 SCENARIOS = ("honest", "ipm", "sign-flip", "label-flip", "absent")
 ATTACKS = ("ipm", "sign-flip", "label-flip")
 CLASSES = 10
@@ -235,6 +241,8 @@ def build_strategy(protocol: str, defence: str, seed: int, cap: int, nodes: int 
     if defence.startswith("screening"):
         kwargs["defences"] = Defences(max_ratio_to_median=MAX_RATIO_TO_MEDIAN, max_num_examples=cap,
                                       screen="clip" if defence == "screening-clip" else "reject")
+    elif defence.endswith("+direction"):
+        kwargs["defences"] = Defences(min_cosine=MIN_COSINE)
     if protocol == "dropout":
         return FederatedDropout(factory, KEEP_PROB, **kwargs)
     if protocol in NUM_SUBNETS:  # every node of the round trains, several per part

@@ -19,7 +19,9 @@ from flwr.supercore import log as flwr_log
 from torch import nn
 
 from fl_subnet.core.aggregate import first_non_finite
-from fl_subnet.core.robust_direction import BUCKET_SIZE, CLIP_ITERATIONS, make_center
+from fl_subnet.core.robust_direction import BUCKET_SIZE, CLIP_ITERATIONS, make_center, update_point
+from fl_subnet.core.robust_distance import (KRUM_ROGUES_AUTO, WEISZFELD_ITERATIONS, WEISZFELD_SMOOTHING,
+                                           geometric_median, update_cosines)
 from fl_subnet.core.rules import AGGREGATION_RULES, AggregationRule, make_rule
 from fl_subnet.core.slicing import SERVER_THREADS, torch_threads
 from fl_subnet.core.robust import update_ratio
@@ -102,14 +104,17 @@ class SubnetStrategy(NodeSampling, FedAvg):
     calibration_batches : Iterable[torch.Tensor], optional
         Re-iterable input batches (a list, a DataLoader yielding inputs) the server
         holds; required by ``batchnorm="static"`` when the model has BatchNorm layers.
-    aggregation : {"mean", "median", "trimmed-mean", "centered-clip", "bucketing"}
+    aggregation : {"mean", "median", "trimmed-mean", "centered-clip", "bucketing", "geometric-median", "multi-krum"}
         ``mean``: the (weighted) mean over the holders of each entry (default).
         ``median`` / ``trimmed-mean``: coordinate-wise median / β-trimmed mean over the
         holders of each entry, unweighted (Yin et al., ICML 2018), robust to a minority
         of rogue nodes among an entry's holders. ``centered-clip`` / ``bucketing``:
         centered clipping of whole updates, alone or on bucket means, unweighted
         (Karimireddy et al., ICML 2021 and ICLR 2022;
-        :mod:`fl_subnet.core.robust_direction`).
+        :mod:`fl_subnet.core.robust_direction`). ``geometric-median`` / ``multi-krum``: the
+        geometric median of whole updates (RFA, Pillutla et al. 2022) or the mean of the
+        ``n − f`` replies of lowest Krum score (Blanchard et al. 2017), unweighted
+        (:mod:`fl_subnet.core.robust_distance`).
     trim_fraction : float
         β of ``trimmed-mean``: ⌊β·h⌋ values dropped at each end of an entry's h holders.
     clip_radius : float
@@ -119,6 +124,11 @@ class SubnetStrategy(NodeSampling, FedAvg):
         L of ``centered-clip`` / ``bucketing``.
     bucket_size : int
         s of ``bucketing``; the shuffle is drawn from ``seed`` and the server round.
+    weiszfeld_iterations, weiszfeld_smoothing : int, float
+        T and ν of ``geometric-median`` (smoothed Weiszfeld).
+    krum_rogues : int
+        f of ``multi-krum``: the ``n − f`` replies of lowest Krum score are averaged; -1:
+        ⌊(n − 3)/2⌋, as many as Krum tolerates.
     defences : Defences, optional
         Bounds every reply must meet before the rule folds it in: norm screening
         (``max_update_ratio``, ``max_ratio_to_median``, ``screen``) and the weight cap
@@ -205,6 +215,9 @@ class SubnetStrategy(NodeSampling, FedAvg):
         clip_radius: float = 0.0,
         clip_iterations: int = CLIP_ITERATIONS,
         bucket_size: int = BUCKET_SIZE,
+        weiszfeld_iterations: int = WEISZFELD_ITERATIONS,
+        weiszfeld_smoothing: float = WEISZFELD_SMOOTHING,
+        krum_rogues: int = KRUM_ROGUES_AUTO,
         defences: Defences | None = None,
         max_failed_rounds: int | None = 3,
         lr_scaling: str = "auto",
@@ -256,7 +269,9 @@ class SubnetStrategy(NodeSampling, FedAvg):
         self.trim_fraction = float(trim_fraction)
         #: The rule's options besides the state (fl_subnet.core.rules.make_rule).
         self.rule_options = dict(trim_fraction=self.trim_fraction, clip_radius=clip_radius,
-                                 clip_iterations=clip_iterations, bucket_size=bucket_size)
+                                 clip_iterations=clip_iterations, bucket_size=bucket_size,
+                                 weiszfeld_iterations=weiszfeld_iterations, weiszfeld_smoothing=weiszfeld_smoothing,
+                                 krum_rogues=krum_rogues)
         make_rule(aggregation, {}, self.slicer, untouched=untouched, denominator=denominator, precision=precision,
                   **self.rule_options)  # validates the rule and its options
         #: centered-clip / bucketing: the previous round's aggregate update, where the next
@@ -334,9 +349,12 @@ class SubnetStrategy(NodeSampling, FedAvg):
             "weighted": self.weighted, "aggregation": self.aggregation, "batchnorm": self.batchnorm,
             "lr scaling": self.lr_scaling,
         }
-        if self.aggregation in ("centered-clip", "bucketing"):
-            out["aggregation"] += " (" + ", ".join(f"{k.replace('_', '-')}={v}" for k, v in self.rule_options.items()
-                                                   if k != "trim_fraction") + ")"
+        own = {"trimmed-mean": ("trim_fraction",), "centered-clip": ("clip_radius", "clip_iterations"),
+               "bucketing": ("clip_radius", "clip_iterations", "bucket_size"),
+               "geometric-median": ("weiszfeld_iterations", "weiszfeld_smoothing"),
+               "multi-krum": ("krum_rogues",)}.get(self.aggregation, ())
+        if own:
+            out["aggregation"] += " (" + ", ".join(f"{k.replace('_', '-')}={self.rule_options[k]}" for k in own) + ")"
         if self.capacity_tiers:
             out["capacity tiers"] = ",".join(f"{t:g}" for t in self.capacity_tiers)
         d = self.defences
@@ -595,6 +613,7 @@ class SubnetStrategy(NodeSampling, FedAvg):
             log.warning("aggregate_train: round %d: %d replies and %d earlier ratios: max-ratio-to-median needs %d, "
                         "so this round is not screened against the median", tally.server_round, len(ratios),
                         len(self.ratio_history), self.defences.MIN_REPLIES_FOR_MEDIAN)
+        parsed = self._screen_directions(parsed, tally)
         folded: list[_Reply] = []
         for r in parsed:
             try:
@@ -618,6 +637,30 @@ class SubnetStrategy(NodeSampling, FedAvg):
         self.ratio_history.extend(r.ratio if bound is None else min(r.ratio, bound) for r in folded
                                   if r.ratio is not None)
         return folded
+
+    def _screen_directions(self, parsed: list["_Reply"], tally: "_Tally") -> list["_Reply"]:
+        """Direction screening (``defences.min_cosine``): the replies whose update's cosine
+        to the geometric median of the round's updates is below the bound are rejected;
+        off, or with fewer than ``Defences.MIN_REPLIES_FOR_MEDIAN`` replies, all pass."""
+        bound = self.defences.min_cosine
+        if bound is None or not parsed:
+            return parsed
+        if len(parsed) < self.defences.MIN_REPLIES_FOR_MEDIAN:
+            log.warning("aggregate_train: round %d: %d replies: min-cosine needs %d, so this round is not screened "
+                        "by direction", tally.server_round, len(parsed), self.defences.MIN_REPLIES_FOR_MEDIAN)
+            return parsed
+        points = [update_point(self._state, self.slicer, r.compact, r.mask) for r in parsed]
+        numels = {k: t.numel() for k, t in self._state.items() if t.is_floating_point()}
+        center, _ = geometric_median(points, numels, self.rule_options["weiszfeld_iterations"],
+                                     self.rule_options["weiszfeld_smoothing"])
+        kept = []
+        for r, cos in zip(parsed, update_cosines(points, center)):
+            if cos < bound:
+                tally.reject(r.node, f"update points away from the round's robust centre: cosine {cos:.3f} < "
+                                     f"min-cosine {bound:g}")
+            else:
+                kept.append(r)
+        return kept
 
     def _round_metrics(self, folded: list["_Reply"], tally: "_Tally") -> MetricRecord:
         """Step 3: the nodes' metrics (Flower's ``train_metrics_aggr_fn``) and the server's."""

@@ -41,6 +41,15 @@ class Defences:
     max_num_examples : float, optional
         Cap on a reply's self-reported ``num-examples`` weight (e.g. the largest
         partition size the operator knows): one node cannot buy unbounded weight.
+    min_cosine : float, optional
+        Direction screening: a reply whose update's cosine to the round's robust centre
+        (the geometric median of the parsed replies' updates,
+        :func:`fl_subnet.core.robust_distance.geometric_median`), over the entries it
+        holds, is below this bound in [-1, 1] is rejected
+        (:func:`fl_subnet.core.robust_distance.update_cosines`; FLTrust's cosine test,
+        Cao et al., NDSS 2021, §4, against the robust centre instead of a server update).
+        Needs at least :attr:`MIN_REPLIES_FOR_MEDIAN` replies in the round: a centre of
+        one or two does not tell the rogue from the honest.
 
     Raises
     ------
@@ -53,6 +62,7 @@ class Defences:
     max_ratio_to_median: float | None = None
     screen: str = "reject"
     max_num_examples: float | None = None
+    min_cosine: float | None = None
 
     #: Ratios needed for ``max_ratio_to_median`` to act.
     MIN_REPLIES_FOR_MEDIAN = 3
@@ -66,6 +76,10 @@ class Defences:
             if getattr(self, key) is not None:
                 screen_update({}, {}, getattr(self, key), self.screen)  # ValueError naming max_ratio
         cap_weight(1.0, self.max_num_examples)  # ValueError naming cap
+        if self.min_cosine is not None and (isinstance(self.min_cosine, bool)
+                                            or not isinstance(self.min_cosine, (int, float))
+                                            or not -1.0 <= self.min_cosine <= 1.0):
+            raise ValueError(f"min-cosine must be a number in [-1, 1], got {self.min_cosine!r}")
 
     @property
     def screening(self) -> bool:
@@ -111,7 +125,7 @@ class Defences:
         return cap_weight(weight, self.max_num_examples)
 
     def __bool__(self) -> bool:
-        return self.screening or self.max_num_examples is not None
+        return self.screening or self.max_num_examples is not None or self.min_cosine is not None
 
 
 NO_DEFENCES = Defences()

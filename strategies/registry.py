@@ -101,6 +101,7 @@ def build_strategy(cfg: Any, model_factory: Callable[[], nn.Module], *, example_
     own keys (``from_run_config``); the keys every protocol shares are passed to it here:
     the seed, ``untouched``, ``batchnorm``, the defences (``aggregation`` and its options
     ``trim-fraction``, ``clip-radius``, ``clip-iterations``, ``bucket-size``,
+    ``weiszfeld-iterations``, ``weiszfeld-smoothing``, ``krum-rogues``, ``min-cosine``,
     ``max-update-ratio``, ...; 0 = off), ``node-wait-timeout``, ``lr-scaling``, the server
     optimizer and ``fraction-evaluate``. ``min_available_nodes`` etc. can be passed through
     ``fedavg_kwargs``; ``example_input`` and ``calibration_batches`` go to
@@ -116,9 +117,12 @@ def build_strategy(cfg: Any, model_factory: Callable[[], nn.Module], *, example_
                   batchnorm=cfg.batchnorm, calibration_batches=calibration_batches,
                   aggregation=cfg.aggregation, trim_fraction=cfg.trim_fraction, clip_radius=cfg.clip_radius,
                   clip_iterations=cfg.clip_iterations, bucket_size=cfg.bucket_size,
+                  weiszfeld_iterations=cfg.weiszfeld_iterations, weiszfeld_smoothing=cfg.weiszfeld_smoothing,
+                  krum_rogues=cfg.krum_rogues,
                   defences=Defences(max_update_ratio=cfg.max_update_ratio or None,
                                     max_ratio_to_median=cfg.max_ratio_to_median or None, screen=cfg.screen,
-                                    max_num_examples=cfg.max_num_examples or None),
+                                    max_num_examples=cfg.max_num_examples or None,
+                                    min_cosine=cfg.min_cosine if cfg.min_cosine > -1.0 else None),
                   max_failed_rounds=cfg.max_failed_rounds or None, node_wait_timeout=cfg.node_wait_timeout,
                   lr_scaling=cfg.lr_scaling,
                   server_optimizer=make_server_optimizer(cfg.server_optimizer, lr=cfg.server_lr or None,

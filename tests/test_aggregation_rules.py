@@ -54,7 +54,7 @@ def test_identical_replies_give_that_reply_on_held_entries_and_keep_the_rest(rul
         h = held[key].expand_as(full).to(torch.bool)  # held() broadcasts over the unmasked dims
         assert torch.all(out[key][h] == 0.5), (rule, key)
         assert torch.equal(out[key][~h], full[~h]), (rule, key)  # no holder: the value stays
-    rows = held["1.weight"].flatten()
+    rows = held["1.weight"].expand_as(state["1.weight"])[:, 0]  # (6, 1) or the full shape (Multi-Krum)
     assert rows[[0, 2, 3]].all() and not rows[[1, 4, 5]].any()
 
 
@@ -109,12 +109,16 @@ def test_hand_computed_values_on_a_shared_entry(rule, spec, state):
     """Three holders of one entry with values 0, 1, 8 and weights 1, 1, 2: the mean is
     the weighted mean (17/4), the median the middle value (1); the trimmed mean at
     β = 1/3 drops one value at each end (1); centered clipping with a radius nothing
-    reaches (and bucketing with buckets of one) is the unweighted mean (3)."""
-    agg = make_rule(rule, state, spec.slicer, trim_fraction=1 / 3, clip_radius=1e30, bucket_size=1)
+    reaches (and bucketing with buckets of one) is the unweighted mean (3); the geometric
+    median of three points on a line is the middle one (1); Multi-Krum with n = 3 tolerates
+    f = 0 rogues and averages all three (3)."""
+    agg = make_rule(rule, state, spec.slicer, trim_fraction=1 / 3, clip_radius=1e30, bucket_size=1,
+                    weiszfeld_iterations=200, weiszfeld_smoothing=1e-12)
     m = mask_of(spec, [0])
     for value, weight in ((0.0, 1.0), (1.0, 1.0), (8.0, 2.0)):
         agg.add(reply(spec, state, m, value), m, weight)
-    want = {"mean": 17 / 4, "median": 1.0, "trimmed-mean": 1.0, "centered-clip": 3.0, "bucketing": 3.0}[rule]
+    want = {"mean": 17 / 4, "median": 1.0, "trimmed-mean": 1.0, "centered-clip": 3.0, "bucketing": 3.0,
+            "geometric-median": 1.0, "multi-krum": 3.0}[rule]
     assert float(agg.finalize()["1.weight"][0, 0]) == pytest.approx(want, rel=1e-6)
 
 

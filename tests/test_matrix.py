@@ -14,8 +14,8 @@ Axes (the README's protocol table, "Server optimizers", "Rogue nodes", "BatchNor
   CoreAlternation; and every registered protocol (``fl_subnet.strategies.PROTOCOLS``)
   built by ``build_strategy`` from a run config, as the App builds it (``<name>@run-config``),
   so a new protocol module gets its cell without an edit here;
-* aggregation: mean, median, trimmed-mean;
-* defences: max_update_ratio, max_ratio_to_median, screen reject / clip, max_num_examples;
+* aggregation: mean, median, trimmed-mean, centered-clip, bucketing, geometric-median, multi-krum;
+* defences: max_update_ratio, max_ratio_to_median, screen reject / clip, max_num_examples, min_cosine;
 * BatchNorm policy on a model with BatchNorm: averaged, static with calibration_batches;
 * server optimizer: none, MaskedFedAvgM / FedAdam / FedYogi / FedAdagrad, and the
   composition ``class X(FederatedDropout, FedAdam)``.
@@ -279,7 +279,7 @@ SCREEN_CLIP_MEDIAN = dict(max_ratio_to_median=1.0, screen="clip")  # the replies
 SCREEN_CLIP_ABS = dict(max_update_ratio=0.08, screen="clip")  # below the honest ratios: every reply clipped
 CAP = dict(max_num_examples=30)  # the MLP problem's partitions have 20, 25, 30, 35 examples: one capped
 CAP_LARGEST = dict(max_num_examples=35)  # the README's advice: the largest partition (nothing capped)
-DEFENCES = ("max_update_ratio", "max_ratio_to_median", "screen", "max_num_examples")
+DEFENCES = ("max_update_ratio", "max_ratio_to_median", "screen", "max_num_examples", "min_cosine")
 
 CELLS: list = []
 
@@ -306,6 +306,12 @@ cell("median", "core-alternation", options=dict(aggregation="median"))
 cell("median", "federated-dropout+FedAdam", options=dict(aggregation="median"))
 cell("trimmed-mean", "fedrolex", options=dict(aggregation="trimmed-mean"))
 cell("trimmed-mean-0.4", "multisample-dropout", options=dict(aggregation="trimmed-mean", trim_fraction=0.4))
+# the rules that look at whole updates: one full-like and one sparse protocol each; IST for
+# Multi-Krum, the rule docs/attacks.md measures best for it
+for rule in ("centered-clip", "bucketing", "geometric-median", "multi-krum"):
+    for name in ("fedavg", "federated-dropout"):
+        cell(rule, name, options=dict(aggregation=rule))
+cell("multi-krum", "ist", options=dict(aggregation="multi-krum"))
 
 # 3. defences (max_ratio_to_median needs >= 3 replies: not with Dropout's one node)
 for name in ("fedavg", "federated-dropout", "ist", "fedrolex", "core-alternation", "random-path"):
@@ -317,6 +323,8 @@ cell("screen-reject", "dropout", options=dict(max_update_ratio=1.0, screen="reje
 cell("screen-clip-median", "ist+FedYogi", options=SCREEN_CLIP_MEDIAN, clips=True)
 for name in ("fedavg", "federated-dropout", "ist", "fjord", "multisample-dropout"):
     cell("max-num-examples", name, options=CAP)
+for name in ("fedavg", "federated-dropout"):  # direction screening: honest updates point with the centre
+    cell("min-cosine", name, options=dict(min_cosine=0.0, aggregation="centered-clip"))
 for name in ("fedavg", "ist"):
     cell("max-num-examples-largest", name, options=dict(**SCREEN_REJECT, **CAP_LARGEST), bit_identical=True)
 # the robust rules are unweighted: capping a weight changes nothing there
@@ -519,9 +527,9 @@ def test_matrix_covers_every_option():
         names = {c.protocol for c in cells if pred(c)}
         return bool(names & FULL_LIKE and names & SPARSE)
 
-    for rule in ("median", "trimmed-mean"):
+    for rule in ("median", "trimmed-mean", "centered-clip", "bucketing", "geometric-median", "multi-krum"):
         assert covered(lambda c: c.options.get("aggregation") == rule), rule
-    for key in ("max_update_ratio", "max_ratio_to_median", "max_num_examples"):
+    for key in ("max_update_ratio", "max_ratio_to_median", "max_num_examples", "min_cosine"):
         assert covered(lambda c: key in c.options), key
     for mode in ("reject", "clip"):
         assert covered(lambda c: c.options.get("screen") == mode), mode

@@ -59,8 +59,8 @@ def test_registering_adds_a_row_and_a_builder(monkeypatch):
     cfg = type("Cfg", (), {"strategy": "aaa-test"})
     monkeypatch.setattr(registry, "make_server_optimizer", lambda *a, **k: None)
     for key in ("seed", "untouched", "batchnorm", "aggregation", "trim_fraction", "clip_radius", "clip_iterations",
-                "bucket_size", "max_update_ratio",
-                "max_ratio_to_median", "screen", "max_num_examples", "max_failed_rounds", "node_wait_timeout",
+                "bucket_size", "weiszfeld_iterations", "weiszfeld_smoothing", "krum_rogues", "min_cosine",
+                "max_update_ratio", "max_ratio_to_median", "screen", "max_num_examples", "max_failed_rounds", "node_wait_timeout",
                 "lr_scaling", "server_optimizer", "server_lr", "server_momentum", "fraction_evaluate"):
         setattr(cfg, key, 0)
     cfg.screen = "reject"

@@ -31,6 +31,7 @@ import torch
 
 from .robust import _RobustAggregator
 from .samplers import generator_for
+from .masks import Mask
 from .slicing import Slicer
 
 log = logging.getLogger(__name__)
@@ -158,6 +159,42 @@ def centered_clip(points: Sequence[Point], numels: Mapping[str, int],
     return v, radius, clipped
 
 
+def update_point(state: Mapping[str, torch.Tensor], slicer: Slicer, compact: Mapping[str, torch.Tensor],
+                 mask: Mask) -> Point:
+    """One reply's update ``Δ = W_c − W_k[slice]`` as a :data:`Point`.
+
+    Parameters
+    ----------
+    state : Mapping[str, torch.Tensor]
+        ``W_k``, the full global state.
+    slicer : Slicer
+        Coupling table of the model's unit groups.
+    compact : Mapping[str, torch.Tensor]
+        The reply's compact slice, cut from ``state`` with ``mask``; only its
+        floating-point keys are used.
+    mask : Mask
+        The mask the slice was cut with.
+
+    Returns
+    -------
+    Point
+        Key → ``(index, delta)``: the flat full positions the reply holds (int64, shape
+        ``(n,)``) and its update there (float64, shape ``(n,)``).
+    """
+    p: Point = {}
+    for key, t in compact.items():
+        full = state[key]
+        if not full.is_floating_point():
+            continue
+        if key in slicer.coupled:
+            idx = slicer.flat_index(key, full.shape, mask).long()
+        else:
+            idx = torch.arange(full.numel())
+        base = full.detach().reshape(-1).to(torch.float64)[idx]
+        p[key] = (idx, t.detach().reshape(-1).to(device=base.device, dtype=torch.float64) - base)
+    return p
+
+
 def bucket_order(num: int, seed: int, server_round: int) -> list[int]:
     """The round's shuffle of ``num`` replies: ``torch.randperm`` from
     ``generator_for(seed, server_round, BUCKET_SLOT)`` (never the global random state; the
@@ -218,7 +255,75 @@ def bucket_means(points: Sequence[Point], numels: Mapping[str, int], order: Sequ
     return out
 
 
-class MaskedCenteredClip(_RobustAggregator):
+class WholeUpdateRule(_RobustAggregator):
+    """Shared machinery of the rules that look at each reply's whole update.
+
+    A reply becomes a :data:`Point` (its update ``Δ_i = W_i − W_k[slice_i]`` over the
+    entries it holds, float64); :meth:`_aggregate` turns the points into an aggregate
+    update ``v`` (key → float64 of shape ``(N_k,)``); :meth:`finalize` applies it to the
+    entries the points it used held: ``W_{k+1}[e] = W_k[e] + v[e]``, every other entry
+    keeps ``W_k[e]``; integer tensors take the max over holders.
+
+    Subclasses set :attr:`keeps_center` when the next round starts from this round's
+    aggregate update (centered clipping); :meth:`_aggregate` may set :attr:`_used` to
+    the indices of the points it used (Multi-Krum's selection), all by default.
+    """
+
+    #: Whether :meth:`finalize` records :attr:`next_center` (the round's aggregate update).
+    keeps_center = False
+
+    def __init__(self, global_state: Mapping[str, torch.Tensor], slicer: Slicer) -> None:
+        super().__init__(global_state, slicer)
+        self.next_center: dict[str, torch.Tensor] | None = None
+        self._used: list[int] | None = None
+        self._held: dict[str, torch.Tensor] | None = None
+
+    def _numels(self) -> dict[str, int]:
+        return {k: t.numel() for k, t in self.state.items() if t.is_floating_point()}
+
+    def _points(self) -> list[Point]:
+        """Every added reply as a :data:`Point` (its update over the entries it holds)."""
+        return [update_point(self.state, self.slicer, compact, mask) for compact, mask in self._replies]
+
+    def _aggregate(self, points: list[Point]) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def held(self) -> dict[str, torch.Tensor]:
+        """Which entries the replies the rule used held (after :meth:`finalize`; before
+        it, or when every reply was used, :meth:`MaskedAggregator.held`)."""
+        return self._held if self._held is not None else self._inner.held()
+
+    def finalize(self) -> dict[str, torch.Tensor]:
+        """The new global state ``W_{k+1}`` (new tensors; ``W_k`` if no reply was added)."""
+        if not self._replies:
+            return {k: t.clone() for k, t in self.state.items()}
+        with torch.no_grad():
+            points = self._points()
+            self._used = None
+            v = self._aggregate(points)
+            used = range(len(points)) if self._used is None else self._used
+            held = {key: torch.zeros(n, dtype=torch.bool) for key, n in self._numels().items()}
+            for i in used:
+                for key, (idx, _) in points[i].items():
+                    held[key][idx] = True
+            if self._used is not None:
+                self._held = {key: h.reshape(self.state[key].shape).to(self.state[key].device)
+                              for key, h in held.items()}
+            out, center = {}, {}
+            for key, full in self.state.items():
+                if not full.is_floating_point():
+                    out[key] = self._inner._num.get(key, full).clone()  # max over holders (MaskedAggregator.add)
+                    continue
+                step = torch.where(held[key], v[key], torch.zeros((), dtype=torch.float64)).to(full.device)
+                new = (full.reshape(-1).to(torch.float64) + step).to(full.dtype)
+                out[key] = torch.where(held[key].to(full.device), new, full.reshape(-1)).reshape(full.shape)
+                center[key] = step.reshape(full.shape)
+            if self.keeps_center:
+                self.next_center = center
+        return out
+
+
+class MaskedCenteredClip(WholeUpdateRule):
     """Masked centered clipping of the replies' updates (``aggregation = "centered-clip"``).
 
     With ``Δ_i = W_i − W_k[slice_i]`` (float64) over the entries reply ``i`` holds, ``v``
@@ -266,6 +371,8 @@ class MaskedCenteredClip(_RobustAggregator):
         ``clip-iterations``); from ``add``/``check`` as :class:`MaskedAggregator`.
     """
 
+    keeps_center = True
+
     def __init__(self, global_state: Mapping[str, torch.Tensor], slicer: Slicer, clip_radius: float = 0.0,
                  clip_iterations: int = CLIP_ITERATIONS,
                  center: Mapping[str, torch.Tensor] | None = None) -> None:
@@ -273,27 +380,7 @@ class MaskedCenteredClip(_RobustAggregator):
         self.clip_iterations = check_clip_iterations(clip_iterations)
         super().__init__(global_state, slicer)
         self.center = center
-        self.next_center: dict[str, torch.Tensor] | None = None
         self.radius: float | None = None
-
-    def _numels(self) -> dict[str, int]:
-        return {k: t.numel() for k, t in self.state.items() if t.is_floating_point()}
-
-    def _points(self) -> list[Point]:
-        """Every added reply as a :data:`Point` (its update over the entries it holds)."""
-        points = []
-        for compact, mask in self._replies:
-            p: Point = {}
-            for key, t in compact.items():
-                full = self.state[key]
-                if key in self.slicer.coupled:
-                    idx = self.slicer.flat_index(key, full.shape, mask).long()
-                else:
-                    idx = torch.arange(full.numel())
-                base = full.detach().reshape(-1).to(torch.float64)[idx]
-                p[key] = (idx, t.detach().reshape(-1).to(torch.float64) - base)
-            points.append(p)
-        return points
 
     def _aggregate(self, points: list[Point]) -> dict[str, torch.Tensor]:
         v, self.radius, clipped = centered_clip(points, self._numels(), self.center, self.clip_radius,
@@ -301,28 +388,6 @@ class MaskedCenteredClip(_RobustAggregator):
         log.debug("centered clipping: %d point(s), radius %.4g, %d clipped in the first iteration",
                   len(points), self.radius, clipped)
         return v
-
-    def finalize(self) -> dict[str, torch.Tensor]:
-        """The new global state ``W_{k+1}`` (new tensors; ``W_k`` if no reply was added)."""
-        if not self._replies:
-            return {k: t.clone() for k, t in self.state.items()}
-        with torch.no_grad():
-            points = self._points()
-            v = self._aggregate(points)
-            held = {key: torch.zeros(n, dtype=torch.bool) for key, n in self._numels().items()}
-            for p in points:
-                for key, (idx, _) in p.items():
-                    held[key][idx] = True
-            out, self.next_center = {}, {}
-            for key, full in self.state.items():
-                if not full.is_floating_point():
-                    out[key] = self._inner._num.get(key, full).clone()  # max over holders (MaskedAggregator.add)
-                    continue
-                step = torch.where(held[key], v[key], torch.zeros((), dtype=torch.float64)).to(full.device)
-                new = (full.reshape(-1).to(torch.float64) + step).to(full.dtype)
-                out[key] = torch.where(held[key].to(full.device), new, full.reshape(-1)).reshape(full.shape)
-                self.next_center[key] = step.reshape(full.shape)
-        return out
 
 
 class MaskedBucketing(MaskedCenteredClip):
@@ -384,6 +449,6 @@ def make_center(rule: object, previous: Mapping[str, torch.Tensor] | None) -> Ma
     return nxt if nxt is not None else previous
 
 
-__all__ = ["BUCKET_SIZE", "BUCKET_SLOT", "CLIP_ITERATIONS", "MaskedBucketing", "MaskedCenteredClip",
-           "bucket_means", "bucket_order", "centered_clip", "check_bucket_size", "check_clip_iterations",
-           "check_clip_radius", "make_center"]
+__all__ = ["BUCKET_SIZE", "BUCKET_SLOT", "CLIP_ITERATIONS", "MaskedBucketing", "MaskedCenteredClip", "Point",
+           "WholeUpdateRule", "bucket_means", "bucket_order", "centered_clip", "check_bucket_size",
+           "check_clip_iterations", "check_clip_radius", "make_center", "update_point"]

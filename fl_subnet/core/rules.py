@@ -20,6 +20,8 @@ from .aggregate import MaskedAggregator
 from .masks import Mask
 from .robust import MaskedMedian, MaskedTrimmedMean
 from .robust_direction import BUCKET_SIZE, CLIP_ITERATIONS, MaskedBucketing, MaskedCenteredClip
+from .robust_distance import (KRUM_ROGUES_AUTO, WEISZFELD_ITERATIONS, WEISZFELD_SMOOTHING, MaskedGeometricMedian,
+                              MaskedMultiKrum)
 from .slicing import Slicer
 
 
@@ -62,15 +64,27 @@ def _bucketing(state, slicer, *, clip_radius=0.0, clip_iterations=CLIP_ITERATION
     return MaskedBucketing(state, slicer, clip_radius, clip_iterations, center, bucket_size, seed, server_round)
 
 
+def _geometric_median(state, slicer, *, weiszfeld_iterations=WEISZFELD_ITERATIONS,
+                      weiszfeld_smoothing=WEISZFELD_SMOOTHING, **_) -> MaskedGeometricMedian:
+    return MaskedGeometricMedian(state, slicer, weiszfeld_iterations, weiszfeld_smoothing)
+
+
+def _multi_krum(state, slicer, *, krum_rogues=KRUM_ROGUES_AUTO, **_) -> MaskedMultiKrum:
+    return MaskedMultiKrum(state, slicer, krum_rogues)
+
+
 #: Rule name (the run config's ``aggregation``) -> constructor ``(global_state, slicer, **options)``.
 #: ``mean``: the (weighted) mean over each entry's holders (Flower's FedAvg rule on the held
 #: entries); ``median`` / ``trimmed-mean``: the coordinate-wise median / β-trimmed mean over
 #: each entry's holders, unweighted (Yin et al., ICML 2018); ``centered-clip`` / ``bucketing``:
 #: centered clipping of whole updates (Karimireddy et al., ICML 2021), alone or on bucket
-#: means (Karimireddy et al., ICLR 2022), unweighted (:mod:`fl_subnet.core.robust_direction`).
+#: means (Karimireddy et al., ICLR 2022), unweighted (:mod:`fl_subnet.core.robust_direction`);
+#: ``geometric-median`` / ``multi-krum``: the geometric median of whole updates (RFA, Pillutla et
+#: al. 2022) or the mean of the m best by Krum's score (Blanchard et al. 2017), unweighted
+#: (:mod:`fl_subnet.core.robust_distance`).
 AGGREGATION_RULES: dict[str, Callable[..., AggregationRule]] = {
     "mean": _mean, "median": _median, "trimmed-mean": _trimmed_mean, "centered-clip": _centered_clip,
-    "bucketing": _bucketing}
+    "bucketing": _bucketing, "geometric-median": _geometric_median, "multi-krum": _multi_krum}
 
 
 def make_rule(name: str, global_state: Mapping[str, torch.Tensor], slicer: Slicer, **options) -> AggregationRule:
@@ -79,7 +93,8 @@ def make_rule(name: str, global_state: Mapping[str, torch.Tensor], slicer: Slice
     ``options``: ``untouched``, ``denominator``, ``precision``, ``flat`` (the mean),
     ``trim_fraction`` (the trimmed mean), ``clip_radius``, ``clip_iterations``, ``center``
     (centered clipping and bucketing), ``bucket_size``, ``seed``, ``server_round``
-    (bucketing); a rule ignores the others.
+    (bucketing), ``weiszfeld_iterations``, ``weiszfeld_smoothing`` (the geometric median),
+    ``krum_rogues`` (Multi-Krum); a rule ignores the others.
 
     Raises
     ------

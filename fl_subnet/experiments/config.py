@@ -34,6 +34,7 @@ from fl_subnet.core.device import AMP_MODES, DEVICE_CHOICES, check_device_name
 from fl_subnet.core.paths import PATH_SCALES
 from fl_subnet.core.robust import SCREEN_MODES
 from fl_subnet.core.robust_direction import BUCKET_SIZE, CLIP_ITERATIONS
+from fl_subnet.core.robust_distance import KRUM_ROGUES_AUTO, WEISZFELD_ITERATIONS, WEISZFELD_SMOOTHING
 from fl_subnet.core.server_opt import SERVER_OPTIMIZERS
 from fl_subnet.strategies import PROTOCOLS, protocol_class
 from fl_subnet.strategies.base import AGGREGATIONS
@@ -244,7 +245,8 @@ ResumeFrom = Annotated[
 RESUMABLE_KEYS = frozenset({
     "num-server-rounds", "out-dir", "resume-from", "round-timeout", "node-wait-timeout", "max-failed-rounds",
     "fraction-evaluate", "aggregation", "trim-fraction", "max-update-ratio", "max-ratio-to-median", "screen",
-    "max-num-examples", "clip-radius", "clip-iterations", "bucket-size", "device",
+    "max-num-examples", "clip-radius", "clip-iterations", "bucket-size", "weiszfeld-iterations",
+    "weiszfeld-smoothing", "krum-rogues", "min-cosine", "device",
 })
 
 _CONFIG = ConfigDict(strict=True, extra="forbid")
@@ -336,8 +338,10 @@ class RunConfig:
     aggregation: Choice(Aggregation, "``mean`` over the holders of each entry (weighted by ``num-examples``), "
                                      "or the robust ``median`` / ``trimmed-mean`` (coordinate-wise, unweighted, "
                                      "Yin et al. 2018), ``centered-clip`` (centered clipping of whole updates, "
-                                     "Karimireddy et al. 2021) or ``bucketing`` (centered clipping of bucket "
-                                     "means, Karimireddy et al. 2022). The default, ``centered-clip``, is "
+                                     "Karimireddy et al. 2021), ``bucketing`` (centered clipping of bucket "
+                                     "means, Karimireddy et al. 2022), ``geometric-median`` (of whole updates, "
+                                     "RFA, Pillutla et al. 2022) or ``multi-krum`` (the mean of the m best by "
+                                     "Krum's score, Blanchard et al. 2017). The default, ``centered-clip``, is "
                                      "chosen in docs/attacks.md (\"The default\"); ``mean`` is the "
                                      "protocols as published.") = "centered-clip"
     trim_fraction: Number("β of ``trimmed-mean``: the fraction of an entry's holders dropped at each end.",
@@ -348,6 +352,16 @@ class RunConfig:
                                   "(3: the authors' experiments).") = CLIP_ITERATIONS
     bucket_size: Int(1, 100_000, "s of ``bucketing``: replies averaged per bucket, shuffled from the seed and "
                                  "the round (1: centered clipping).") = BUCKET_SIZE
+    weiszfeld_iterations: Int(1, 1000, "T of ``geometric-median``: smoothed Weiszfeld iterations per round "
+                                       "(8: the reference's experiments).") = WEISZFELD_ITERATIONS
+    weiszfeld_smoothing: Number("ν of ``geometric-median``: an update closer than ν to the median weighs as if "
+                                "at ν (0.1: the reference's default).", gt=0.0) = WEISZFELD_SMOOTHING
+    krum_rogues: Int(-1, 100_000, "f of ``multi-krum``: rogue replies a round is assumed to hold; the m = n − f "
+                                  "replies of lowest Krum score are averaged; -1: as many as Krum tolerates, "
+                                  "⌊(n − 3)/2⌋.") = KRUM_ROGUES_AUTO
+    min_cosine: Number("Direction screening: leave out replies whose update's cosine to the geometric median "
+                       "of the round's updates (over the entries each holds) is below this; -1: off.",
+                       ge=-1.0, le=1.0) = -1.0
     max_update_ratio: Number("Screen replies whose update norm exceeds this multiple of the global slice's "
                              "norm; 0: off.", ge=0.0) = 0.0
     max_ratio_to_median: Number("Screen replies whose update-norm ratio exceeds this multiple of the round's "
