@@ -71,7 +71,11 @@ def build_compact_module(
 
     The architecture is built on the ``meta`` device (no memory for the full model),
     then every parameter and buffer is replaced by its compact tensor, and the group
-    output scales are attached as forward pre-hooks.
+    output scales are attached as forward pre-hooks. Buffers outside the ``state_dict``
+    (registered with ``persistent=False``: rotary frequencies, position ids) are not in
+    ``compact_state``: they are taken whole from one full build of ``factory`` on the CPU,
+    made once per factory and process (:func:`_non_persistent_buffers`), and only for a
+    model that has such buffers.
 
     Parameters
     ----------
@@ -105,9 +109,59 @@ def build_compact_module(
         raise ValueError(f"compact state lacks {missing}")
     for key, value in compact_state.items():
         _set_tensor(model, key, value)
+    _fill_non_persistent(model, factory)
     _resize(model)
     apply_output_scale(model, groups, mask)
     return model.train()
+
+
+_NON_PERSISTENT: "OrderedDict[Callable, dict[str, torch.Tensor]]" = OrderedDict()
+#: Factories whose non-persistent buffers are kept per process (least recently used dropped first).
+MAX_NON_PERSISTENT = 8
+
+
+def _fill_non_persistent(model: nn.Module, factory: Callable[[], nn.Module]) -> None:
+    """Give every buffer still on the ``meta`` device after the state was set (those
+    outside the ``state_dict``) its value in a full build of ``factory`` (a copy).
+
+    Raises
+    ------
+    ValueError
+        Naming a buffer that a full build does not hold either.
+    """
+    meta = [name for name, b in model.named_buffers() if b.is_meta]
+    if not meta:
+        return
+    values = _non_persistent_buffers(factory)
+    for name in meta:
+        if name not in values:
+            raise ValueError(f"buffer '{name}' is neither in the compact state nor a non-persistent buffer "
+                             "of the full model")
+        path, _, leaf = name.rpartition(".")
+        (model.get_submodule(path) if path else model)._buffers[leaf] = values[name].clone()
+
+
+def _non_persistent_buffers(factory: Callable[[], nn.Module]) -> dict[str, torch.Tensor]:
+    """The buffers of a full CPU build of ``factory`` that its ``state_dict`` leaves out,
+    cached per factory (the build is dropped: only these buffers are kept)."""
+    try:
+        hit = _NON_PERSISTENT.get(factory)
+    except TypeError:  # an unhashable factory: built each time
+        hit, factory_key = None, None
+    else:
+        factory_key = factory
+    if hit is not None:
+        _NON_PERSISTENT.move_to_end(factory_key)
+        return hit
+    with torch.device("cpu"):
+        full = factory()
+    keys = set(full.state_dict(keep_vars=True))
+    out = {name: b.detach() for name, b in full.named_buffers() if name not in keys}
+    if factory_key is not None:
+        _NON_PERSISTENT[factory_key] = out
+        while len(_NON_PERSISTENT) > MAX_NON_PERSISTENT:
+            _NON_PERSISTENT.popitem(last=False)
+    return out
 
 
 def build_compact_graph(gm: "fx.GraphModule", resolved, compact_state: Mapping[str, torch.Tensor],

@@ -59,7 +59,8 @@ class UnitGroup:
         the output scale (e.g. 1/ξ of inverted dropout) is applied there. For groups
         declared by hand, the compact builder uses exactly these.
     kind : str
-        ``neurons``, ``channels``, ``heads``, ``features`` or ``units``.
+        ``neurons``, ``channels``, ``heads``, ``features``, ``ranks`` (of a LoRA adapter,
+        :mod:`fl_subnet.core.lora`) or ``units``.
 
     Examples
     --------

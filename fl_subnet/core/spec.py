@@ -20,6 +20,7 @@ from .analysis.resolve import AnalysisError, Resolved, resolve
 from .analysis.trace import trace
 from .compact import build_compact_graph, build_compact_module
 from .groups import UnitGroup
+from .lora import find_lora_groups
 from .masks import Mask
 from .slicing import Slicer
 
@@ -63,13 +64,18 @@ class SubnetSpec:
     model_name : str
         The analysed model's class name (for messages).
     declared : bool
-        Whether the groups were declared by the model's ``unit_groups()``, not traced.
+        Whether the groups were declared by the model's ``unit_groups()`` or are the
+        ranks of its LoRA layers, not traced.
+    lora : bool
+        Whether the groups are the ranks of the model's LoRA layers
+        (:mod:`fl_subnet.core.lora`); then only trainable adapters are cut, never the base.
     left_out : tuple[str, ...]
         Groups the caller's ``exclude=`` left full.
     """
 
     model_name: str = "the model"
     declared: bool = False
+    lora: bool = False
     left_out: tuple[str, ...] = ()
 
     def __init__(self, factory: Callable[[], nn.Module], all_groups: Sequence[UnitGroup],
@@ -89,9 +95,12 @@ class SubnetSpec:
         """Why this spec has no unit group to mask, and what to do: the message of the
         ``ValueError`` a masking strategy (``who``) raises for such a model."""
         if self.declared:
-            found = (f"{self.model_name}.unit_groups() declared "
+            found = ((f"the LoRA layers of {self.model_name} gave " if self.lora else
+                      f"{self.model_name}.unit_groups() declared ")
                      + (f"the groups {[g.name for g in self.all_groups]}, all left full by exclude="
                         f"{list(self.left_out)}" if self.all_groups else "no group"))
+            if self.lora and self.pinned:
+                found += f" (adapters left whole: {self.pinned})"
         else:
             found = f"the analysis of {self.model_name} found 0 unit groups to mask"
             details = [f"{', '.join(map(repr, self.left_out))} left full by exclude={list(self.left_out)}"] \
@@ -139,7 +148,9 @@ class SubnetSpec:
 
     def build(self, compact_state: Mapping[str, torch.Tensor], mask: Mask) -> nn.Module:
         """The compact ``nn.Module`` holding exactly ``compact_state`` (never allocates the
-        full model); in training mode. Its ``state_dict`` keys equal the full model's.
+        full model, except once per process for an untraced model with buffers outside its
+        ``state_dict``: :func:`~fl_subnet.core.compact.build_compact_module`); in training
+        mode. Its ``state_dict`` keys equal the full model's.
 
         Raises
         ------
@@ -229,7 +240,10 @@ def analyze(model_or_factory: nn.Module | Callable[[], nn.Module], example_input
     defines ``unit_groups() -> list[UnitGroup]`` is not traced: its declared groups are
     used as they are (not verified; see :class:`~fl_subnet.core.groups.UnitGroup` for an
     example, and docs/any-architecture.md). Recurrent layers (``nn.LSTM``, ``nn.GRU``,
-    ``nn.RNN``) have no rule: such a model must declare its groups.
+    ``nn.RNN``) have no rule: such a model must declare its groups. A model with LoRA
+    layers (a peft ``PeftModel``, or adapters injected into any model) is not traced
+    either: its groups are the ranks of its trainable adapters
+    (:func:`fl_subnet.core.lora.find_lora_groups`; docs/lora.md), its frozen base has none.
 
     Parameters
     ----------
@@ -287,13 +301,19 @@ def analyze(model_or_factory: nn.Module | Callable[[], nn.Module], example_input
 
 
 def _analyze(model_or_factory, factory, skeleton, example_input, include, exclude, verify, seed) -> SubnetSpec:
+    lora = find_lora_groups(skeleton)
     custom = getattr(skeleton, "unit_groups", None)
-    if callable(custom):
-        groups = list(custom())
+    if lora is not None or callable(custom):
+        groups = lora.groups if lora is not None else list(custom())
         spec = SubnetSpec(factory, groups, [g for g in groups if g.name not in set(exclude)])
         spec.declared = True
+        spec.lora = lora is not None
+        spec.pinned = dict(lora.pinned) if lora is not None else {}
         spec.model_name = type(skeleton).__name__
         spec.left_out = tuple(g.name for g in groups if g.name in set(exclude))
+        if lora is not None:
+            log.info("analyze: %s: %d LoRA rank groups masked, %d adapters left whole", spec.model_name,
+                     len(spec.groups), len(spec.pinned))
         return spec
     example = example_input if example_input is not None else default_example(skeleton)
     prop = trace(skeleton, example)

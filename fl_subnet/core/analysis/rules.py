@@ -228,3 +228,15 @@ RESIZE: dict[type[nn.Module], Callable[[nn.Module], None]] = {
     nn.BatchNorm1d: _resize_bn, nn.BatchNorm2d: _resize_bn, nn.BatchNorm3d: _resize_bn,
     nn.LayerNorm: _resize_ln, nn.GroupNorm: _resize_gn, nn.Embedding: _resize_embedding,
 }
+
+
+def register_resize(cls: type[nn.Module], rule: Callable[[nn.Module], None]) -> None:
+    """Register how a compact module of class ``cls`` (and its subclasses without a rule
+    of their own) sets its size attributes from its compact tensors, in :data:`RESIZE`.
+
+    The compact builder calls ``rule(module)`` once its tensors are set, for every module
+    of the class (:func:`fl_subnet.core.compact.build_compact_module`). A layer kind whose
+    class cannot be imported here registers itself where it is found (LoRA layers:
+    :func:`fl_subnet.core.lora.find_lora_groups`).
+    """
+    RESIZE[cls] = rule
