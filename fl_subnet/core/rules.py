@@ -17,6 +17,7 @@ from typing import Protocol
 import torch
 
 from .aggregate import MaskedAggregator
+from .lora_rule import MaskedProductSpace
 from .masks import Mask
 from .robust import MaskedMedian, MaskedTrimmedMean
 from .robust_direction import BUCKET_SIZE, CLIP_ITERATIONS, MaskedBucketing, MaskedCenteredClip
@@ -73,6 +74,10 @@ def _multi_krum(state, slicer, *, krum_rogues=KRUM_ROGUES_AUTO, **_) -> MaskedMu
     return MaskedMultiKrum(state, slicer, krum_rogues)
 
 
+def _product_space(state, slicer, **_) -> MaskedProductSpace:
+    return MaskedProductSpace(state, slicer)
+
+
 #: Rule name (the run config's ``aggregation``) -> constructor ``(global_state, slicer, **options)``.
 #: ``mean``: the (weighted) mean over each entry's holders (Flower's FedAvg rule on the held
 #: entries); ``median`` / ``trimmed-mean``: the coordinate-wise median / β-trimmed mean over
@@ -81,10 +86,13 @@ def _multi_krum(state, slicer, *, krum_rogues=KRUM_ROGUES_AUTO, **_) -> MaskedMu
 #: means (Karimireddy et al., ICLR 2022), unweighted (:mod:`fl_subnet.core.robust_direction`);
 #: ``geometric-median`` / ``multi-krum``: the geometric median of whole updates (RFA, Pillutla et
 #: al. 2022) or the mean of the m best by Krum's score (Blanchard et al. 2017), unweighted
-#: (:mod:`fl_subnet.core.robust_distance`).
+#: (:mod:`fl_subnet.core.robust_distance`); ``product-space``: for LoRA adapters, FlexLoRA's
+#: SVD of the weighted mean of the products ``B A`` per rank group, the mean elsewhere
+#: (Bai et al., NeurIPS 2024; :mod:`fl_subnet.core.lora_rule`).
 AGGREGATION_RULES: dict[str, Callable[..., AggregationRule]] = {
     "mean": _mean, "median": _median, "trimmed-mean": _trimmed_mean, "centered-clip": _centered_clip,
-    "bucketing": _bucketing, "geometric-median": _geometric_median, "multi-krum": _multi_krum}
+    "bucketing": _bucketing, "geometric-median": _geometric_median, "multi-krum": _multi_krum,
+    "product-space": _product_space}
 
 
 def make_rule(name: str, global_state: Mapping[str, torch.Tensor], slicer: Slicer, **options) -> AggregationRule:

@@ -1,0 +1,92 @@
+"""The product-space rule (``aggregation = "product-space"``, fl_subnet/core/lora_rule.py) on a
+real peft model with nested ranks: every adapter equals a plain-numpy dense-SVD reference of
+FlexLoRA's rule over the nodes' compact factors, a full-rank single node keeps its product,
+every other trainable tensor is the holder mean, and a model without LoRA ranks is refused."""
+
+import numpy as np
+import pytest
+import torch
+from test_lora_core import peft_factory, trained
+from test_lora_svd import numpy_reference
+
+from fl_subnet import analyze
+from fl_subnet.core.aggregate import MaskedAggregator
+from fl_subnet.core.frozen import trainable_state
+from fl_subnet.core.lora_rule import MaskedProductSpace, rank_pairs
+from fl_subnet.core.rules import make_rule
+from fl_subnet.core.samplers import NestedPrefixSampler
+from fl_subnet.models import MLP
+
+pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
+
+
+def _nodes(capacities, weights):
+    factory = peft_factory("bert")
+    spec = analyze(factory)
+    server = factory()
+    state = trainable_state(server)
+    masks = NestedPrefixSampler().sample(spec.groups, 1, len(capacities), list(capacities))
+    replies = [spec.gather(trainable_state(trained(server, 10 + i)), m) for i, m in enumerate(masks)]
+    return spec, state, masks, replies
+
+
+@pytest.mark.parametrize("capacities,weights", [((0.25, 0.5, 1.0), (3.0, 1.0, 5.0)), ((0.5, 0.5), (1.0, 1.0)),
+                                                ((0.25, 0.25, 0.25), (2.0, 1.0, 1.0))])
+def test_every_adapter_equals_the_numpy_dense_svd_of_the_nodes_compact_factors(capacities, weights):
+    spec, state, masks, replies = _nodes(capacities, weights)
+    agg = make_rule("product-space", state, spec.slicer)
+    for reply, mask, w in zip(replies, masks, weights):
+        agg.add(reply, mask, w)
+    out = agg.finalize()
+    pairs = rank_pairs(spec.slicer)
+    assert len(pairs) == len(spec.groups) == 4
+    for name, (a, b) in pairs.items():
+        factors = [(r[b], r[a]) for r in replies]
+        assert [f[1].shape[0] for f in factors] == [max(1, round(c * 8)) for c in capacities]
+        rb, ra, _ = numpy_reference(factors, weights, state[a].shape[0])
+        np.testing.assert_allclose(out[b].numpy(), rb, rtol=0, atol=1e-5)
+        np.testing.assert_allclose(out[a].numpy(), ra, rtol=0, atol=1e-5)
+        assert out[a].dtype == state[a].dtype and out[a].shape == state[a].shape
+        assert bool(agg.held()[a].all()) and bool(agg.held()[b].all())
+
+
+def test_a_single_full_rank_node_keeps_its_product():
+    spec, state, masks, replies = _nodes((1.0,), (4.0,))
+    agg = MaskedProductSpace(state, spec.slicer)
+    agg.add(replies[0], masks[0], 4.0)
+    out = agg.finalize()
+    for a, b in rank_pairs(spec.slicer).values():
+        want = replies[0][b].double() @ replies[0][a].double()
+        torch.testing.assert_close(out[b].double() @ out[a].double(), want, rtol=0, atol=1e-5)
+
+
+def test_other_trainable_tensors_take_the_holder_mean():
+    """A trainable tensor outside the rank groups (here a bias made trainable) is the
+    weighted mean, as the mean rule computes it."""
+    spec, state, masks, replies = _nodes((0.5, 1.0), (1.0, 3.0))
+    assert all("lora" in k for k in state)  # peft's BERT trains only adapters: add a tensor
+    extra = "extra.bias"
+    state = dict(state, **{extra: torch.zeros(3)})
+    replies = [dict(r, **{extra: torch.full((3,), float(i + 1))}) for i, r in enumerate(replies)]
+    agg = MaskedProductSpace(state, spec.slicer)
+    mean = MaskedAggregator(state, spec.slicer)
+    for r, m, w in zip(replies, masks, (1.0, 3.0)):
+        agg.add(r, m, w)
+        mean.add(r, m, w)
+    assert torch.equal(agg.finalize()[extra], mean.finalize()[extra])
+    assert float(agg.finalize()[extra][0]) == pytest.approx((1 * 1 + 3 * 2) / 4)
+
+
+def test_no_reply_keeps_the_adapters():
+    spec, state, _, _ = _nodes((1.0,), (1.0,))
+    out = MaskedProductSpace(state, spec.slicer).finalize()
+    assert all(torch.equal(out[k], state[k]) for k in state)
+
+
+def test_a_model_without_lora_ranks_is_refused_naming_the_rule():
+    spec = analyze(lambda: MLP(4, [8], 2))
+    with pytest.raises(ValueError, match="product-space"):
+        make_rule("product-space", {}, spec.slicer)
+    from fl_subnet.strategies import SubnetFedAvg
+    with pytest.raises(ValueError, match="product-space"):
+        SubnetFedAvg(lambda: MLP(4, [8], 2), aggregation="product-space")
