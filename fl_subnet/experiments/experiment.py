@@ -17,7 +17,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid
 from torch.utils.data import TensorDataset
 
-from .config import CONV_MODELS, RESUMABLE_KEYS, RunConfig
+from .config import CONV_MODELS, DATASET_INFO, IMAGE_DATASETS, RESUMABLE_KEYS, RunConfig
 from fl_subnet.core.device import check_amp, resolve_device
 from fl_subnet.wire import arrays_to_state
 from .zoo import model_factory
@@ -25,9 +25,16 @@ from fl_subnet.exceptions import RunFailed  # noqa: F401  (re-exported: raised h
 
 log = logging.getLogger(__name__)
 
-DIMS = {"digits": (64, 10), "mnist": (784, 10), "fashion-mnist": (784, 10), "cifar10": (3072, 10)}
+#: (input features, classes) of every data set of fixed width, from the run config's
+#: :data:`~fl_subnet.experiments.config.DATASET_INFO` (the synthetic sets take ``input-dim``).
+DIMS = {name: (info.features, info.classes) for name, info in DATASET_INFO.items() if info.features is not None}
 #: (C, H, W) of each image data set, as the conv models read its flat features.
-IMAGE_SHAPES = {"digits": (1, 8, 8), "mnist": (1, 28, 28), "fashion-mnist": (1, 28, 28), "cifar10": (3, 32, 32)}
+IMAGE_SHAPES = {"digits": (1, 8, 8), "mnist": (1, 28, 28), "fashion-mnist": (1, 28, 28), "cifar10": (3, 32, 32),
+                "mnist-5k": (1, 28, 28)}
+if set(IMAGE_SHAPES) != set(IMAGE_DATASETS) or any(
+        math.prod(shape) != DIMS[name][0] for name, shape in IMAGE_SHAPES.items()):  # pragma: no cover
+    raise AssertionError(f"IMAGE_SHAPES {IMAGE_SHAPES} must give every image data set {IMAGE_DATASETS} "
+                         "its DATASET_INFO features")
 
 
 #: The full model as evaluated, for strategies that scale it at evaluation (IST ``ist-scaling = "eval"``).

