@@ -26,8 +26,8 @@ that Flower's object ids are computed once per round as in a run.
 fl-subnet's strategies: federated dropout (:class:`~fl_subnet.strategies.FederatedDropout`,
 Bernoulli ξ) and IST (:class:`~fl_subnet.strategies.IST`, ``p`` parts, ``num_train_nodes``
 = number of replies). Reference: Flower's ``flwr.serverapp.strategy.FedAvg`` doing the same
-round on full-model replies, in the same process: every repetition runs FedAvg's round,
-then each protocol's (one untimed warm-up repetition first).
+round on full-model replies, in the same process: even repetitions run FedAvg's round
+first, odd ones the protocols' (one untimed warm-up repetition first).
 
 Also measures the "gather + aggregate part alone" (``--no-gather-aggregate`` to skip):
 per node ``Slicer.gather`` of its compact slice, then ``MaskedAggregator.add`` of every
@@ -269,8 +269,9 @@ SERIALIZATIONS = {
 def measure_rounds(model: str, num_nodes: int, protocols: Sequence[tuple[str, float]], reps: int,
                    serialization: str = "proto") -> list[dict[str, object]]:
     """Whole server round (seconds) of each protocol and of Flower's FedAvg on the same
-    model and replies: every repetition runs FedAvg's round, then each protocol's, so
-    that drift hits all alike (one untimed warm-up repetition first)."""
+    model and replies: even repetitions run FedAvg's round, then each protocol's, odd ones
+    the protocols' first, so that drift and the memory one round leaves behind hit all
+    alike (one untimed warm-up repetition first, FedAvg's)."""
     g = grid(num_nodes)
     arrays = initial_arrays(model)
     fedavg = Round(FedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=num_nodes,
@@ -279,13 +280,17 @@ def measure_rounds(model: str, num_nodes: int, protocols: Sequence[tuple[str, fl
     times: list[list[float]] = [[] for _ in ours]
     base: list[float] = []
     for rep in range(reps + 1):
+        if rep % 2:  # odd repetitions: fl-subnet's rounds first, so that neither side always follows the other
+            for i, r in enumerate(ours):
+                times[i].append(timed(r))
         t = timed(fedavg)
         if rep:
             base.append(t)
-        for i, r in enumerate(ours):
-            t = timed(r)
-            if rep:
-                times[i].append(t)
+        if not rep % 2:
+            for i, r in enumerate(ours):
+                t = timed(r)
+                if rep:
+                    times[i].append(t)
     out = []
     for (protocol, param), r, a in zip(protocols, ours, times, strict=True):
         setting = {"model": MODELS[model][2], "replies": num_nodes, "protocol": protocol,
