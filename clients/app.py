@@ -18,6 +18,7 @@ from fl_subnet.wire import METRICS_KEY, arrays_to_state, read_train
 from fl_subnet.wire.records import LABELS_KEY
 
 from .compact import receive, reply_arrays, width_schedule
+from .frozen import full_model, message_base
 
 from .train import TrainConfig, config_int, evaluate_model, train_local
 
@@ -145,6 +146,18 @@ def make_client_app(model_factory: Callable[[], nn.Module] | None, load_data: Da
         Train replies hold the compact tensors (``arrays``) and ``num-examples``,
         ``train-loss`` (``metrics``); evaluate replies ``num-examples``,
         ``eval-loss`` and, for classification, ``eval-acc``.
+
+    Notes
+    -----
+    A model with a frozen base (messages with ``base-fingerprint``, e.g. a peft model;
+    docs/lora.md): the factory builds the full model with its base (loaded from the
+    node's disk, in bfloat16 if it likes) once per process
+    (:func:`fl_subnet.clients.frozen.local_base`); every train and evaluate message's
+    fingerprint is checked against it (another base: an error reply naming
+    ``base-fingerprint``), the compact model is that base plus the received trainable
+    slice, only its trainable parameters get gradients and optimizer state
+    (:func:`~fl_subnet.clients.train.train_local` optimizes those only), and the reply
+    holds the trainable tensors only.
     """
     if (model_factory is None) == (context_factory is None):
         raise ValueError("give exactly one of model_factory and context_factory")
@@ -201,9 +214,14 @@ def make_client_app(model_factory: Callable[[], nn.Module] | None, load_data: Da
     def evaluate(msg: Message, context: Context) -> Message:
         device = node_device(context)
         _, arrays, config = read_train(msg.content)
+        factory = factory_of(context)
+        base = message_base(config, factory)  # frozen base: ValueError naming 'base-fingerprint'
         cfg = TrainConfig.from_config(config)
-        model = factory_of(context)()
-        model.load_state_dict(arrays_to_state(arrays))
+        if base is None:
+            model = factory()
+            model.load_state_dict(arrays_to_state(arrays))
+        else:  # the trainable tensors on this node's own base
+            model = full_model(factory, arrays_to_state(arrays), base)
         _, test_set = load_data(context)
         metrics: dict[str, float | int] = {"num-examples": 0}
         if test_set is not None and len(test_set):

@@ -25,6 +25,14 @@ A HeteroFL/FedRolex message with the label split on (train config key ``labels``
 the labels this node holds: :attr:`Received.labels`; mask the logits of the others before
 the loss with :func:`fl_subnet.core.label_split.mask_logits` (``loss =
 criterion(mask_logits(model(x), got.labels), y)``).
+
+A message of a model with a frozen base (train config key ``base-fingerprint``, e.g. a
+peft model with LoRA adapters) carries only the trainable tensors: the node's own base,
+built once per process by the factory, is checked against the fingerprint (a node holding
+another base raises a ``ValueError`` naming ``base-fingerprint``) and completes the
+compact model (:mod:`fl_subnet.clients.frozen`). Reply with :func:`reply_arrays`, which
+sends the trainable tensors only (``model.state_dict()`` would hold the base too, and the
+server would reject it).
 """
 
 from __future__ import annotations
@@ -45,6 +53,8 @@ from fl_subnet.wire import (BATCHNORM_KEY, arrays_to_state, example_from_config,
                             has_mask, mask_from_config, read_train, state_to_arrays, widths_from_config)
 from fl_subnet.wire.records import (FJORD_BN_RECORD, FJORD_DISTILL, LABELS_KEY, width_stats_from_record,
                                     width_stats_to_record)
+
+from .frozen import LocalBase, full_model, message_base
 
 
 @dataclass
@@ -76,6 +86,11 @@ class Received:
         HeteroFL's label split (train config ``labels``, sorted): the labels this node
         holds, whose logits alone enter the loss
         (:func:`fl_subnet.core.label_split.mask_logits`); empty when the split is off.
+    base : LocalBase or None
+        With a frozen base (config ``base-fingerprint``): this node's base, checked
+        against the message; ``model`` holds its frozen tensors and the received
+        trainable ones, and :func:`reply_arrays` sends ``base.trainable`` only. None
+        otherwise.
     """
 
     model: nn.Module
@@ -86,6 +101,7 @@ class Received:
     widths: tuple[float, ...] = ()
     layout: Layout | None = None
     labels: tuple[int, ...] = ()
+    base: LocalBase | None = None
 
 
 def receive(msg: Message | RecordDict, model_factory: Callable[[], nn.Module]) -> Received:
@@ -111,29 +127,38 @@ def receive(msg: Message | RecordDict, model_factory: Callable[[], nn.Module]) -
         If ``model_factory`` is a model instance rather than a callable returning one.
     ValueError
         Naming the key, for a malformed message (no ArrayRecord, a bad mask, example
-        shape, ``labels`` or ``fjord-bn`` record), or if the arrays do not match the mask.
+        shape, ``labels`` or ``fjord-bn`` record), or if the arrays do not match the mask;
+        naming ``base-fingerprint``, if this node's frozen base differs from the
+        server's (then before anything else is decoded).
     """
     if isinstance(model_factory, nn.Module):
         raise TypeError("receive() needs a model factory (e.g. the class Net), not a model instance "
                         f"({type(model_factory).__name__}): pass Net, not Net()")
     content = msg.content if isinstance(msg, Message) else msg
     arrays_key, arrays, config = read_train(content)
+    base = message_base(config, model_factory)  # frozen base: ValueError naming 'base-fingerprint'
     labels = check_labels(config.get(LABELS_KEY), key=LABELS_KEY)  # label split: ValueError naming 'labels'
     shape, dtype = example_from_config(config)
     masked = has_mask(config)
     if not masked and shape is None and not is_packed(arrays) and not widths_from_config(config):
         # a plain message (Flower's own FedAvg): the full model, as the template builds it;
         # no analysis (a model whose first layer is not an nn.Linear needs an example input)
-        model = model_factory()
-        model.load_state_dict(arrays_to_state(arrays))
+        if base is None:
+            model = model_factory()
+            model.load_state_dict(arrays_to_state(arrays))
+        else:
+            model = full_model(model_factory, arrays_to_state(arrays), base)
         model.train()
-        return Received(model, Mask({}), None, arrays_key, config, labels=labels)
+        return Received(model, Mask({}), None, arrays_key, config, labels=labels, base=base)
     spec = cached_spec(model_factory, shape, dtype)  # analysed once per process
     mask = mask_from_config(config, spec.all_groups) if masked else full_mask(spec.all_groups)
     spec.slicer.skipped_keys(mask)  # a depth block this model lacks: ValueError naming it
     widths = widths_from_config(config)  # FjORD: ValueError naming 'fjord-widths'
-    layout = slice_layout(spec.slicer, mask, spec.state_meta) if is_packed(arrays) else None
+    meta = spec.state_meta if base is None else base.meta  # a frozen base: the trainable tensors travel
+    layout = slice_layout(spec.slicer, mask, meta) if is_packed(arrays) else None
     state = arrays_to_state(arrays) if layout is None else unpack_state(arrays, layout)
+    if base is not None:
+        state = base.with_base(state, spec.slicer, mask)
     # FjORD gates the groups the server masked (none for a message without mask keys)
     model = build_ordered(spec, state, mask, gated=mask.indices if masked else ()) if widths \
         else spec.build(state, mask)
@@ -153,7 +178,7 @@ def receive(msg: Message | RecordDict, model_factory: Callable[[], nn.Module]) -
             raise ValueError(f"'{FJORD_BN_RECORD}': {err}") from None
     if static:
         use_batch_statistics(model)
-    return Received(model, mask, spec, arrays_key, config, widths, layout, labels)
+    return Received(model, mask, spec, arrays_key, config, widths, layout, labels, base)
 
 
 def compact_model(msg: Message | RecordDict, model_factory: Callable[[], nn.Module]) -> nn.Module:
@@ -246,8 +271,9 @@ def reply_arrays(received: Received, model: nn.Module | None = None) -> dict[str
     """``{arrays_key: ArrayRecord(compact state)}`` for the reply's RecordDict: packed
     like the received slice (one array per dtype kind) when it came packed, else one
     array per tensor. ``ArrayRecord(model.state_dict())`` is a valid reply too, about
-    200 bytes per tensor larger. With FjORD's per-width statistics it also holds them,
-    under ``fjord-bn``.
+    200 bytes per tensor larger, except with a frozen base (:attr:`Received.base`): the
+    reply then holds the trainable tensors only. With FjORD's per-width statistics it
+    also holds them, under ``fjord-bn``.
 
     Raises
     ------
@@ -256,6 +282,9 @@ def reply_arrays(received: Received, model: nn.Module | None = None) -> dict[str
     """
     model = received.model if model is None else model
     state = model.state_dict()
+    if received.base is not None:  # the base never travels
+        trainable = set(received.base.trainable)
+        state = {k: v for k, v in state.items() if k in trainable}
     arrays = state_to_arrays(state) if received.layout is None else pack_state(state, received.layout)
     out = {received.arrays_key: arrays}
     stats = width_stats(model) if received.widths else None

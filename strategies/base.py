@@ -37,6 +37,7 @@ from fl_subnet.core.samplers import MaskSampler
 from fl_subnet.core.server_opt import MaskedServerOptimizer
 
 from .defences import NO_DEFENCES, Defences
+from .frozen_base import FrozenBase
 from .compose import check_composition, refuse_dp_wrapper, server_optimizer_of
 from .lr_scaling import LR_SCALINGS, lr_factor
 from .nodes import NodeSampling, NotEnoughNodes  # noqa: F401  (NotEnoughNodes: part of this module's API)
@@ -157,6 +158,17 @@ class SubnetStrategy(NodeSampling, FedAvg):
         state. Also set by composing with Flower's optimizer strategies,
         ``class X(FederatedDropout, FedAdam)`` (:mod:`strategies.compose`), which then
         take their hyperparameters (``eta``, ``beta_1``, ...) as keyword arguments.
+    base_fingerprint : str, optional
+        For a model with a frozen base (a parameter with ``requires_grad=False``, e.g. a
+        peft model): the base's :func:`fl_subnet.core.frozen.base_fingerprint`, if known;
+        by default computed once here from one CPU build of ``model_factory``. Such a
+        model is trained through its trainable tensors only
+        (:mod:`strategies.frozen_base`, docs/lora.md): the global state, the messages, the
+        replies, the aggregate and ``start``'s ``result.arrays`` hold the trainable keys;
+        ``initial_arrays`` may hold the full ``state_dict`` or only the trainable part
+        (the trainable keys are taken); every train and evaluate config carries the
+        fingerprint as ``base-fingerprint``. Ignored (with a warning) for a model whose
+        parameters are all trainable, which trains as before.
     **fedavg_kwargs
         Flower FedAvg options: ``fraction_train``, ``fraction_evaluate``,
         ``min_train_nodes``, ``min_evaluate_nodes``, ``min_available_nodes``,
@@ -223,6 +235,7 @@ class SubnetStrategy(NodeSampling, FedAvg):
         lr_scaling: str = "auto",
         node_wait_timeout: float = 300.0,
         server_optimizer: MaskedServerOptimizer | None = None,
+        base_fingerprint: str | None = None,
         **fedavg_kwargs,
     ) -> None:
         if num_train_nodes is not None:
@@ -237,6 +250,8 @@ class SubnetStrategy(NodeSampling, FedAvg):
                              f"do not pass server_optimizer={server_optimizer!r} too")
         self.server_optimizer = server_optimizer if server_optimizer is not None else composed
         self.spec = analyze(model_factory, example_input, include=include, exclude=exclude, seed=seed)
+        #: The frozen base (trainable keys, fingerprint) of a model with frozen parameters, else None.
+        self.frozen: FrozenBase | None = FrozenBase.of(self.spec, base_fingerprint)
         if self.server_optimizer is not None:  # it steps the parameters; buffers take the aggregate
             self.server_optimizer.set_parameter_keys(self.spec.parameter_keys)
         if self.masks_units and not self.spec.groups:
@@ -248,6 +263,10 @@ class SubnetStrategy(NodeSampling, FedAvg):
         self.calibration_batches = calibration_batches
         self.model_factory = self.spec.factory
         if self.batchnorm == "static":
+            if self.frozen is not None:
+                raise ValueError("batchnorm='static' recomputes the full model's BatchNorm statistics on the server, "
+                                 "but this model's base is frozen (its buffers stay on the nodes): use "
+                                 "batchnorm='averaged'")
             self._example_config[BATCHNORM_KEY] = "static"
             with torch.device("meta"):
                 has_bn = bool(batchnorm_layers(self.spec.factory()))
@@ -382,13 +401,19 @@ class SubnetStrategy(NodeSampling, FedAvg):
             The run's total number of server rounds.
         **kwargs
             ``grid``, ``initial_arrays``, ``timeout`` (seconds per round),
-            ``train_config``, ``evaluate_config``, ``evaluate_fn`` as Flower's.
+            ``train_config``, ``evaluate_config``, ``evaluate_fn`` as Flower's. With a
+            frozen base (:attr:`frozen`), ``initial_arrays`` may be the full
+            ``state_dict`` or its trainable part: only the trainable keys are kept, and
+            ``evaluate_fn`` and the returned ``result.arrays`` see those only.
 
         Raises
         ------
         ValueError
-            If ``first_round`` is not in ``[1, num_rounds]``.
+            If ``first_round`` is not in ``[1, num_rounds]``, or (frozen base)
+            ``initial_arrays`` lacks a trainable key or holds a key the model has not.
         """
+        if self.frozen is not None and isinstance(kwargs.get("initial_arrays"), ArrayRecord):
+            kwargs["initial_arrays"] = self.frozen.restrict(kwargs["initial_arrays"], "initial_arrays")
         if isinstance(first_round, bool) or not isinstance(first_round, int) or not 1 <= first_round <= num_rounds:
             raise ValueError(f"first_round must be an integer in [1, num-server-rounds={num_rounds}], "
                              f"got {first_round!r}")
@@ -396,7 +421,11 @@ class SubnetStrategy(NodeSampling, FedAvg):
         return super().start(num_rounds=num_rounds - self.round_offset, **kwargs)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
-        """Flower's federated evaluation of the full model as deployed (:meth:`deployed_state`)."""
+        """Flower's federated evaluation of the full model as deployed (:meth:`deployed_state`);
+        with a frozen base, its trainable tensors and the ``base-fingerprint``."""
+        if self.frozen is not None:
+            arrays = self.frozen.restrict(arrays)
+            config = ConfigRecord({**config, **self.frozen.config()})
         state = self._decode(arrays)  # read-only views: no copy when nothing changes
         deployed = self.deployed_state(state)
         if deployed is not state:
@@ -427,6 +456,8 @@ class SubnetStrategy(NodeSampling, FedAvg):
         self._out = {}
         if self.fraction_train == 0.0 and self.num_train_nodes is None:
             return []
+        if self.frozen is not None:  # only the trainable tensors are the global model
+            arrays = self.frozen.restrict(arrays)
         nodes = self.sample_train_nodes(server_round, grid)
         if getattr(self.sampler, "node_aware", False):
             masks = self.sampler.sample(self.groups, server_round, len(nodes),
@@ -446,7 +477,8 @@ class SubnetStrategy(NodeSampling, FedAvg):
         for node_id, mask in zip(nodes, masks):
             full = self.slicer.is_full(mask)  # validates the mask
             extra = {**self._example_config, **mask_to_config(mask, self.spec.all_groups, self.groups),
-                     **self._node_lr(config, mask), **self.node_config(node_id, mask)}
+                     **self._node_lr(config, mask), **self.node_config(node_id, mask),
+                     **(self.frozen.config() if self.frozen is not None else {})}
             records = self.node_records(node_id, mask)
             if full and shared is not None and shared[0] == extra and not records:
                 content = shared[1]
@@ -589,6 +621,8 @@ class SubnetStrategy(NodeSampling, FedAvg):
                     raise ReplyError("unknown node (no mask was sent to it this round)")
                 compact, weight, size = parse_reply(msg.content, self.weighted_by_key,
                                                     functools.partial(self._node_layout, node, mask))
+                if self.frozen is not None:
+                    self.frozen.check_reply(compact)  # the base never travels
                 packed = is_packed(next(a for k, a in msg.content.array_records.items()
                                         if k != FJORD_BN_RECORD))  # exactly one (parse_reply)
                 if not packed and self._is_full_size(compact, mask):  # a packed reply has the layout's shapes

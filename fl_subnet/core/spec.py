@@ -19,6 +19,7 @@ from .analysis.depth import find_depth_blocks
 from .analysis.resolve import AnalysisError, Resolved, resolve
 from .analysis.trace import trace
 from .compact import build_compact_graph, build_compact_module
+from .frozen import trainable_keys
 from .groups import UnitGroup
 from .lora import find_lora_groups
 from .masks import Mask
@@ -71,12 +72,19 @@ class SubnetSpec:
         (:mod:`fl_subnet.core.lora`); then only trainable adapters are cut, never the base.
     left_out : tuple[str, ...]
         Groups the caller's ``exclude=`` left full.
+    trainable : tuple[str, ...] or None
+        When the model has a frozen parameter (``requires_grad=False``: a frozen base,
+        e.g. under LoRA adapters), the ``state_dict`` keys of its trainable parameters
+        in ``state_dict`` order (:func:`fl_subnet.core.frozen.trainable_keys`): the only
+        tensors the strategies send, receive and aggregate (docs/lora.md). None when
+        every parameter is trainable: every tensor travels.
     """
 
     model_name: str = "the model"
     declared: bool = False
     lora: bool = False
     left_out: tuple[str, ...] = ()
+    trainable: tuple[str, ...] | None = None
 
     def __init__(self, factory: Callable[[], nn.Module], all_groups: Sequence[UnitGroup],
                  groups: Sequence[UnitGroup], resolved: Resolved | None = None, graph=None) -> None:
@@ -296,8 +304,12 @@ def analyze(model_or_factory: nn.Module | Callable[[], nn.Module], example_input
     factory = as_factory(model_or_factory)
     with torch.device("meta"):
         skeleton = factory()
+    frozen = any(not p.requires_grad for p in skeleton.parameters())
+    trainable = tuple(trainable_keys(skeleton)) if frozen else None
     with torch.device("cpu"):  # index tables on the CPU even inside a caller's meta context
-        return _analyze(model_or_factory, factory, skeleton, example_input, include, exclude, verify, seed)
+        spec = _analyze(model_or_factory, factory, skeleton, example_input, include, exclude, verify, seed)
+    spec.trainable = trainable
+    return spec
 
 
 def _analyze(model_or_factory, factory, skeleton, example_input, include, exclude, verify, seed) -> SubnetSpec:

@@ -41,6 +41,11 @@ LABELS_KEY = "labels"
 #: message and its reply, one array per width and buffer, keyed ``"<width>/<buffer key>"``
 #: (:func:`width_stats_to_record`); absent = statistics shared by all widths
 FJORD_BN_RECORD = "fjord-bn"
+#: A frozen base (docs/lora.md): the SHA-256 hex digest of the base every node must hold
+#: (:func:`fl_subnet.core.frozen.base_fingerprint`), in every train and evaluate config of a
+#: model with frozen parameters; its arrays then hold only the trainable tensors. Absent =
+#: every tensor travels
+BASE_FINGERPRINT = "base-fingerprint"
 
 
 def example_to_config(example) -> dict[str, str]:
