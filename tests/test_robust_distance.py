@@ -13,13 +13,12 @@ import pytest
 import torch
 from flwr.app import ConfigRecord
 
-import fl_subnet
 from fl_subnet import Mask
 from fl_subnet.core.masks import full_mask
 from fl_subnet.core.robust_distance import (MaskedGeometricMedian, MaskedMultiKrum, geometric_median, krum_rogues,
                                             krum_scores, update_cosines)
 from fl_subnet.core.rules import make_rule
-from fl_subnet.models import MLP
+from test_robust_direction import SPEC, _factory, _flat, _full_replies, _run, _state64
 
 # ---- plain-numpy ports of the reference's lines --------------------------------------------
 
@@ -56,37 +55,7 @@ def ref_multi_krum(vectors, f, m):
     return [i for i, _ in sorted(scores, key=lambda x: x[1])][:m]
 
 
-# ---- helpers -------------------------------------------------------------------------------
-
-def _factory():
-    return MLP(6, [10, 7], 3)
-
-
-SPEC = fl_subnet.analyze(_factory, torch.zeros(1, 6))
-
-
-def _state64(seed):
-    torch.manual_seed(seed)
-    return {k: v.double() for k, v in _factory().state_dict().items()}
-
-
-def _flat(state):
-    return np.concatenate([state[k].numpy().reshape(-1) for k in state])
-
-
-def _full_replies(state, num, seed, scale=0.1):
-    g = torch.Generator().manual_seed(seed)
-    return [{k: t + scale * torch.randn(t.shape, generator=g, dtype=torch.float64) for k, t in state.items()}
-            for _ in range(num)]
-
-
-def _run(rule, state, replies, masks=None, **options):
-    agg = make_rule(rule, state, SPEC.slicer, **options)
-    for i, r in enumerate(replies):
-        mask = full_mask(SPEC.groups) if masks is None else masks[i]
-        agg.add(SPEC.slicer.gather(r, mask), mask, 1.0 + i)  # weights are ignored
-    return agg, agg.finalize()
-
+# ---- helpers (the model, states and replies of tests/test_robust_direction.py) -----------------
 
 def _point(entries):
     """A one-key point from ``{position: value}``."""

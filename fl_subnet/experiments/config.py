@@ -47,10 +47,12 @@ from fl_subnet.strategies.lr_scaling import LR_SCALINGS
 
 Strategy = Literal[tuple(PROTOCOLS)]  # every registered protocol (strategies.registry)
 ImageDataset = Literal["digits", "mnist", "fashion-mnist", "cifar10", "mnist-5k"]
-Dataset = Literal[ImageDataset, "mnist1d", "synthetic-regression", "synthetic-sequence"]
+SignalDataset = Literal["mnist1d"]  # 1-D signals: (C, L) per row
+Dataset = Literal[ImageDataset, SignalDataset, "synthetic-regression", "synthetic-sequence"]
 Partitioning = Literal["iid", "dirichlet", "pathological"]
-ConvModel = Literal["cnn", "cnn-bn", "resnet"]
-Model = Literal["mlp", "mlp-bn", "shallow-relu", ConvModel, "transformer"]
+ConvModel = Literal["cnn", "cnn-bn", "resnet"]  # 2-D: image data sets
+Conv1dModel = Literal["cnn1d"]  # 1-D: signal data sets
+Model = Literal["mlp", "mlp-bn", "shallow-relu", ConvModel, Conv1dModel, "transformer"]
 DataScope = Literal["local", "all"]
 LossChoice = Literal["auto", "cross-entropy", "mse"]
 BatchNormPolicy = Literal["averaged", "static"]
@@ -69,9 +71,11 @@ Amp = Literal[AMP_MODES]
 STRATEGIES: tuple[str, ...] = get_args(Strategy)
 DATASETS: tuple[str, ...] = get_args(Dataset)
 IMAGE_DATASETS: tuple[str, ...] = get_args(ImageDataset)
+SIGNAL_DATASETS: tuple[str, ...] = get_args(SignalDataset)
 PARTITIONINGS: tuple[str, ...] = get_args(Partitioning)
 MODELS: tuple[str, ...] = get_args(Model)
 CONV_MODELS: tuple[str, ...] = get_args(ConvModel)
+CONV1D_MODELS: tuple[str, ...] = get_args(Conv1dModel)
 DATA_SCOPES: tuple[str, ...] = get_args(DataScope)
 #: Models with depth blocks (skippable residual branches), which ``random-path`` needs
 #: (a protocol whose ``needs_depth_blocks`` is set).
@@ -160,6 +164,8 @@ _WIDTH = re.compile(r"[0-9]+")
 
 
 def _check_hidden(value: str) -> str:
+    if not value.strip():  # no hidden layer: the MLP is one Linear (logistic regression)
+        return value
     parts = [w.strip() for w in value.split(",")]
     if not 1 <= len(parts) <= MAX_LAYERS or not all(_WIDTH.fullmatch(w) and 1 <= int(w) <= MAX_WIDTH for w in parts):
         raise ValueError("bad hidden widths")
@@ -216,9 +222,11 @@ PathLength = Fractions('a string of comma-separated, non-decreasing fractions in
 HiddenWidths = Annotated[
     str, AfterValidator(_check_hidden),
     _Allowed(f"a string of comma-separated widths, each an integer in [1, {MAX_WIDTH}] "
-             f'(at most {MAX_LAYERS} widths), e.g. "128,64"'),
-    Field(strict=True, description="Hidden widths of the MLP, e.g. ``\"128,64\"``; for ``shallow-relu`` the "
-                                   "single width m; unused by the other models."),
+             f'(at most {MAX_LAYERS} widths), e.g. "128,64", or "" (no hidden layer)'),
+    Field(strict=True, description="Hidden widths of the MLP, e.g. ``\"128,64\"``; ``\"\"``: no hidden layer, "
+                                   "the MLP is one Linear (multinomial logistic regression on a "
+                                   "classification set), which has no unit groups; for ``shallow-relu`` "
+                                   "the single width m; unused by the other models."),
 ]
 FolderPath = Annotated[
     str, AfterValidator(_check_path), _Allowed("a folder path (a string without NUL characters)"),
@@ -296,7 +304,8 @@ class RunConfig:
     model: Choice(Model, "``mlp``/``shallow-relu`` (any data set, flat features); ``mlp-bn``: the MLP with a "
                          "BatchNorm without running statistics after every hidden layer (IST's code); ``cnn`` (Flower's template "
                          "CNN), ``cnn-bn`` (CNN with BatchNorm), ``resnet`` (small pre-activation ResNet) on "
-                         "image data sets, read as ``(C, H, W)`` images; ``transformer`` (encoder with "
+                         "image data sets, read as ``(C, H, W)`` images; ``cnn1d`` (MNIST-1D's CNN) on 1-D signal data "
+                         "sets, read as ``(C, L)`` signals; ``transformer`` (encoder with "
                          "``nn.MultiheadAttention``) on ``synthetic-sequence``.") = "mlp"
     hidden: HiddenWidths = "128,64"
     capacity_tiers: CapacityTiers = "1.0"
@@ -443,9 +452,12 @@ class RunConfig:
         if self.model in CONV_MODELS and self.dataset not in IMAGE_DATASETS:
             raise ValueError(f"model {self.model!r} needs an image dataset {IMAGE_DATASETS}, "
                              f"got dataset {self.dataset!r}")
+        if self.model in CONV1D_MODELS and self.dataset not in SIGNAL_DATASETS:
+            raise ValueError(f"model {self.model!r} needs a 1-D signal dataset {SIGNAL_DATASETS}, "
+                             f"got dataset {self.dataset!r}")
         if self.model == "transformer" and self.dataset != "synthetic-sequence":
             raise ValueError(f"model 'transformer' needs dataset 'synthetic-sequence', got dataset {self.dataset!r}")
-        if self.model == "shallow-relu" and "," in self.hidden:
+        if self.model == "shallow-relu" and ("," in self.hidden or not self.hidden.strip()):
             raise ValueError(f"hidden must be one width m for model shallow-relu, got {self.hidden!r}")
         if info.classes == 0 and self.loss == "cross-entropy":
             raise ValueError(f"loss 'cross-entropy' needs a classification dataset; dataset {self.dataset!r} "
@@ -493,8 +505,8 @@ class RunConfig:
                              f"{source}: every node needs at least one")
 
     def hidden_widths(self) -> list[int]:
-        """``hidden`` as a list of positive ints."""
-        return [int(w) for w in self.hidden.split(",")]
+        """``hidden`` as a list of positive ints (empty for ``hidden = ""``: no hidden layer)."""
+        return [int(w) for w in self.hidden.split(",")] if self.hidden.strip() else []
 
     def path_lengths(self) -> list[float]:
         """``path-length`` as a list of fractions in (0, 1], one per RaPTr stage."""

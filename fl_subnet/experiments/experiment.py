@@ -17,7 +17,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid
 from torch.utils.data import TensorDataset
 
-from .config import CONV_MODELS, DATASET_INFO, IMAGE_DATASETS, RESUMABLE_KEYS, RunConfig
+from .config import (CONV1D_MODELS, CONV_MODELS, DATASET_INFO, IMAGE_DATASETS, RESUMABLE_KEYS, SIGNAL_DATASETS,
+                     RunConfig)
 from fl_subnet.core.device import check_amp, resolve_device
 from fl_subnet.wire import arrays_to_state
 from .zoo import model_factory
@@ -35,6 +36,12 @@ if set(IMAGE_SHAPES) != set(IMAGE_DATASETS) or any(
         math.prod(shape) != DIMS[name][0] for name, shape in IMAGE_SHAPES.items()):  # pragma: no cover
     raise AssertionError(f"IMAGE_SHAPES {IMAGE_SHAPES} must give every image data set {IMAGE_DATASETS} "
                          "its DATASET_INFO features")
+#: (C, L) of each 1-D signal data set, as the 1-D conv models (``cnn1d``) read its flat features.
+SIGNAL_SHAPES = {"mnist1d": (1, 40)}
+if set(SIGNAL_SHAPES) != set(SIGNAL_DATASETS) or any(
+        math.prod(shape) != DIMS[name][0] for name, shape in SIGNAL_SHAPES.items()):  # pragma: no cover
+    raise AssertionError(f"SIGNAL_SHAPES {SIGNAL_SHAPES} must give every signal data set {SIGNAL_DATASETS} "
+                         "its DATASET_INFO features")
 
 
 #: The full model as evaluated, for strategies that scale it at evaluation (IST ``ist-scaling = "eval"``).
@@ -48,18 +55,28 @@ def data_dims(cfg: RunConfig) -> tuple[int, int]:
     return DIMS.get(cfg.dataset, (cfg.input_dim, 1))
 
 
-def input_shape(cfg: RunConfig) -> tuple[int, ...]:
-    """Shape of one model input (no batch dim): ``(C, H, W)`` for conv models, else ``(d,)``."""
+def _conv_shape(cfg: RunConfig) -> tuple[int, ...] | None:
+    """``(C, H, W)`` for a 2-D conv model, ``(C, L)`` for a 1-D one, else None."""
     if cfg.model in CONV_MODELS:
         return IMAGE_SHAPES[cfg.dataset]
-    return (data_dims(cfg)[0],)
+    if cfg.model in CONV1D_MODELS:
+        return SIGNAL_SHAPES[cfg.dataset]
+    return None
+
+
+def input_shape(cfg: RunConfig) -> tuple[int, ...]:
+    """Shape of one model input (no batch dim): ``(C, H, W)`` for the 2-D conv models,
+    ``(C, L)`` for the 1-D ones (``cnn1d``), else ``(d,)``."""
+    return _conv_shape(cfg) or (data_dims(cfg)[0],)
 
 
 def as_model_input(cfg: RunConfig, x: torch.Tensor) -> torch.Tensor:
     """Flat float features ``(N, d)`` as the model takes them: images ``(N, C, H, W)``
-    for conv models, int64 token ids ``(N, T)`` for the transformer, else unchanged."""
-    if cfg.model in CONV_MODELS:
-        return x.reshape(len(x), *IMAGE_SHAPES[cfg.dataset])
+    for the 2-D conv models, signals ``(N, C, L)`` for the 1-D ones, int64 token ids
+    ``(N, T)`` for the transformer, else unchanged."""
+    shape = _conv_shape(cfg)
+    if shape is not None:
+        return x.reshape(len(x), *shape)
     if cfg.model == "transformer":
         return x.long()
     return x
@@ -83,7 +100,7 @@ def data_kwargs(cfg: RunConfig) -> dict[str, int]:
 def factory_for(cfg: RunConfig) -> Callable[[], torch.nn.Module]:
     """The full-model factory of ``cfg``."""
     d_in, d_out = data_dims(cfg)
-    return model_factory(cfg, input_shape(cfg) if cfg.model in CONV_MODELS else d_in, d_out)
+    return model_factory(cfg, _conv_shape(cfg) or d_in, d_out)
 
 
 def _dataset(cfg: RunConfig, x: torch.Tensor, y: torch.Tensor) -> TensorDataset:

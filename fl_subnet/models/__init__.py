@@ -1,6 +1,7 @@
 """Reference models for tests, scenarios and the paper's setting."""
 
 from .cnn import CNNBN, FlowerCNN
+from .cnn1d import CNN1d
 from .mlp import MLP, FixedReadout, ShallowReLU
 from .resnet import PreActBlock, PreActResNet, resnet18_shaped
 from .transformer import HandAttentionTransformer, MHATransformer, SelfAttention
@@ -11,6 +12,7 @@ __all__ = [
     "ShallowReLU",
     "FlowerCNN",
     "CNNBN",
+    "CNN1d",
     "PreActBlock",
     "PreActResNet",
     "resnet18_shaped",
