@@ -90,3 +90,25 @@ def test_a_model_without_lora_ranks_is_refused_naming_the_rule():
     from fl_subnet.strategies import SubnetFedAvg
     with pytest.raises(ValueError, match="product-space"):
         SubnetFedAvg(lambda: MLP(4, [8], 2), aggregation="product-space")
+
+
+def test_a_rank_budget_is_a_capacity_that_keeps_exactly_that_many_ranks():
+    """rank_capacity(r_k) = r_k / r_max, and the nested-prefix sampler at that capacity keeps
+    exactly r_k ranks of every group, also where r_k / r_max is not exact in binary."""
+    from fl_subnet.core.groups import Coupling, UnitGroup
+    from fl_subnet.core.lora import rank_capacity
+    from fl_subnet.core.samplers import prefix_size
+
+    spec = analyze(peft_factory("bert"))  # r = 8
+    for rank in range(1, 9):
+        c = rank_capacity(rank, spec.groups)
+        masks = NestedPrefixSampler().sample(spec.groups, 1, 1, [c])
+        assert all(masks[0].kept(g).tolist() == list(range(rank)) for g in spec.groups), rank
+    twelve = [UnitGroup("m.lora_A.default", 12, (Coupling("m.lora_A.default.weight", 0),
+                                                 Coupling("m.lora_B.default.weight", 1)), kind="ranks")]
+    assert [prefix_size(12, rank_capacity(r, twelve)) for r in range(1, 13)] == list(range(1, 13))
+    for bad in (0, 9, 2.5, True):
+        with pytest.raises(ValueError, match=r"rank must be an integer in \[1, 8\]"):
+            rank_capacity(bad, spec.groups)
+    with pytest.raises(ValueError, match="rank groups"):
+        rank_capacity(2, analyze(lambda: MLP(4, [8], 2)).groups)

@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from torch import nn
@@ -145,6 +146,42 @@ def find_lora_groups(model: nn.Module) -> LoraGroups | None:
         return None
     log.debug("LoRA: %d rank groups, %d adapters left whole", len(out.groups), len(out.pinned))
     return out
+
+
+def rank_capacity(rank: int, groups: Sequence[UnitGroup]) -> float:
+    """The capacity (share of every unit group, as HeteroFL / FjORD / FedRolex take it) that
+    gives a node ``rank`` ranks of its LoRA adapters: ``rank / r_max``, ``r_max`` the
+    largest rank group.
+
+    The capacity samplers keep ``max(1, ⌈c · r_g⌉)`` units of a group of ``r_g``
+    (:func:`fl_subnet.core.samplers.prefix_size`, HeteroFL's rule), so every group of
+    ``r_max`` ranks keeps exactly ``rank``, and a smaller group (peft's ``rank_pattern``)
+    its share ``⌈rank · r_g / r_max⌉``.
+
+    Parameters
+    ----------
+    rank : int
+        The node's rank budget, ``1 ≤ rank ≤ r_max``.
+    groups : Sequence[UnitGroup]
+        The model's groups (``spec.groups``); the rank groups (kind ``"ranks"``) are used.
+
+    Returns
+    -------
+    float
+        The capacity in (0, 1].
+
+    Raises
+    ------
+    ValueError
+        If there is no rank group, or ``rank`` is not an integer in ``[1, r_max]``.
+    """
+    sizes = [g.size for g in groups if g.kind == KIND]
+    if not sizes:
+        raise ValueError("rank_capacity needs LoRA rank groups; these groups have none")
+    r_max = max(sizes)
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= r_max:
+        raise ValueError(f"rank must be an integer in [1, {r_max}] (the adapters' largest rank), got {rank!r}")
+    return rank / r_max
 
 
 def _unmaskable(module: nn.Module, adapter: str, a: nn.Module, b: nn.Module | None) -> str | None:
