@@ -112,3 +112,40 @@ def test_a_rank_budget_is_a_capacity_that_keeps_exactly_that_many_ranks():
             rank_capacity(bad, spec.groups)
     with pytest.raises(ValueError, match="rank groups"):
         rank_capacity(2, analyze(lambda: MLP(4, [8], 2)).groups)
+
+
+def test_product_space_through_strategy_start_matches_the_reference_and_learns():
+    """HeteroFL's rank tiers 2 / 4 / 8 of r = 8 with aggregation="product-space" on the
+    in-process grid (Flower serde both ways): every reply accepted, each round's adapters
+    are the numpy dense-SVD reference of the nodes' replies (equal weights: HeteroFL is
+    unweighted), and the loss on the nodes' data falls."""
+    from test_lora_strategy import (FACTORY, NUM_NODES, Capture, central_loss, full_arrays, heterofl, load_data,
+                                    peft_state_of, train_config)
+
+    from fl_subnet.clients import make_client_app
+    from fl_subnet.experiments.inprocess_grid import InProcessGrid
+
+    capture = Capture()
+    strategy = heterofl(aggregation="product-space")
+    grid = InProcessGrid(make_client_app(FACTORY, load_data, train_fn=capture), NUM_NODES)
+    models = {}
+
+    def evaluate_fn(server_round, arrays):
+        models[server_round] = peft_state_of(arrays)
+
+    initial, rounds = full_arrays(), 2
+    result = strategy.start(grid=grid, initial_arrays=initial, num_rounds=rounds,
+                            train_config=train_config(lr=0.2), evaluate_fn=evaluate_fn)
+    for r in range(1, rounds + 1):
+        m = result.train_metrics_clientapp[r]
+        assert m["num-replies"] == NUM_NODES and m["num-rejected"] == 0 and m["model-kept"] == 0, (r, dict(m))
+    last = capture.replies[-NUM_NODES:]  # the last round's replies: (peft state, num-examples, rank)
+    a_keys = [k for k in models[rounds] if ".lora_A." in k]
+    assert a_keys
+    for a in a_keys:
+        b = a.replace(".lora_A.", ".lora_B.")
+        factors = [(torch.from_numpy(s[b]), torch.from_numpy(s[a])) for s, _, _ in last]
+        rb, ra, _ = numpy_reference(factors, [1.0] * len(last), models[rounds][a].shape[0])
+        np.testing.assert_allclose(models[rounds][b], rb, rtol=0, atol=1e-5)
+        np.testing.assert_allclose(models[rounds][a], ra, rtol=0, atol=1e-5)
+    assert central_loss(result.arrays) < central_loss(initial)
