@@ -17,8 +17,10 @@ folder under the name the README uses:
     transformer  fl-subnet compare scenarios/sequence-transformer-*.toml            -> sequence-transformer.png
     tiers        fl-subnet compare scenarios/tiers-cnn-*.toml
                                   -> tiers-cnn-digits.png, tiers-cnn-submodels.png
-    tiers-table  python scripts/tiers_plot.py (draws docs/tiers-table.json, which
+    tiers-table  python scripts/bench_plot.py tiers (draws docs/tiers-table.json, which
                  python bench/tiers.py --write-docs measures)   -> tiers-table.png
+    lora         python scripts/bench_plot.py lora (draws docs/lora.json, which
+                 python bench/lora.py --write-docs measures)    -> lora-accuracy-vs-mb.png
     frontier-mlp fl-subnet frontier scenarios/digits-{fedavg,fedsubdrop,fedsubdrop-even,ist-mlp-bn,ist}.toml
                                   --seeds 0,1,2                              -> frontier-digits-mlp.png
     frontier-cnn fl-subnet frontier scenarios/digits-cnn-bn-*.toml --seeds 0,1,2 --rounds 60
@@ -86,7 +88,9 @@ def figures() -> dict[str, Figure]:
                               (("compare.png", "sequence-transformer.png"),)),
         "tiers": Figure(("compare", *_scenarios("scenarios/tiers-cnn-*.toml")),
                         (("compare.png", "tiers-cnn-digits.png"), ("compare-tiers.png", "tiers-cnn-submodels.png"))),
-        "tiers-table": Figure((), (("tiers-table.png", "tiers-table.png"),), module="scripts/tiers_plot.py"),
+        "tiers-table": Figure(("tiers",), (("tiers-table.png", "tiers-table.png"),), module="scripts/bench_plot.py"),
+        "lora": Figure(("lora",), (("lora-accuracy-vs-mb.png", "lora-accuracy-vs-mb.png"),),
+                       module="scripts/bench_plot.py"),
         "frontier-mlp": Figure(("frontier", "scenarios/digits-fedavg.toml", "scenarios/digits-fedsubdrop.toml",
                                 "scenarios/digits-fedsubdrop-even.toml", "scenarios/digits-ist-mlp-bn.toml",
                                 "scenarios/digits-ist.toml", "--seeds", "0,1,2"),
