@@ -17,6 +17,7 @@ and a Markdown table.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
 import statistics
@@ -162,3 +163,22 @@ def run_child_json(cmd: Sequence[str], env: Mapping[str, str], threads: int, cwd
         raise RuntimeError(f"child {cmd[3] if len(cmd) > 3 else cmd} failed ({done.returncode}):\n"
                            f"{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def bench_logging(log: logging.Logger) -> None:
+    """A bench script's logging: warnings of every library to stderr, its own ``log`` at INFO
+    (its progress); stdout stays for the JSON lines."""
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s", stream=sys.stderr)
+    log.setLevel(logging.INFO)
+
+
+def quiet_runs() -> None:
+    """Before a bench's runs: one torch thread (a run is measured on one core) and Flower's
+    logger quieted (its per-run banners and per-round summaries; Flower sets its logger up
+    on import, so it is imported first)."""
+    import torch
+
+    torch.set_num_threads(1)
+    import flwr.common.logger  # noqa: F401
+
+    logging.getLogger("flwr").setLevel(logging.ERROR)

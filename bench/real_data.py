@@ -73,7 +73,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import between, emit, machine, record, replace_between, run_line  # noqa: E402
+from bench.common import (bench_logging, between, emit, machine, quiet_runs, record,  # noqa: E402
+                          replace_between, run_line)
 
 log = logging.getLogger("bench.real_data")
 
@@ -287,19 +288,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
     p.add_argument("--merge", action="store_true",
                    help="keep the JSON file's runs of the data sets and variants not measured now")
     args = p.parse_args(list(argv) if argv is not None else None)
-    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s", stream=sys.stderr)
-    log.setLevel(logging.INFO)
+    bench_logging(log)
     out = args.out if args.out is not None or args.quick else JSON_OUT
     if args.render_only:
         data = json.loads((out or JSON_OUT).read_text())
         write_docs(data)
         return data
-    import torch
-
-    torch.set_num_threads(1)
-    import flwr.common.logger  # noqa: F401  (Flower sets up its logger on import: quiet it after)
-
-    logging.getLogger("flwr").setLevel(logging.ERROR)  # Flower's per-run banners and per-round summaries
+    quiet_runs()
     seeds = args.seeds or (QUICK_SEEDS if args.quick else SEEDS)
     datasets = args.datasets or tuple(DATASETS)
     rounds = QUICK_ROUNDS if args.quick else None

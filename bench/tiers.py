@@ -51,7 +51,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import between, emit, machine, record, replace_between, run_line  # noqa: E402
+from bench.common import (bench_logging, between, emit, machine, quiet_runs, record,  # noqa: E402
+                          replace_between, run_line)
 
 log = logging.getLogger("bench.tiers")
 
@@ -244,19 +245,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
     p.add_argument("--write-docs", action="store_true", help="render the table into docs/heterogeneous.md")
     p.add_argument("--render-only", action="store_true", help="run nothing: render the JSON into the docs")
     args = p.parse_args(list(argv) if argv is not None else None)
-    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s", stream=sys.stderr)
-    log.setLevel(logging.INFO)
+    bench_logging(log)
     out = args.out if args.out is not None or args.quick else JSON_OUT
     if args.render_only:
         data = json.loads((out or JSON_OUT).read_text())
         write_docs(data)
         return data
-    import torch
-
-    torch.set_num_threads(1)
-    import flwr.common.logger  # noqa: F401  (Flower sets up its logger on import: quiet it after)
-
-    logging.getLogger("flwr").setLevel(logging.ERROR)  # Flower's per-run banners and per-round summaries
+    quiet_runs()
     seeds = args.seeds or (QUICK_SEEDS if args.quick else SEEDS)
     variants = args.variants or (QUICK_VARIANTS if args.quick else tuple(VARIANTS))
     rounds = QUICK_ROUNDS if args.quick else None
