@@ -195,6 +195,19 @@ def update_point(state: Mapping[str, torch.Tensor], slicer: Slicer, compact: Map
     return p
 
 
+def holder_sums(points: Sequence[Point], key: str, numel: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(total, count)`` of ``key`` over ``points``: per entry the sum of the updates of the
+    points holding it and their number, float64 of shape ``(numel,)`` (0 where none does)."""
+    total = torch.zeros(numel, dtype=torch.float64)
+    count = torch.zeros(numel, dtype=torch.float64)
+    for p in points:
+        if key in p:
+            idx, d = p[key]
+            total.index_add_(0, idx, d)
+            count.index_add_(0, idx, torch.ones(idx.numel(), dtype=torch.float64))
+    return total, count
+
+
 def bucket_order(num: int, seed: int, server_round: int) -> list[int]:
     """The round's shuffle of ``num`` replies: ``torch.randperm`` from
     ``generator_for(seed, server_round, BUCKET_SLOT)`` (never the global random state; the
@@ -241,14 +254,9 @@ def bucket_means(points: Sequence[Point], numels: Mapping[str, int], order: Sequ
         members = [points[i] for i in order[start:start + s]]
         bucket: Point = {}
         for key, n in numels.items():
-            carriers = [m[key] for m in members if key in m]
-            if not carriers:
+            if not any(key in m for m in members):
                 continue
-            total = torch.zeros(n, dtype=torch.float64)
-            cnt = torch.zeros(n, dtype=torch.float64)
-            for idx, d in carriers:
-                total.index_add_(0, idx, d)
-                cnt.index_add_(0, idx, torch.ones(idx.numel(), dtype=torch.float64))
+            total, cnt = holder_sums(members, key, n)
             held = torch.nonzero(cnt).squeeze(1)
             bucket[key] = (held, total[held] / cnt[held])
         out.append(bucket)
@@ -451,4 +459,4 @@ def make_center(rule: object, previous: Mapping[str, torch.Tensor] | None) -> Ma
 
 __all__ = ["BUCKET_SIZE", "BUCKET_SLOT", "CLIP_ITERATIONS", "MaskedBucketing", "MaskedCenteredClip", "Point",
            "WholeUpdateRule", "bucket_means", "bucket_order", "centered_clip", "check_bucket_size",
-           "check_clip_iterations", "check_clip_radius", "make_center", "update_point"]
+           "check_clip_iterations", "check_clip_radius", "holder_sums", "make_center", "update_point"]

@@ -33,7 +33,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from .robust_direction import Point, WholeUpdateRule
+from .robust_direction import Point, WholeUpdateRule, holder_sums
 from .slicing import Slicer
 
 log = logging.getLogger(__name__)
@@ -239,13 +239,7 @@ def _holder_mean(points: Sequence[Point], numels: Mapping[str, int]) -> dict[str
     """Each entry's plain mean over the points that hold it (0 where none does)."""
     out = {}
     for key, n in numels.items():
-        total = torch.zeros(n, dtype=torch.float64)
-        cnt = torch.zeros(n, dtype=torch.float64)
-        for p in points:
-            if key in p:
-                idx, d = p[key]
-                total.index_add_(0, idx, d)
-                cnt.index_add_(0, idx, torch.ones(idx.numel(), dtype=torch.float64))
+        total, cnt = holder_sums(points, key, n)
         out[key] = total / cnt.clamp(min=1.0)
     return out
 
