@@ -133,7 +133,11 @@ class HeteroFL(CapacityStrategy):
         query when ``order_by_partition=True`` (fl-subnet's ClientApp answers it; in
         your own, ``@app.query()`` returning :func:`fl_subnet.clients.partition_reply`).
     scale : bool
-        The 1/r scaler (default True).
+        The 1/r scaler (default True), on every group but LoRA rank groups.
+    rank_scale : bool
+        The 1/r scaler on LoRA rank groups too (default False: a node's adapter keeps the
+        scale ``lora_alpha / r_max``, docs/lora.md, "The scale of a node's adapter";
+        :class:`~fl_subnet.core.samplers.CapacitySampler`).
     label_split : bool
         HeteroFL's label split for non-IID labels (default False; run-config key
         ``label-split``): see :class:`CapacityStrategy`.
@@ -159,9 +163,10 @@ class HeteroFL(CapacityStrategy):
     supports_label_split = True
 
     def __init__(self, model_factory, capacity_tiers: Sequence[float] = (1.0,), *, scale: bool = True,
-                 seed: int = 0, **kwargs):
+                 rank_scale: bool = False, seed: int = 0, **kwargs):
         kwargs.setdefault("weighted", False)
-        super().__init__(model_factory, NestedPrefixSampler(1.0, scale=scale, seed=seed), capacity_tiers,
+        super().__init__(model_factory, NestedPrefixSampler(1.0, scale=scale, seed=seed, rank_scale=rank_scale),
+                         capacity_tiers,
                          seed=seed, **kwargs)
 
 

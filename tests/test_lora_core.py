@@ -232,14 +232,24 @@ def test_compact_adapter_merged_equals_slice_of_full_adapter_merged(base, rslora
                            for k in adapted)
 
 
+def test_heterofl_scaler_leaves_rank_groups_at_alpha_over_r_max():
+    # HeteroFL's 1/r scaler (scale=True) is not applied to rank groups unless rank_scale=True
+    spec = analyze(peft_factory("bert"))
+    mask = NestedPrefixSampler(scale=True).sample(spec.groups, 1, 1, [4 / RANK])[0]
+    assert set(mask.scale.values()) == {1.0}
+    mask = NestedPrefixSampler(scale=True, rank_scale=True).sample(spec.groups, 1, 1, [4 / RANK])[0]
+    assert set(mask.scale.values()) == {RANK / 4}
+
+
 def test_heterofl_scaler_gives_alpha_over_kept_rank_in_the_forward():
-    # NestedPrefixSampler(scale=True) multiplies the kept ranks by 1/capacity = r/r_k at lora_B's
-    # input: the forward of the full adapter sliced to r_k ranks with the scale alpha/r_k
+    # NestedPrefixSampler(scale=True, rank_scale=True) multiplies the kept ranks by
+    # 1/capacity = r/r_k at lora_B's input: the forward of the full adapter sliced to r_k ranks
+    # with the scale alpha/r_k
     kept = 4
     factory = peft_factory("bert")
     spec = analyze(factory)
     full = factory().eval()
-    mask = NestedPrefixSampler(scale=True).sample(spec.groups, 1, 1, [kept / RANK])[0]
+    mask = NestedPrefixSampler(scale=True, rank_scale=True).sample(spec.groups, 1, 1, [kept / RANK])[0]
     compact = spec.build(spec.gather(full.state_dict(), mask), mask).eval()
     reference = copy.deepcopy(full)
     with torch.no_grad():

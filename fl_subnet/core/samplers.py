@@ -214,6 +214,12 @@ class CapacitySampler(MaskSampler):
         Multiply kept units' output by ``1/r`` while training (HeteroFL's "scaler").
     seed : int
         Run seed (unused by deterministic windows).
+    rank_scale : bool
+        Apply that scaler to LoRA rank groups too (kind ``"ranks"``). Default False: a
+        node's adapter keeps the full adapter's scale ``lora_alpha / r_max`` whatever ranks
+        it keeps, so that its compact adapter is a slice of the global one (docs/lora.md,
+        "The scale of a node's adapter"); True gives ``lora_alpha / r_k`` in effect
+        (``r_max / r_k`` = ``1/r`` when ``r·r_max`` is whole).
 
     Raises
     ------
@@ -223,10 +229,12 @@ class CapacitySampler(MaskSampler):
 
     node_aware = True
 
-    def __init__(self, default_capacity: float = 1.0, scale: bool = False, seed: int = 0) -> None:
+    def __init__(self, default_capacity: float = 1.0, scale: bool = False, seed: int = 0, *,
+                 rank_scale: bool = False) -> None:
         super().__init__(seed)
         self.default_capacity = check_keep_prob(default_capacity, "capacity")
         self.scale = bool(scale)
+        self.rank_scale = bool(rank_scale)
 
     def capacities(self, num_masks: int, capacities: Sequence[float | None] | None) -> list[float]:
         caps = list(capacities) if capacities is not None else [None] * num_masks
@@ -241,8 +249,9 @@ class CapacitySampler(MaskSampler):
         masks = []
         for r in self.capacities(num_masks, capacities):
             idx = {g.name: self.window(g, server_round, prefix_size(g.size, r)) for g in groups}
-            masks.append(Mask(idx, {g.name: (1.0 / r if self.scale else 1.0) for g in groups},
-                              scale_before_norm=True))  # the reference's Scaler sits before the norm
+            scales = {g.name: (1.0 / r if self.scale and (self.rank_scale or g.kind != "ranks") else 1.0)
+                      for g in groups}
+            masks.append(Mask(idx, scales, scale_before_norm=True))  # the reference's Scaler sits before the norm
         return masks
 
 
