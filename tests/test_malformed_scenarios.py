@@ -32,6 +32,13 @@ hidden = "8"
 KEY_CASES = [
     # unknown choices
     ("strategy-unknown", 'strategy = "fedprox"', "strategy"),
+    ("dataset-path-nul", 'dataset-path = "a\\u0000b"', "dataset-path"),
+    ("num-classes-negative", "num-classes = -1", "num-classes"),
+    ("base-model-not-a-string", "base-model = 3", "base-model"),
+    ("pretrain-steps-negative", "pretrain-steps = -1", "pretrain-steps"),
+    ("lora-rank-negative", "lora-rank = -4", "lora-rank"),
+    ("lora-alpha-zero", "lora-alpha = 0.0", "lora-alpha"),
+    ("lora-targets-semicolon", 'lora-targets = "query;value"', "lora-targets"),
     ("strategy-not-a-string", "strategy = 1", "strategy"),
     ("model-unknown", 'model = "vit"', "model"),
     ("dataset-unknown", 'dataset = "imagenet"', "dataset"),

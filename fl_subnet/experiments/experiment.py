@@ -18,7 +18,7 @@ from flwr.serverapp import Grid
 from torch.utils.data import TensorDataset
 
 from .config import (CONV1D_MODELS, CONV_MODELS, DATASET_INFO, IMAGE_DATASETS, RESUMABLE_KEYS, SIGNAL_DATASETS,
-                     RunConfig)
+                     TOKEN_DATASETS, RunConfig)
 from fl_subnet.core.device import check_amp, resolve_device
 from fl_subnet.wire import arrays_to_state
 from .zoo import model_factory
@@ -52,6 +52,8 @@ def data_dims(cfg: RunConfig) -> tuple[int, int]:
     """(input features, outputs) of the configured data set."""
     if cfg.dataset == "synthetic-sequence":
         return cfg.input_dim, 2
+    if cfg.dataset == "text":
+        return cfg.input_dim, cfg.num_classes
     return DIMS.get(cfg.dataset, (cfg.input_dim, 1))
 
 
@@ -73,11 +75,11 @@ def input_shape(cfg: RunConfig) -> tuple[int, ...]:
 def as_model_input(cfg: RunConfig, x: torch.Tensor) -> torch.Tensor:
     """Flat float features ``(N, d)`` as the model takes them: images ``(N, C, H, W)``
     for the 2-D conv models, signals ``(N, C, L)`` for the 1-D ones, int64 token ids
-    ``(N, T)`` for the transformer, else unchanged."""
+    ``(N, T)`` for the sequence models (``transformer``, ``hf-classifier``), else unchanged."""
     shape = _conv_shape(cfg)
     if shape is not None:
         return x.reshape(len(x), *shape)
-    if cfg.model == "transformer":
+    if cfg.model in ("transformer", "hf-classifier") and cfg.dataset in TOKEN_DATASETS:
         return x.long()
     return x
 
@@ -89,17 +91,26 @@ def example_input(cfg: RunConfig) -> torch.Tensor:
 
 
 def data_kwargs(cfg: RunConfig) -> dict[str, int]:
-    """Loader keywords of the configured data set (size of the synthetic set)."""
+    """Loader keywords of the configured data set (size of the synthetic sets; the folder,
+    tokenizer and length of ``text``)."""
     if cfg.dataset == "synthetic-regression":
         return {"n": cfg.num_samples, "d": cfg.input_dim}
     if cfg.dataset == "synthetic-sequence":
         return {"n": cfg.num_samples, "seq_len": cfg.input_dim}
+    if cfg.dataset == "shifted-majority":
+        return {"n": cfg.num_samples}
+    if cfg.dataset == "text":
+        return {"path": cfg.dataset_path, "tokenizer": cfg.base_model, "seq_len": cfg.input_dim}
     return {}
 
 
 def factory_for(cfg: RunConfig) -> Callable[[], torch.nn.Module]:
     """The full-model factory of ``cfg``."""
     d_in, d_out = data_dims(cfg)
+    if cfg.model == "hf-classifier":
+        from .hf_model import classifier_factory, pad_token_id
+
+        return classifier_factory(cfg, d_out, pad_token_id(cfg.base_model) if cfg.dataset == "text" else None)
     return model_factory(cfg, _conv_shape(cfg) or d_in, d_out)
 
 
@@ -200,7 +211,10 @@ class CentralEvaluation:
         model = self.factory()
         state = arrays_to_state(arrays)
         deployed = self.strategy.deployed_state(state) if self.strategy is not None else state
-        model.load_state_dict(deployed)  # the full model as evaluated (IST scaling "eval": 1/p folded in)
+        # the full model as evaluated (IST scaling "eval": 1/p folded in); with a frozen base the
+        # state holds the trainable tensors only, loaded over the base the factory built
+        frozen = getattr(self.strategy, "frozen", None) is not None
+        model.load_state_dict(deployed, strict=not frozen)
         loss = self.cfg.loss_name
         test = evaluate_model(model, self.test, loss, device=self.device)
         train = evaluate_model(model, self.train, loss, device=self.device)
@@ -229,7 +243,7 @@ class CentralEvaluation:
                  server_round, row["full-train-loss"], row["eval-loss"], row["eval-acc"],
                  self.cumulative / 1e6)
         if server_round == self.cfg.num_server_rounds:
-            row.update(self.tier_metrics(state))
+            row.update(self.tier_metrics(model.state_dict() if frozen else state))
         if self.on_round is not None:
             self.on_round(row)  # the metrics first: a kill before the checkpoint redoes this round
         if self.checkpoint_dir is not None:

@@ -149,19 +149,23 @@ def dirichlet_split(num_nodes: int, per_node: int, alpha: float, generator: torc
 
 class LogitsOnly(nn.Module):
     """A ``transformers`` sequence classifier whose forward takes the token ids and returns
-    the logits (``model(input_ids=x).logits``).
+    the logits (``model(input_ids=x).logits``; with ``pad_token_id``, the ids equal to it
+    are masked out of the attention: padded text rows).
 
     Declares no unit group (:meth:`unit_groups`): full fine-tuning masks nothing, and
     torch.fx cannot trace the BERT. A peft model around it is analysed by its LoRA rank
     groups, which :func:`fl_subnet.analyze` looks for first.
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, pad_token_id: int | None = None) -> None:
         super().__init__()
         self.model = model
+        self.pad_token_id = pad_token_id
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=x).logits
+        if self.pad_token_id is None:
+            return self.model(input_ids=x).logits
+        return self.model(input_ids=x, attention_mask=(x != self.pad_token_id).long()).logits
 
     def unit_groups(self) -> list:
         return []

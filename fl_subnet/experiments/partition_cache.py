@@ -29,6 +29,9 @@ import neither ``datasets`` nor ``flwr_datasets`` (tests/test_client_imports.py)
   half-written one. A folder that cannot be written (read-only, full) is logged and the
   tensors are used as computed. Delete the folder to drop the cache; the hub's data sets
   are keyed by their hub id, not by the hub's current revision.
+* The same folder keeps the pre-trained base of the run config's ``hf-classifier``
+  (:func:`fl_subnet.experiments.hf_model.pretrained_state`), keyed by its seed, steps and
+  the torch and transformers versions.
 """
 
 from __future__ import annotations
@@ -107,7 +110,8 @@ def _code_key(sources: tuple[str, ...]) -> dict[str, str]:
 
 
 def cache_key(kind: str, name: str, data_key: dict, sources: tuple[str, ...], **fields: object) -> str:
-    """The canonical JSON key of a cache file: ``kind`` ("partition" or "split"), the data
+    """The canonical JSON key of a cache file: ``kind`` ("partition", "split", or
+    "pretrained": :func:`fl_subnet.experiments.hf_model.pretrained_state`), the data
     set ``name``, its loader keywords ``data_key`` (as
     :func:`fl_subnet.experiments.data.data_key` describes them), ``fields`` (the
     partitioning, ids, fractions), :data:`CACHE_FORMAT` and :func:`_code_key` of
@@ -155,7 +159,9 @@ def _parse_cache_file(data: bytes, key: str, names: tuple[str, ...]) -> dict[str
     if sorted(header) != sorted(names):
         raise ValueError(f"tensors {sorted(header)}, expected {sorted(names)}")
     tensors = load(data)  # checks every tensor's dtype, shape and byte range against the file
-    pairs = [("train_x", "train_y"), ("test_x", "test_y")] if len(names) == 4 else [("x", "y")]
+    # the data files' (features, targets) pairs; other files (a pre-trained base) have none
+    pairs = ([("train_x", "train_y"), ("test_x", "test_y")] if tuple(names) == PARTITION_TENSORS
+             else [("x", "y")] if tuple(names) == SPLIT_TENSORS else [])
     for x, y in pairs:
         _check_pair(tensors[x], tensors[y], x[:-2] or "split")
     if len(pairs) == 2:
