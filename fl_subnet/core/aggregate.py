@@ -32,6 +32,9 @@ from .slicing import Slicer, flat_positions, torch_threads
 UNTOUCHED_MODES = ("keep", "zero")
 DENOMINATORS = ("holders", "all")
 _WORKERS = max(1, min(4, os.cpu_count() or 1))
+#: Entries of one row chunk of :meth:`MaskedAggregator.finalize`'s running sums and
+#: denominators (8 MiB each in float32, 16 MiB in float64).
+CHUNK_ENTRIES = 1 << 21
 PRECISIONS = {"float32": torch.float32, "float64": torch.float64}
 
 
@@ -97,7 +100,6 @@ class MaskedAggregator:
         self._kept: list[dict[str, list[tuple[int, torch.Tensor]]]] = []  # per reply: key -> (dim, positions)
         self._weights: list[float] = []
         self._rows: list[dict[str, torch.Tensor]] = []  # per reply: key -> full rows (dim 0) it contributes
-        self._held: dict[str, torch.Tensor] | None = None  # set by finalize(), for held()
         self._indicators: dict[tuple, torch.Tensor] = {}  # holder indicators, per finalize
         self._shapes: dict[str, tuple[int, ...]] | None = None
         self._flat_sum: torch.Tensor | None = None  # flat path: Σ n_c W_c and Σ n_c 1[c holds e], (N,)
@@ -210,7 +212,6 @@ class MaskedAggregator:
         self._masks.append(mask)
         self._kept.append(kept)
         self._weights.append(w)
-        self._held = None
 
     def _check_rows(self, rows: Mapping[str, torch.Tensor] | None,
                     compact: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -238,50 +239,129 @@ class MaskedAggregator:
             out[key] = idx
         return out
 
-    def _sum_key(self, key: str) -> torch.Tensor:
-        """Σ_c n_c · W_c[key] scattered into full size, over every added reply."""
+    def _sum_rows(self, key: str, r0: int, r1: int) -> torch.Tensor:
+        """Σ_c n_c · W_c[key] over rows ``r0:r1`` (dim 0) of the full tensor, every added reply.
+
+        Returns
+        -------
+        torch.Tensor
+            ``(r1 - r0, *full.shape[1:])`` (``full.shape`` for a 0-dim tensor), in the
+            sums' dtype: the running sum is only ever as large as one row chunk
+            (:func:`row_chunks`), never the whole tensor.
+
+        Notes
+        -----
+        Every entry gets the same arithmetic, in the same order of replies, whatever the
+        chunk: each reply's operation is chosen from its kept positions over the *whole*
+        tensor. A multi-dim ``index_add_`` adds slices with ``add_(alpha)`` (one fused
+        multiply-add per entry), as do the uncut and one-cut-dim shortcuts; a 1-D
+        ``index_add_``, a flat one (two or more coupled dims) and ``add_(t * w)``
+        round ``w·t``, then add. Only how many rows one call covers changes.
+        """
         full = self.state[key]
-        acc = torch.zeros_like(full, dtype=self._acc_dtype(full))
-        for compact, mask, kept_of, w, rows_of in zip(self._pending, self._masks, self._kept, self._weights,
-                                                      self._rows):
+        dtype = self._acc_dtype(full)
+        if full.dim() == 0 or (r0, r1) == (0, full.shape[0]) and full.dim() == 1:
+            return self._sum_whole(key)
+        acc = torch.zeros((r1 - r0, *full.shape[1:]), dtype=dtype)
+        for compact, kept_of, w, rows_of in zip(self._pending, self._kept, self._weights, self._rows):
             if key not in compact:  # a depth block this reply skipped
                 continue
-            t = compact[key].to(acc.dtype)
+            t = compact[key]
             kept = kept_of.get(key, [])
+            by_dim = dict(kept)
+            rows = by_dim.get(0)
+            if rows is not None and rows.numel() != full.shape[0]:  # cut rows: the compact rows in r0:r1
+                lo, hi = torch.searchsorted(rows, torch.tensor([r0, r1], dtype=rows.dtype)).tolist()
+                rows_c = rows[lo:hi] - r0
+            else:  # uncut rows: compact row i is full row i
+                lo, hi, rows_c = r0, r1, None
+            if hi <= lo:
+                continue
+            t = t[lo:hi].to(dtype)
             if key in rows_of:  # the rows outside the restriction add 0 (t * 0 = 0: finite, checked)
-                keep = _allowed_rows(dict(kept).get(0), rows_of[key], full.shape[0])
+                keep = _allowed_rows(rows, rows_of[key], full.shape[0])[lo:hi]
                 t = t * keep.view([-1] + [1] * (t.dim() - 1)).to(t.dtype)
-            # Uncut dims need no index. Each shortcut does the arithmetic of the indexed
-            # op it replaces, rounding included: a multi-dim index_add_ adds slices
-            # with add_(alpha) (one fused multiply-add), a 1-D or flat index_add_ rounds
-            # w·t, then adds.
             if not kept:
                 acc.add_(t, alpha=w)
             elif len(kept) == 1:
                 d, idx = kept[0]
-                if idx.numel() != full.shape[d] and acc.dim() > 1 and acc.numel() < 256 * full.shape[d]:
+                if idx.numel() == full.shape[d]:
+                    acc.add_(t, alpha=w)
+                elif d == 0:
+                    acc.index_add_(0, rows_c, t, alpha=w)
+                elif acc.numel() < 256 * full.shape[d]:
                     # small slices (e.g. columns of a 10-row matrix): one index_add_ per
                     # kept position is mostly call overhead; the same slice add_, done
                     # on the gathered slices at once, gives the same bits
                     part = acc.index_select(d, idx)
                     part.add_(t, alpha=w)
                     acc.index_copy_(d, idx, part)
-                elif idx.numel() != full.shape[d]:
-                    acc.index_add_(d, idx, t, alpha=w)
-                elif acc.dim() > 1:
-                    acc.add_(t, alpha=w)
                 else:
-                    acc.add_(t * w)
+                    acc.index_add_(d, idx, t, alpha=w)
             elif all(idx.numel() == full.shape[d] for d, idx in kept):
                 acc.add_(t * w)
             else:
-                acc.view(-1).index_add_(0, flat_positions(kept, full.shape, torch.int64),
+                if rows_c is not None:
+                    by_dim[0] = rows_c
+                else:
+                    by_dim.pop(0, None)
+                acc.view(-1).index_add_(0, flat_positions(list(by_dim.items()), acc.shape, torch.int64),
                                         t.reshape(-1), alpha=w)
         return acc
 
+    def _sum_whole(self, key: str) -> torch.Tensor:
+        """:meth:`_sum_rows` of a 0-dim or 1-D tensor, whole (one chunk)."""
+        full = self.state[key]
+        acc = torch.zeros_like(full, dtype=self._acc_dtype(full))
+        for compact, kept_of, w, rows_of in zip(self._pending, self._kept, self._weights, self._rows):
+            if key not in compact:
+                continue
+            t = compact[key].to(acc.dtype)
+            kept = kept_of.get(key, [])
+            if key in rows_of:
+                keep = _allowed_rows(dict(kept).get(0), rows_of[key], full.shape[0])
+                t = t * keep.to(t.dtype)
+            if not kept:
+                acc.add_(t, alpha=w)
+            elif kept[0][1].numel() != full.shape[0]:
+                acc.index_add_(0, kept[0][1], t, alpha=w)  # 1-D: rounds w·t, then adds
+            else:
+                acc.add_(t * w)
+        return acc
+
+    def _mean_key(self, key: str, weights: torch.Tensor) -> torch.Tensor:
+        """The new value of float tensor ``key``: ``(Σ_c n_c W_c) / (Σ_c n_c 1[c holds e])``
+        where some reply held ``e``, the fallback elsewhere (``W_k``, or 0 with
+        ``untouched="zero"`` for a coupled key); ``denominator="all"`` mixes in ``W_k``.
+
+        Built row chunk by row chunk (:func:`row_chunks`) into one new tensor of the
+        key's shape and dtype: the sums and denominators only ever hold one chunk.
+        """
+        full = self.state[key]
+        if self.denominator != "all" and not self._has(key):  # a depth block nobody trained
+            return full.clone()
+        zero = self.untouched == "zero" and key in self.slicer.coupled
+        total = weights.sum()
+        out = torch.empty(full.shape, dtype=full.dtype)
+        for r0, r1 in row_chunks(full.shape):
+            num = self._sum_rows(key, r0, r1)
+            den = self._denominator(key, full, weights, (r0, r1))
+            part = full if full.dim() == 0 else full[r0:r1]
+            if self.denominator == "all":
+                value = ((num.to(torch.float64) + part.to(torch.float64) * (total - den)) / total).to(full.dtype)
+            else:
+                held = den > 0
+                mean = num.div_(torch.where(held, den, torch.ones_like(den)).to(num.dtype)).to(full.dtype)
+                value = torch.where(held, mean, torch.zeros_like(part) if zero else part)
+            if full.dim() == 0:
+                out.copy_(value)
+            else:
+                out[r0:r1] = value
+        return out
+
     def _add_flat(self, values: torch.Tensor, mask: Mask, w: float,
                   rows: Mapping[str, torch.Tensor] | None = None) -> None:
-        """The flat path's :meth:`_sum_key` and :meth:`_denominator` of every float key at
+        """The flat path's :meth:`_sum_rows` and :meth:`_denominator` of every float key at
         once, for one reply: its float tensors laid end to end (``values``) added at its
         mask's flat positions with one ``index_add_``, and ``w`` with another (``add_``
         for a full mask); a row restriction drops the positions of the other rows first."""
@@ -343,9 +423,15 @@ class MaskedAggregator:
             flat = flat_positions(kept, full.shape, torch.int64)
             acc.view(-1).scatter_reduce_(0, flat, t.reshape(-1), "amax", include_self=not first)
 
-    def _denominator(self, key: str, full: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    def _denominator(self, key: str, full: torch.Tensor, weights: torch.Tensor,
+                     rows: tuple[int, int] | None = None) -> torch.Tensor:
         """Σ_c n_c · 1[c holds e] for every entry, as a product of per-dim indicators
-        (a reply's row restriction of ``key`` cuts its indicator along dim 0)."""
+        (a reply's row restriction of ``key`` cuts its indicator along dim 0).
+
+        Returns a tensor broadcastable to ``full`` (``(out, 1)`` for a matrix whose rows
+        are units, ``()`` for an uncoupled tensor), in the sums' precision; ``rows``
+        ``(r0, r1)``: only those rows of dim 0 (the other dims' sizes unchanged).
+        """
         weights = weights * torch.tensor([key in p for p in self._pending], dtype=weights.dtype)
         coupled = self.slicer.coupled.get(key, {})
         restricted = [rows_of.get(key) for rows_of in self._rows]
@@ -371,6 +457,8 @@ class MaskedAggregator:
             if ind is None:
                 ind = self._indicators[cache_key] = _indicator(positions, int(full.shape[d]), self.precision)
             inds.append(ind)
+        if rows is not None and dims and dims[0] == 0:
+            inds[0] = inds[0][:, rows[0]:rows[1]]
         letters = string.ascii_letters[1:1 + len(dims)]
         spec = "a," + ",".join("a" + c for c in letters) + "->" + letters
         den = torch.einsum(spec, weights, *inds)
@@ -391,8 +479,6 @@ class MaskedAggregator:
             Used by the masked server optimizers (:mod:`fl_subnet.core.server_opt`),
             which must move only held entries.
         """
-        if self._held is not None:  # finalize() already computed them
-            return dict(self._held)
         if not self._weights_fit:
             return self._in_float64().held()
         self._indicators = {}
@@ -408,10 +494,7 @@ class MaskedAggregator:
             return {k: v.clone() for k, v in self.state.items()}
         with torch_threads():
             if not self._weights_fit:  # the weights overflow (or underflow) the sums' dtype
-                exact = self._in_float64()
-                out = exact._finalize()
-                self._held = exact._held
-                return out
+                return self._in_float64()._finalize()
             return self._finalize()
 
     def _finalize(self, only: set[str] | None = None) -> dict[str, torch.Tensor]:
@@ -419,46 +502,41 @@ class MaskedAggregator:
         float_keys = sorted((k for k, v in self.state.items()
                              if v.is_floating_point() and (only is None or k in only)),
                             key=lambda k: -self.state[k].numel())
-        self._held = {}
         self._indicators = {}
-        dens = None
         if self.flat is not None:
             sums, dens = self._flat_sums()
+            means = {key: self._flat_mean(key, sums[key], dens[key], weights) for key in float_keys}
         else:
-            # Keys are independent: scatter them on a few threads (torch releases the GIL).
+            # Keys are independent: build them on a few threads (torch releases the GIL).
             with ThreadPoolExecutor(max_workers=min(_WORKERS, max(len(float_keys), 1))) as pool:
-                sums = dict(zip(float_keys, pool.map(self._sum_key, float_keys)))
+                means = dict(zip(float_keys, pool.map(lambda k: self._mean_key(k, weights), float_keys)))
         out = {}
         for key, full in self.state.items():
             if only is not None and key not in only:
                 continue
-            if not full.is_floating_point():
+            if full.is_floating_point():
+                out[key] = means.pop(key)
+            else:
                 out[key] = self._num.get(key, full).clone()  # nobody held it: unchanged
-                continue
-            den = dens[key] if dens is not None else self._denominator(key, full, weights)
-            held = self._held[key] = den > 0
-            if self.denominator == "all":
-                total = weights.sum()
-                num = sums[key].to(torch.float64)
-                out[key] = ((num + full.to(torch.float64) * (total - den)) / total).to(full.dtype)
-                continue
-            fallback = torch.zeros_like(full) if (self.untouched == "zero" and key in self.slicer.coupled) else full
-            num = sums[key]
-            if not bool(held.any()) and not self._has(key):  # a depth block nobody trained
-                out[key] = full.clone()
-                continue
-            if bool(held.all()):  # every entry had a holder: no fallback needed
-                out[key] = num.div_(den.to(num.dtype)).to(full.dtype)
-                continue
-            mean = num.div_(torch.where(held, den, torch.ones_like(den)).to(num.dtype)).to(full.dtype)
-            out[key] = torch.where(held, mean, fallback)
         if only is None:
             redo = self._overflowed(out)
             if redo:
-                exact = self._in_float64()
-                out.update(exact._finalize(redo))
-                self._held.update(exact._held)
+                out.update(self._in_float64()._finalize(redo))
         return out
+
+    def _flat_mean(self, key: str, num: torch.Tensor, den: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """:meth:`_mean_key` on the flat path, from the key's full-size sums ``num`` and
+        denominators ``den`` (views of the flat accumulators)."""
+        full = self.state[key]
+        if self.denominator == "all":
+            total = weights.sum()
+            return ((num.to(torch.float64) + full.to(torch.float64) * (total - den)) / total).to(full.dtype)
+        if not self._has(key):  # a depth block nobody trained
+            return full.clone()
+        held = den > 0
+        fallback = torch.zeros_like(full) if (self.untouched == "zero" and key in self.slicer.coupled) else full
+        mean = num.div_(torch.where(held, den, torch.ones_like(den)).to(num.dtype)).to(full.dtype)
+        return torch.where(held, mean, fallback)
 
     def _overflowed(self, out: Mapping[str, torch.Tensor]) -> set[str]:
         """The float keys whose mean in ``out`` is not finite although their sums ran
@@ -496,6 +574,19 @@ def _all_finite(t: torch.Tensor) -> bool:
     finite (a NaN or ±Inf entry makes any sum non-finite); only when that sum
     overflows is it redone in float64, where finite entries cannot overflow."""
     return math.isfinite(float(t.sum())) or math.isfinite(float(t.sum(dtype=torch.float64)))
+
+
+def row_chunks(shape: tuple[int, ...] | torch.Size, entries: int | None = None) -> list[tuple[int, int]]:
+    """Row ranges ``(r0, r1)`` along dim 0 that split a tensor of ``shape`` into chunks of
+    at most ``entries`` entries (:data:`CHUNK_ENTRIES`), or of one row where a row is
+    larger. A 0-dim or 1-D tensor is one chunk (``(0, 0)`` and ``(0, n)``)."""
+    if len(shape) == 0:
+        return [(0, 0)]
+    rows = int(shape[0])
+    if len(shape) == 1 or rows == 0:
+        return [(0, rows)]
+    step = max(1, (CHUNK_ENTRIES if entries is None else entries) // max(1, math.prod(shape[1:])))
+    return [(r0, min(r0 + step, rows)) for r0 in range(0, rows, step)]
 
 
 def _allowed_rows(positions: torch.Tensor | None, allowed: torch.Tensor, length: int) -> torch.Tensor:
