@@ -30,7 +30,8 @@ from fl_subnet.core.spec import analyze
 from fl_subnet.core.masks import Mask, coverage
 from fl_subnet.core.flat import flat_map_of
 from fl_subnet.wire.packed import PACKED_PREFIX, RAW_STYPE, decode_slice, gather_packed, is_packed, slice_layout
-from fl_subnet.wire import BATCHNORM_KEY, arrays_to_state, example_to_config, mask_to_config, state_to_arrays
+from fl_subnet.wire import (BATCHNORM_KEY, arrays_to_state, example_to_config, mask_to_config, pop_to_arrays,
+                             state_to_arrays)
 from fl_subnet.wire.records import FJORD_BN_RECORD
 from fl_subnet.core.samplers import MaskSampler
 
@@ -594,8 +595,9 @@ class SubnetStrategy(NodeSampling, FedAvg):
             metrics["model-kept"] = 1
             return None, metrics
         self.clip_center = make_center(agg, self.clip_center)
-        out = state_to_arrays(new_state)
-        self._remember(out, new_state)
+        del aggregate
+        out = pop_to_arrays(new_state)  # each tensor dropped once copied: one new model held, not two
+        self._remember(out, arrays_to_state(out, copy=False))  # W_{k+1}: read-only views of its bytes
         return out, metrics
 
     def _parse_replies(self, replies: Iterable[Message], agg, tally: "_Tally") -> list["_Reply"]:

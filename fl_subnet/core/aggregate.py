@@ -485,8 +485,14 @@ class MaskedAggregator:
         if self.flat is not None:
             return {key: den > 0 for key, den in self._flat_sums()[1].items()}
         ones = torch.ones(len(self._weights), dtype=self.precision)
-        return {key: self._denominator(key, full, ones) > 0
-                for key, full in self.state.items() if full.is_floating_point()}
+        return {key: self._held_key(key, full, ones) for key, full in self.state.items() if full.is_floating_point()}
+
+    def _held_key(self, key: str, full: torch.Tensor, ones: torch.Tensor) -> torch.Tensor:
+        """:meth:`held` of one key: ``den > 0``, the denominators computed one row chunk
+        at a time where they vary along dim 0 (no full-size float64 tensor)."""
+        if 0 not in self.slicer.coupled.get(key, {}) and not any(key in r for r in self._rows):
+            return self._denominator(key, full, ones) > 0  # constant along dim 0: (1, ...) or ()
+        return torch.cat([self._denominator(key, full, ones, rows) > 0 for rows in row_chunks(full.shape)])
 
     def finalize(self) -> dict[str, torch.Tensor]:
         """The new global state ``W_{k+1}`` (new tensors; ``W_k`` if no reply was added)."""

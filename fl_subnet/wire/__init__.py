@@ -14,10 +14,10 @@ ArrayRecord key (docs/design.md, "Wire contract").
 from .masks import groups_fingerprint, has_mask, mask_from_config, mask_to_config
 from .records import (BASE_FINGERPRINT, BATCHNORM_KEY, EXAMPLE_DTYPE, EXAMPLE_SHAPE, FJORD_WIDTHS, MASK_KEY,
                       METRICS_KEY, SCALE_KEY, SKIP_KEY, UNIT_SCALES_KEY, arrays_to_state, example_from_config,
-                      example_to_config, read_train, state_to_arrays, tensor_to_array, widths_from_config,
+                      example_to_config, pop_to_arrays, read_train, state_to_arrays, tensor_to_array, widths_from_config,
                       widths_to_config)
 
 __all__ = sorted(["BASE_FINGERPRINT", "BATCHNORM_KEY", "EXAMPLE_DTYPE", "EXAMPLE_SHAPE", "FJORD_WIDTHS", "MASK_KEY",
                   "METRICS_KEY", "SCALE_KEY", "SKIP_KEY", "UNIT_SCALES_KEY", "arrays_to_state", "example_from_config",
                   "example_to_config", "groups_fingerprint", "has_mask", "mask_from_config", "mask_to_config",
-                  "read_train", "state_to_arrays", "tensor_to_array", "widths_from_config", "widths_to_config"])
+                  "pop_to_arrays", "read_train", "state_to_arrays", "tensor_to_array", "widths_from_config", "widths_to_config"])

@@ -139,6 +139,17 @@ def state_to_arrays(state: Mapping[str, torch.Tensor]) -> ArrayRecord:
     return ArrayRecord({k: tensor_to_array(v) for k, v in state.items()})
 
 
+def pop_to_arrays(state: dict[str, torch.Tensor]) -> ArrayRecord:
+    """:func:`state_to_arrays`, emptying ``state`` as it goes.
+
+    Each tensor leaves ``state`` as soon as its bytes are copied into its ``Array``, so
+    where nothing else refers to the tensors, the state and the record together hold
+    one model plus one tensor, not two models (the server's new global model: 414 MB
+    instead of 828 MB for a 103.5M-parameter float32 model). ``state`` is empty after.
+    """
+    return ArrayRecord({k: tensor_to_array(state.pop(k)) for k in list(state)})
+
+
 def tensor_to_array(t: torch.Tensor) -> Array:
     """A tensor as a Flower ``Array``: the ``.npy`` bytes ``np.save`` writes (the same
     header, cached per shape and dtype), built with a single copy of the data."""
