@@ -33,8 +33,9 @@ UNTOUCHED_MODES = ("keep", "zero")
 DENOMINATORS = ("holders", "all")
 _WORKERS = max(1, min(4, os.cpu_count() or 1))
 #: Entries of one row chunk of :meth:`MaskedAggregator.finalize`'s running sums and
-#: denominators (8 MiB each in float32, 16 MiB in float64).
-CHUNK_ENTRIES = 1 << 21
+#: denominators (1 MiB each in float32, 2 MiB in float64: small enough that the allocator
+#: hands their memory back, or reuses it, between chunks).
+CHUNK_ENTRIES = 1 << 18
 PRECISIONS = {"float32": torch.float32, "float64": torch.float64}
 
 
