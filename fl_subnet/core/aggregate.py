@@ -36,6 +36,9 @@ _WORKERS = max(1, min(4, os.cpu_count() or 1))
 #: denominators (1 MiB each in float32, 2 MiB in float64: small enough that the allocator
 #: hands their memory back, or reuses it, between chunks).
 CHUNK_ENTRIES = 1 << 18
+#: A tensor of at most this many entries is summed whole (one chunk; 32 MiB in float64):
+#: chunking it would save little memory and cost one pass over every reply per chunk.
+WHOLE_ENTRIES = 1 << 22
 PRECISIONS = {"float32": torch.float32, "float64": torch.float64}
 
 
@@ -271,7 +274,9 @@ class MaskedAggregator:
             kept = kept_of.get(key, [])
             by_dim = dict(kept)
             rows = by_dim.get(0)
-            if rows is not None and rows.numel() != full.shape[0]:  # cut rows: the compact rows in r0:r1
+            if rows is not None and rows.numel() != full.shape[0] and (r0, r1) == (0, full.shape[0]):
+                lo, hi, rows_c = 0, rows.numel(), rows  # one chunk: every compact row, at its position
+            elif rows is not None and rows.numel() != full.shape[0]:  # cut rows: the compact rows in r0:r1
                 lo, hi = torch.searchsorted(rows, torch.tensor([r0, r1], dtype=rows.dtype)).tolist()
                 rows_c = rows[lo:hi] - r0
             else:  # uncut rows: compact row i is full row i
@@ -586,11 +591,12 @@ def _all_finite(t: torch.Tensor) -> bool:
 def row_chunks(shape: tuple[int, ...] | torch.Size, entries: int | None = None) -> list[tuple[int, int]]:
     """Row ranges ``(r0, r1)`` along dim 0 that split a tensor of ``shape`` into chunks of
     at most ``entries`` entries (:data:`CHUNK_ENTRIES`), or of one row where a row is
-    larger. A 0-dim or 1-D tensor is one chunk (``(0, 0)`` and ``(0, n)``)."""
+    larger. A 0-dim or 1-D tensor is one chunk (``(0, 0)`` and ``(0, n)``), and so is, with
+    the default ``entries``, a tensor of at most :data:`WHOLE_ENTRIES` entries."""
     if len(shape) == 0:
         return [(0, 0)]
     rows = int(shape[0])
-    if len(shape) == 1 or rows == 0:
+    if len(shape) == 1 or rows == 0 or (entries is None and math.prod(shape) <= WHOLE_ENTRIES):
         return [(0, rows)]
     step = max(1, (CHUNK_ENTRIES if entries is None else entries) // max(1, math.prod(shape[1:])))
     return [(r0, min(r0 + step, rows)) for r0 in range(0, rows, step)]
