@@ -23,7 +23,7 @@ The measurement is the round's peak RSS minus the RSS before it (bytes): what th
 adds to the server on top of the model it starts from and the replies it receives. Its
 ratio to FedAvg's is set against the protocol's bytes ratio (the outgoing and reply
 messages' serialized bytes, over FedAvg's); target: memory ratio ≤ 1.2 × bytes ratio
-(issue 24). Each line also gives the peak of each phase (``phase_peaks``), the RSS before
+(docs/speed.md). Each line also gives the peak of each phase (``phase_peaks``), the RSS before
 the round and the model's size.
 
 fl-subnet's sides: ``dropout:ξ`` (:class:`~fl_subnet.strategies.FederatedDropout`,

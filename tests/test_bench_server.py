@@ -1,4 +1,4 @@
-"""Smoke tests of ``bench/server_round.py``, ``bench/bytes.py`` and ``bench/aggregate.py``
+"""Smoke tests of ``bench/server_round.py``, ``bench/server_memory.py``, ``bench/bytes.py`` and ``bench/aggregate.py``
 with ``--quick``: they run, print well-formed JSON lines (bench/common.py), and the
 bytes on the wire are within 1% of the float32 floor where Flower's format allows it."""
 
@@ -61,3 +61,16 @@ def test_bytes_within_one_percent_of_the_float32_floor():
         assert m["median"] <= 1.01 * m["floor"], (m["setting"], m["median"], m["floor"])
         assert m["mean"] <= 1.01 * m["floor_mean"], (m["setting"], m["mean"], m["floor_mean"])
         assert m["meets_target"] is True and m["within_1pct_of_floor"] is True
+
+
+def test_server_memory_quick_prints_json_lines():
+    """bench/server_memory.py --quick: one line per side, its ratios computed from its own
+    numbers (memory over FedAvg's, bytes over FedAvg's, the target 1.2 x the bytes ratio)."""
+    lines = _run("server_memory.py")
+    assert {m["setting"]["side"] for m in lines} == {"dropout:0.5", "dropout:0.25", "ist:4"}
+    for m in lines:
+        assert m["bench"] == "server_memory" and m["metric"] == "bytes"
+        assert abs(m["ratio"] - m["median"] / m["fedavg_median"]) < 1e-9
+        assert 0 < m["bytes_ratio"] < 1 and abs(m["target_ratio"] - 1.2 * m["bytes_ratio"]) < 1e-9
+        assert m["meets_target"] == (m["ratio"] <= m["target_ratio"])
+        assert set(m["phase_peaks"]) == {"configure", "aggregate"} and m["model_bytes"] > 0
