@@ -22,7 +22,7 @@ Variants (:data:`VARIANTS`), on the same nodes, data and seeds:
   ``r_k`` gets the first ``r_k`` ranks of the global adapter (``HeteroFL`` with the tiers'
   capacities, nested prefixes), each rank averaged over the nodes that held it.
 * ``zero-pad-mean``: the naive baseline: each node's adapter zero-padded to ``r_max`` and
-  averaged over all nodes (:class:`ZeroPadMean`), so a rank held by a third of the nodes
+  averaged over all nodes (``denominator="zero-pad"``), so a rank held by a third of the nodes
   shrinks to a third of their mean.
 * ``all-nodes-mean``: the masked mean with ``denominator = "all"``: over every node, a
   node that did not hold a rank counting with the global value of it (not 0), so a rank
@@ -116,38 +116,6 @@ BASELINE = "lora-r8-all"
 
 
 # ------------------------------------------------------------------------ the strategies
-def zero_pad_mean_class():
-    """:class:`ZeroPadMean`, defined on first use (HeteroFL imports Flower)."""
-    import torch
-
-    from fl_subnet.core.rules import make_rule
-    from fl_subnet.strategies import HeteroFL
-
-    class ZeroPadMean(HeteroFL):
-        """Nested prefixes of the ranks (as HeteroFL / HetLoRA), aggregated by the naive
-        zero-padded mean: each reply is padded to the full rank with zeros and the mean
-        runs over every node, ``W_{k+1}[e] = Σ_{i holds e} w_i x_i[e] / Σ_i w_i``.
-
-        A baseline, not a published rule: HetLoRA (Cho et al., EMNLP 2024) zero-pads too
-        but weights the nodes by their adapters' norms (sparsity-weighted aggregation),
-        which is not reproduced. ``denominator="all"`` of the masked mean is another rule
-        (a non-holder counts with ``W_k[e]``, not 0): here the mean over all nodes is taken
-        over a state of zeros, so a non-holder counts 0. Every trainable entry has a holder
-        in this bench (the rank-16 tier holds every rank), so no entry falls back to 0.
-        """
-
-        def __init__(self, *args, **kwargs):
-            kwargs["denominator"] = "all"
-            super().__init__(*args, **kwargs)
-
-        def _aggregator(self, server_round: int = 0):
-            zeros = {k: torch.zeros_like(v) if v.is_floating_point() else v for k, v in self._state.items()}
-            return make_rule("mean", zeros, self.slicer, untouched=self.untouched, denominator="all",
-                             precision=self.precision, flat=self._flat)
-
-    return ZeroPadMean
-
-
 def make_strategy(variant: str, factory: Callable, seed: int):
     """The strategy of ``variant`` over ``factory``'s model (every node every round, replies
     weighted by ``num-examples``, no federated evaluation)."""
@@ -160,7 +128,7 @@ def make_strategy(variant: str, factory: Callable, seed: int):
     if variant == "hetlora-holder-mean":
         return HeteroFL(factory, TIERS, scale=False, order_by_partition=True, **common)
     if variant == "zero-pad-mean":
-        return zero_pad_mean_class()(factory, TIERS, scale=False, order_by_partition=True, **common)
+        return HeteroFL(factory, TIERS, scale=False, order_by_partition=True, denominator="zero-pad", **common)
     if variant == "all-nodes-mean":
         return HeteroFL(factory, TIERS, scale=False, order_by_partition=True, denominator="all", **common)
     if variant == "product-space":

@@ -4,8 +4,8 @@
 The quick run (1 seed, 2 rounds, 4 variants) must give the JSON structure with accuracies
 in [0, 1], each tier's adapter evaluated alone, and MB in proportion to the ranks sent, in
 under a minute; docs/lora.md's table must be the one the bench renders from
-docs/lora.json. The synthetic tasks follow their rule, and the bench's zero-padded mean is
-the zero-padded mean.
+docs/lora.json. The synthetic tasks follow their rule, and the zero-padded mean the bench
+runs (``denominator="zero-pad"``) is the zero-padded mean through ``strategy.start``.
 """
 
 import json
@@ -151,7 +151,7 @@ def test_dirichlet_split_sizes_and_skew():
 
 # ------------------------------------------------------------- the zero-padded mean
 def test_zero_pad_mean_is_the_zero_padded_mean():
-    """One round of :class:`ZeroPadMean` on ranks 1 / 2 / 4 of r_max = 4: every adapter
+    """One round of HeteroFL with ``denominator="zero-pad"`` on ranks 1 / 2 / 4 of r_max = 4: every adapter
     entry is the weighted sum of the nodes that held it over every node's weight (the
     others padded with 0); the head, held by all, is the weighted mean."""
     state = task.build_classifier(0).state_dict()
@@ -177,9 +177,10 @@ def test_zero_pad_mean_is_the_zero_padded_mean():
     from fl_subnet.wire import arrays_to_state
 
     tiers = (0.25, 0.5, 1.0)
-    strategy = lora.zero_pad_mean_class()(factory, tiers, scale=False, order_by_partition=True, weighted=True,
-                                          fraction_train=1.0, min_train_nodes=3, min_available_nodes=3,
-                                          fraction_evaluate=0.0)
+    from fl_subnet.strategies import HeteroFL
+
+    strategy = HeteroFL(factory, tiers, scale=False, order_by_partition=True, weighted=True, denominator="zero-pad",
+                        fraction_train=1.0, min_train_nodes=3, min_available_nodes=3, fraction_evaluate=0.0)
     grid = InProcessGrid(make_client_app(factory, load_data, train_fn=train_fn), 3)
     torch.set_num_threads(1)
     result = strategy.start(grid=grid, initial_arrays=ArrayRecord(factory().state_dict()), num_rounds=1,

@@ -30,7 +30,7 @@ from .masks import Mask
 from .slicing import Slicer, flat_positions, torch_threads
 
 UNTOUCHED_MODES = ("keep", "zero")
-DENOMINATORS = ("holders", "all")
+DENOMINATORS = ("holders", "all", "zero-pad")
 _WORKERS = max(1, min(4, os.cpu_count() or 1))
 #: Entries of one row chunk of :meth:`MaskedAggregator.finalize`'s running sums and
 #: denominators (1 MiB each in float32, 2 MiB in float64: small enough that the allocator
@@ -54,11 +54,15 @@ class MaskedAggregator:
     untouched : {"keep", "zero"}
         What entries that no client held become: ``keep`` their value (default) or
         ``zero`` (only the reference code of Liao & Kyrillidis; kills those neurons).
-    denominator : {"holders", "all"}
+    denominator : {"holders", "all", "zero-pad"}
         ``holders``: mean over the clients that held the entry (default). ``all``: mean
         over every client, a non-holder counting with the unchanged ``W_k[e]``; with one
         local step this is one step on the loss averaged over the masks (multi-sample
-        dropout, Inoue 2019, Eq. 1).
+        dropout, Inoue 2019, Eq. 1). ``zero-pad``: mean over every client, a non-holder
+        counting with 0 (each reply zero-padded to the full shape: the naive baseline
+        of heterogeneous LoRA ranks, which HetLoRA, Cho et al. EMNLP 2024, starts from),
+        ``Σ_{c holds e} n_c W_c[e] / Σ_c n_c``, computed in float64; an entry no client
+        held falls back as ``untouched`` says.
     precision : {"float32", "float64"}
         Dtype of the running sums (never below the tensor's own). ``float32`` is what
         Flower's FedAvg does and the fastest; an entry with a single holder then comes
@@ -355,6 +359,9 @@ class MaskedAggregator:
             part = full if full.dim() == 0 else full[r0:r1]
             if self.denominator == "all":
                 value = ((num.to(torch.float64) + part.to(torch.float64) * (total - den)) / total).to(full.dtype)
+            elif self.denominator == "zero-pad":
+                value = torch.where(den > 0, (num.to(torch.float64) / total).to(full.dtype),
+                                    torch.zeros_like(part) if zero else part)
             else:
                 held = den > 0
                 mean = num.div_(torch.where(held, den, torch.ones_like(den)).to(num.dtype)).to(full.dtype)
@@ -547,6 +554,8 @@ class MaskedAggregator:
             return full.clone()
         held = den > 0
         fallback = torch.zeros_like(full) if (self.untouched == "zero" and key in self.slicer.coupled) else full
+        if self.denominator == "zero-pad":
+            return torch.where(held, (num.to(torch.float64) / weights.sum()).to(full.dtype), fallback)
         mean = num.div_(torch.where(held, den, torch.ones_like(den)).to(num.dtype)).to(full.dtype)
         return torch.where(held, mean, fallback)
 
