@@ -60,7 +60,6 @@ import json
 import logging
 import math
 import os
-import re
 import statistics
 import sys
 import tempfile
@@ -243,27 +242,6 @@ def arrays_numel(message) -> int:
     return int(sum(math.prod(a.shape) for rec in message.content.array_records.values() for a in rec.values()))
 
 
-def _status_bytes(field: str) -> int:
-    """``VmRSS`` (resident now) or ``VmHWM`` (peak resident) of this process, in bytes.
-
-    ``VmHWM`` is this process's own high-water mark, unlike ``ru_maxrss``, which a child
-    started by ``subprocess`` (vfork + exec) inherits from its parent's peak.
-    """
-    with open("/proc/self/status") as f:
-        return int(re.search(field + r":\s+(\d+)", f.read()).group(1)) * 1024
-
-
-def _reset_peak() -> bool:
-    """Reset this process's peak RSS (``VmHWM``) to its current RSS (Linux
-    ``/proc/self/clear_refs``); False where that is not allowed."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        return False
-    return True
-
-
 def child(kind: str, wire_file: str | None, config: Mapping[str, object]) -> dict[str, object]:
     """One fresh-process measurement (``--child``).
 
@@ -278,22 +256,23 @@ def child(kind: str, wire_file: str | None, config: Mapping[str, object]) -> dic
         ``reply_params``, ``reply_wire_bytes``.
     """
     import fl_subnet.app.client_app  # noqa: F401  (every child imports the same modules)
+    from common import reset_peak, status_bytes
     from fl_subnet.experiments.experiment import context_data
 
     context = node_context(config, int(config["num-nodes"]))
     context_data(context)  # the node's data: loaded and cached, as the baseline does
     apps = client_apps()
     gc.collect()
-    out: dict[str, object] = {"kind": kind, "rss_before_bytes": _status_bytes("VmRSS"), "reset": False}
+    out: dict[str, object] = {"kind": kind, "rss_before_bytes": status_bytes("VmRSS"), "reset": False}
     if kind != "baseline":
-        out["reset"] = _reset_peak()
+        out["reset"] = reset_peak()
         wire = Path(wire_file).read_bytes()
         t0 = time.perf_counter()
         reply, encoded = handle(apps[kind], wire, context)
         out["seconds"] = time.perf_counter() - t0
         out["reply_params"] = arrays_numel(reply)
         out["reply_wire_bytes"] = len(encoded)
-    out["maxrss_bytes"] = _status_bytes("VmHWM")
+    out["maxrss_bytes"] = status_bytes("VmHWM")
     return out
 
 

@@ -165,6 +165,27 @@ def run_child_json(cmd: Sequence[str], env: Mapping[str, str], threads: int, cwd
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def status_bytes(field: str) -> int:
+    """``VmRSS`` (resident now) or ``VmHWM`` (peak resident) of this process, in bytes (Linux).
+
+    ``VmHWM`` is this process's own high-water mark, unlike ``ru_maxrss``, which a child
+    started by ``subprocess`` (vfork + exec) inherits from its parent's peak.
+    """
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
+
+
+def reset_peak() -> bool:
+    """Reset this process's peak RSS (``VmHWM``) to its current RSS (Linux
+    ``/proc/self/clear_refs``); False where that is not allowed."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return True
+
+
 def bench_logging(log: logging.Logger) -> None:
     """A bench script's logging: warnings of every library to stderr, its own ``log`` at INFO
     (its progress); stdout stays for the JSON lines."""

@@ -60,22 +60,6 @@ SERVER_ROUND = 1
 TRAIN_CONFIG = {"lr": 0.05, "local-epochs": 1, "batch-size": 32, "loss": "mse", "seed": 1}
 
 
-def _status_bytes(field: str) -> int:
-    """``VmRSS`` or ``VmHWM`` of this process, bytes."""
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
-
-
-def _reset_peak() -> bool:
-    """Reset ``VmHWM`` to the current RSS; False where the kernel does not allow it."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        return False
-    return True
-
-
 def make_side(side: str, hidden: list[int], num_nodes: int):
     """The strategy of ``side`` (``fedavg``, ``dropout:ξ``, ``ist:p``) for the MLP."""
     from flwr.serverapp.strategy import FedAvg
@@ -111,6 +95,7 @@ def child(side: str, hidden: list[int], num_nodes: int) -> dict[str, object]:
     import torch
     from flwr.app import ConfigRecord
 
+    from bench.common import reset_peak, status_bytes
     from bench.server_round import client_reply, fresh_copy, grid, pull_proto, push_proto
     from fl_subnet.models import MLP
 
@@ -132,19 +117,19 @@ def child(side: str, hidden: list[int], num_nodes: int) -> dict[str, object]:
     del msgs
     gc.collect()
 
-    rss_before = _status_bytes("VmRSS")
-    reset = _reset_peak()
+    rss_before = status_bytes("VmRSS")
+    reset = reset_peak()
     phases = {}
     msgs = list(strategy.configure_train(SERVER_ROUND, fresh_copy(arrays), ConfigRecord(dict(TRAIN_CONFIG)), g))
     out = push_proto(msgs)
     bytes_down = sum(len(b) for b in out)
     del out, msgs
-    phases["configure"] = _status_bytes("VmHWM") - rss_before
-    _reset_peak()
+    phases["configure"] = status_bytes("VmHWM") - rss_before
+    reset_peak()
     replies = pull_proto(wired)
     new, _ = strategy.aggregate_train(SERVER_ROUND, replies)
     del replies
-    phases["aggregate"] = _status_bytes("VmHWM") - rss_before
+    phases["aggregate"] = status_bytes("VmHWM") - rss_before
     assert new is not None, "the round kept the model"
     return {"side": side, "rss_before": rss_before, "peak": max(phases.values()), "phase_peaks": phases,
             "bytes_down": bytes_down, "bytes_up": sum(len(b) for b in wired), "model_bytes": model_bytes,

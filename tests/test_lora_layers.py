@@ -26,7 +26,6 @@ from fl_subnet.core.lora_layers import (ALLOCATIONS, GEOMETRIC, LayerAllocationS
                                         collective_counts, draw_layers, geometric_layers, layer_budget, layer_name,
                                         lora_layers, rgd_probabilities)
 from fl_subnet.core.samplers import generator_for
-from fl_subnet.experiments.inprocess_grid import InProcessGrid
 from fl_subnet.models import MLP
 from fl_subnet.models.transformer import HandAttentionTransformer
 from fl_subnet.wire import mask_from_config
