@@ -89,6 +89,14 @@ def write_flower_config(flwr_home: Path, name: str, address: str, options: str =
     return path
 
 
+def simulation_options(num_supernodes: int) -> str:
+    """The simulation connection's options for :func:`write_flower_config`: ``num_supernodes``
+    SuperNodes on a Ray backend of 2 CPUs, one per ClientApp (the 2-core CI machine)."""
+    return (f"options.num-supernodes = {num_supernodes}\n"
+            "options.backend.client-resources.num-cpus = 1\n"
+            "options.backend.init-args.num-cpus = 2\n")
+
+
 def app_config(overrides: Mapping[str, object]) -> dict[str, object]:
     """The run config a ServerApp sees: ``[tool.flwr.app.config]`` fused with overrides."""
     with open(ROOT / "pyproject.toml", "rb") as f:

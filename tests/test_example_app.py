@@ -24,13 +24,14 @@ import torch
 from flwr.app import ConfigRecord, Message
 
 from flower_processes import (
-    ROOT,
     Processes,
+    ROOT,
     binary,
     flower_env,
     free_ports,
     missing_binaries,
     run_config_arg,
+    simulation_options,
     start_superlink,
     wait_until,
     write_flower_config,
@@ -290,11 +291,7 @@ def test_unchanged_plain_clientapp_stops_the_run_naming_the_change(caplog):
 
 
 # ----------------------------------------------------------------------------- slow
-SIMULATION_OPTIONS = """\
-options.num-supernodes = 2
-options.backend.client-resources.num-cpus = 1
-options.backend.init-args.num-cpus = 2
-"""
+SIMULATION_OPTIONS = simulation_options(2)
 
 
 @pytest.mark.slow

@@ -39,12 +39,13 @@ import pytest
 
 from flower_processes import (
     BIN,
-    ROOT,
     Processes,
+    ROOT,
     flower_env,
     free_ports,
     http_ok,
     run_config_arg,
+    simulation_options,
     wait_until,
     write_flower_config,
 )
@@ -54,11 +55,7 @@ COPY_IGNORE = shutil.ignore_patterns(
     ".git", ".venv", "build", "dist", "runs", "*.egg-info", "__pycache__", ".pytest_cache",
     ".hypothesis", "*.fab",
 )
-SIMULATION_OPTIONS = """\
-options.num-supernodes = 2
-options.backend.client-resources.num-cpus = 1
-options.backend.init-args.num-cpus = 2
-"""
+SIMULATION_OPTIONS = simulation_options(2)
 NUM_NODES = 2
 
 # ------------------------------------------------------------------ the user's app

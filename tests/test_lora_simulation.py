@@ -22,6 +22,7 @@ from flower_processes import (
     flwr_run,
     free_ports,
     missing_binaries,
+    simulation_options,
     start_superlink,
     write_flower_config,
 )
@@ -34,11 +35,7 @@ SCENARIO = {"strategy": "heterofl", "model": "hf-classifier", "dataset": "shifte
             "num-nodes": NUM_NODES, "partitioning": "dirichlet", "dirichlet-alpha": 0.5, "pretrain-steps": 300,
             "num-server-rounds": 3, "local-steps": 10, "batch-size": 32, "lr": 0.06, "momentum": 0.9,
             "aggregation": "mean", "seed": 0}
-SIMULATION_OPTIONS = f"""\
-options.num-supernodes = {NUM_NODES}
-options.backend.client-resources.num-cpus = 1
-options.backend.init-args.num-cpus = 2
-"""
+SIMULATION_OPTIONS = simulation_options(NUM_NODES)
 
 pytestmark = pytest.mark.slow
 

@@ -31,8 +31,8 @@ from fl_subnet.strategies import RandomPath, build_strategy
 from fl_subnet.clients import receive
 from fl_subnet.wire import SKIP_KEY, arrays_to_state
 
-from flower_processes import Processes, flower_env, flwr_run, free_ports, missing_binaries, start_superlink, \
-    write_flower_config
+from flower_processes import Processes, flower_env, flwr_run, free_ports, missing_binaries, simulation_options, \
+    start_superlink, write_flower_config
 from test_depth import _by_hand
 
 IMAGES = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
@@ -409,11 +409,7 @@ def _npy_bytes(t: torch.Tensor) -> int:
 def test_flwr_run_random_path_resnet_on_digits(tmp_path):
     home = tmp_path / "flwr-home"
     (port,) = free_ports(1)
-    write_flower_config(home, "fl-subnet-sim", f"127.0.0.1:{port}", f"""\
-options.num-supernodes = {NUM_NODES}
-options.backend.client-resources.num-cpus = 1
-options.backend.init-args.num-cpus = 2
-""")
+    write_flower_config(home, "fl-subnet-sim", f"127.0.0.1:{port}", simulation_options(NUM_NODES))
     procs = Processes(tmp_path / "logs", flower_env(home))
     out_dir = tmp_path / "random-path"
     scenario = tmp_path / "random-path.toml"

@@ -23,6 +23,7 @@ from flower_processes import (
     flwr_run,
     free_ports,
     missing_binaries,
+    simulation_options,
     start_superlink,
     write_flower_config,
 )
@@ -32,11 +33,7 @@ NUM_NODES = 4
 # for seeds 0-3); the defaults (lr 0.1, 10 steps) barely move it in 2 rounds.
 OVERRIDES = {"strategy": "ist", "num-subnets": 4, "num-server-rounds": 2, "num-nodes": NUM_NODES,
              "lr": 0.5, "local-steps": 50, "seed": 0}
-SIMULATION_OPTIONS = f"""\
-options.num-supernodes = {NUM_NODES}
-options.backend.client-resources.num-cpus = 1
-options.backend.init-args.num-cpus = 2
-"""
+SIMULATION_OPTIONS = simulation_options(NUM_NODES)
 
 pytestmark = pytest.mark.slow
 
@@ -90,8 +87,7 @@ def test_too_few_nodes_fails_with_a_message_naming_num_subnets(tmp_path):
     out_dir = tmp_path / "out"
     home = tmp_path / "flwr-home"
     (port,) = free_ports(1)
-    write_flower_config(home, "fl-subnet-sim", f"127.0.0.1:{port}", SIMULATION_OPTIONS.replace(
-        f"num-supernodes = {NUM_NODES}", "num-supernodes = 2"))
+    write_flower_config(home, "fl-subnet-sim", f"127.0.0.1:{port}", simulation_options(2))
     scenario = tmp_path / "ist.toml"
     scenario.write_text(tomli_w.dumps({**OVERRIDES, "node-wait-timeout": 3.0, "out-dir": str(out_dir)}))
     procs = Processes(tmp_path / "logs", flower_env(home))

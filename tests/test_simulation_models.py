@@ -18,15 +18,11 @@ from fl_subnet.experiments.config import RunConfig
 from fl_subnet.experiments.experiment import example_input, factory_for
 from fl_subnet.strategies import build_strategy
 
-from flower_processes import (Processes, flower_env, flwr_run, free_ports, missing_binaries, start_superlink,
-                              write_flower_config)
+from flower_processes import (Processes, flower_env, flwr_run, free_ports, missing_binaries, simulation_options,
+                              start_superlink, write_flower_config)
 
 NUM_NODES = 4
-SIMULATION_OPTIONS = f"""\
-options.num-supernodes = {NUM_NODES}
-options.backend.client-resources.num-cpus = 1
-options.backend.init-args.num-cpus = 2
-"""
+SIMULATION_OPTIONS = simulation_options(NUM_NODES)
 COMMON = {"num-server-rounds": 2, "num-nodes": NUM_NODES, "num-subnets": NUM_NODES, "keep-prob": 0.5,
           "local-steps": 5, "seed": 0, "partitioning": "iid", "momentum": 0.9}
 MODELS = {
