@@ -12,7 +12,7 @@ from flwr.clientapp import ClientApp
 from fl_subnet.clients import make_client_app
 
 from .config import RunConfig
-from .experiment import context_data, factory_for
+from .experiment import context_config, context_data, factory_for
 
 
 @functools.lru_cache(maxsize=8)
@@ -32,7 +32,7 @@ def partition_labels(context: Context) -> list[int] | None:
     """The labels of the node's training partition (sorted), reported to the node query when
     the run config's ``label-split`` is on (HeteroFL's label split); None when it is off or
     every node sees all data (``data-scope = "all"``)."""
-    cfg = RunConfig.from_mapping(context.run_config)
+    cfg = context_config(context)
     if not cfg.label_split or cfg.data_scope == "all":
         return None
     train, _ = context_data(context)

@@ -6,6 +6,7 @@ so that the three see exactly the same data, model and strategy.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
@@ -130,9 +131,32 @@ def node_data(cfg: RunConfig, partition_id: int, num_partitions: int) -> tuple[T
     return _dataset(cfg, tx, ty), (_dataset(cfg, vx, vy) if len(vx) else None)
 
 
+@functools.lru_cache(maxsize=8)
+def _config_of(items: tuple) -> RunConfig:
+    return RunConfig.from_mapping({k: v for k, _, v in items})
+
+
+def context_config(context: Context) -> RunConfig:
+    """The validated RunConfig of a ClientApp's ``context.run_config``, built once per
+    distinct run config (a RunConfig is frozen; validating it is most of a node query's
+    cost and a fair share of a small train message's).
+
+    Raises
+    ------
+    ValueError
+        As :meth:`RunConfig.from_mapping`, naming the key.
+    """
+    try:
+        items = tuple((k, type(v), v) for k, v in sorted(context.run_config.items()))  # True and 1 differ
+        hash(items)
+    except TypeError:  # an unhashable value: validated afresh (and refused) each call
+        return RunConfig.from_mapping(context.run_config)
+    return _config_of(items)
+
+
 def context_data(context: Context) -> tuple[TensorDataset, TensorDataset | None]:
     """``node_data`` for a ClientApp's context (run config + ``partition-id``)."""
-    cfg = RunConfig.from_mapping(context.run_config)
+    cfg = context_config(context)
     pid = int(context.node_config.get("partition-id", 0))
     n = int(context.node_config.get("num-partitions", cfg.num_nodes))
     return node_data(cfg, pid, n)
