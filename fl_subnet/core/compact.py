@@ -440,20 +440,37 @@ def _clone(module: nn.Module, graph=None) -> nn.Module:
     import copy
 
     new = object.__new__(type(module))
-    attrs = {}
-    for name, value in module.__dict__.items():
+    attrs = dict(module.__dict__)  # shared values as they are; the others replaced below
+    for name in _copied_attrs(module):
+        value = attrs[name]
         if name == "_modules":
             attrs[name] = {k: None if m is None else _clone(m) for k, m in value.items()}
         elif name in ("_parameters", "_buffers"):
             attrs[name] = dict(value)
-        elif name == "_graph" or isinstance(value, (_IMMUTABLE, torch.Tensor)) or callable(value):
-            attrs[name] = value
         elif isinstance(value, (dict, list, set)) and not value:
             attrs[name] = type(value)()
         else:
             attrs[name] = copy.deepcopy(value)
     new.__dict__.update(attrs)
     return new
+
+
+def _copied_attrs(module: nn.Module) -> tuple[str, ...]:
+    """The names of ``module``'s attributes that :func:`_clone` does not share (submodules,
+    parameter and buffer dicts, mutable values), found once per template module: a
+    template's attributes keep their names and types."""
+    names = _COPIED.get(module)
+    if names is None or names[0] != tuple(module.__dict__):
+        names = _COPIED[module] = (tuple(module.__dict__), tuple(
+            name for name, value in module.__dict__.items()
+            if name in ("_modules", "_parameters", "_buffers")
+            or not (name == "_graph" or isinstance(value, (_IMMUTABLE, torch.Tensor)) or callable(value))))
+    return names[1]
+
+
+#: Template module → (its attribute names, those :func:`_clone` copies); weak keys: a
+#: template dropped from its LRU takes its entry along.
+_COPIED: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple[str, ...], tuple[str, ...]]]" = weakref.WeakKeyDictionary()
 
 
 _IMMUTABLE = (bool, int, float, complex, str, bytes, type(None), torch.dtype, torch.device, frozenset)
