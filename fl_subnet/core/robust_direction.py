@@ -190,7 +190,7 @@ def update_point(state: Mapping[str, torch.Tensor], slicer: Slicer, compact: Map
             idx = slicer.flat_index(key, full.shape, mask).long()
         else:
             idx = torch.arange(full.numel())
-        base = full.detach().reshape(-1).to(torch.float64)[idx]
+        base = full.detach().reshape(-1)[idx].to(torch.float64)  # the held entries only, then widened (exact)
         p[key] = (idx, t.detach().reshape(-1).to(device=base.device, dtype=torch.float64) - base)
     return p
 
