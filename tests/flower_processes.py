@@ -284,6 +284,38 @@ def flwr_run(procs: Processes, connection: str, overrides: Mapping[str, object] 
     wait_until(summary.exists, 5, f"{summary} (did the ServerApp fail? see the flwr-run log)")
 
 
+def simulate_scenario(tmp_path: Path, scenario: Mapping[str, object], num_supernodes: int,
+                      timeout: float) -> tuple[Path, Path]:
+    """``flwr run`` of ``scenario`` (run-config keys) on a simulation SuperLink of
+    ``num_supernodes`` started here (:func:`simulation_options`), in a private
+    ``$FLWR_HOME`` under ``tmp_path``; every process stopped afterwards, their logs'
+    tails printed if the run fails.
+
+    Returns
+    -------
+    (scenario file, results folder) : tuple[Path, Path]
+        The TOML file written (the same file ``fl-subnet run`` can take) and its ``out-dir``.
+    """
+    import tomli_w
+
+    out_dir = tmp_path / "out"
+    home = tmp_path / "flwr-home"
+    (port,) = free_ports(1)
+    write_flower_config(home, "fl-subnet-sim", f"127.0.0.1:{port}", simulation_options(num_supernodes))
+    path = tmp_path / "scenario.toml"
+    path.write_text(tomli_w.dumps({**scenario, "out-dir": str(out_dir)}))
+    procs = Processes(tmp_path / "logs", flower_env(home))
+    try:
+        start_superlink(procs, port, simulation=True)
+        flwr_run(procs, "fl-subnet-sim", path, out_dir, timeout=timeout)
+    except BaseException:
+        print(procs.tails())
+        raise
+    finally:
+        procs.stop_all()
+    return path, out_dir
+
+
 def inprocess_rows(overrides: Mapping[str, object], num_nodes: int, checkpoint_dir: Path | None = None) -> list[dict]:
     """The metrics rows of the same run on :class:`InProcessGrid` (no Flower processes);
     with ``checkpoint_dir``, its model is saved there too."""

@@ -11,21 +11,10 @@ the model factory alone, gives the accuracy the run reported for that tier.
 import json
 
 import pytest
-import tomli_w
 
 from fl_subnet.experiments import cli
 
-from flower_processes import (
-    Processes,
-    assert_same_rows,
-    flower_env,
-    flwr_run,
-    free_ports,
-    missing_binaries,
-    simulation_options,
-    start_superlink,
-    write_flower_config,
-)
+from flower_processes import assert_same_rows, missing_binaries, simulate_scenario
 
 NUM_NODES = 3
 TIERS = (0.25, 0.5, 1.0)
@@ -35,7 +24,6 @@ SCENARIO = {"strategy": "heterofl", "model": "hf-classifier", "dataset": "shifte
             "num-nodes": NUM_NODES, "partitioning": "dirichlet", "dirichlet-alpha": 0.5, "pretrain-steps": 300,
             "num-server-rounds": 3, "local-steps": 10, "batch-size": 32, "lr": 0.06, "momentum": 0.9,
             "aggregation": "mean", "seed": 0}
-SIMULATION_OPTIONS = simulation_options(NUM_NODES)
 
 pytestmark = pytest.mark.slow
 
@@ -51,22 +39,8 @@ def test_flwr_run_lora_rank_tiers(tmp_path):
     from fl_subnet.experiments.lora_task import build_classifier
     from fl_subnet.tiers import load_submodel, tier_file
 
-    out_dir = tmp_path / "out"
-    home = tmp_path / "flwr-home"
-    (port,) = free_ports(1)
-    write_flower_config(home, "fl-subnet-sim", f"127.0.0.1:{port}", SIMULATION_OPTIONS)
-    scenario = tmp_path / "lora.toml"
-    scenario.write_text(tomli_w.dumps({**SCENARIO, "out-dir": str(out_dir)}))
-    procs = Processes(tmp_path / "logs", flower_env(home))
-    try:
-        start_superlink(procs, port, simulation=True)
-        flwr_run(procs, "fl-subnet-sim", scenario, out_dir, timeout=420)
-        rows = json.loads((out_dir / "metrics.json").read_text())
-    except BaseException:
-        print(procs.tails())
-        raise
-    finally:
-        procs.stop_all()
+    scenario, out_dir = simulate_scenario(tmp_path, SCENARIO, NUM_NODES, timeout=420)
+    rows = json.loads((out_dir / "metrics.json").read_text())
     assert [r["server-round"] for r in rows] == [0, 1, 2, 3]
     for row in rows[1:]:
         assert row["num-replies"] == NUM_NODES and row["num-rejected"] == 0, row

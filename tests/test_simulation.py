@@ -23,6 +23,7 @@ from flower_processes import (
     flwr_run,
     free_ports,
     missing_binaries,
+    simulate_scenario,
     simulation_options,
     start_superlink,
     write_flower_config,
@@ -33,7 +34,6 @@ NUM_NODES = 4
 # for seeds 0-3); the defaults (lr 0.1, 10 steps) barely move it in 2 rounds.
 OVERRIDES = {"strategy": "ist", "num-subnets": 4, "num-server-rounds": 2, "num-nodes": NUM_NODES,
              "lr": 0.5, "local-steps": 50, "seed": 0}
-SIMULATION_OPTIONS = simulation_options(NUM_NODES)
 
 pytestmark = pytest.mark.slow
 
@@ -41,40 +41,27 @@ pytestmark = pytest.mark.slow
 @pytest.mark.skipif(bool(missing_binaries("flwr", "flower-superlink")),
                     reason="Flower executables not installed")
 def test_flwr_run_simulation_matches_inprocess(tmp_path):
-    out_dir = tmp_path / "out"
-    home = tmp_path / "flwr-home"
-    (port,) = free_ports(1)
-    write_flower_config(home, "fl-subnet-sim", f"127.0.0.1:{port}", SIMULATION_OPTIONS)
-    scenario = tmp_path / "ist.toml"  # the same scenario file for `flwr run` and `fl-subnet run`
-    scenario.write_text(tomli_w.dumps({**OVERRIDES, "out-dir": str(out_dir)}))
+    # the same scenario file for `flwr run` and `fl-subnet run`
+    scenario, out_dir = simulate_scenario(tmp_path, OVERRIDES, NUM_NODES, timeout=300)
     assert tomllib.loads(scenario.read_text())["out-dir"] == str(out_dir)
-    procs = Processes(tmp_path / "logs", flower_env(home))
-    try:
-        start_superlink(procs, port, simulation=True)
-        flwr_run(procs, "fl-subnet-sim", scenario, out_dir, timeout=300)
-        rows = json.loads((out_dir / "metrics.json").read_text())
-        summary = json.loads((out_dir / "summary.json").read_text())
-        assert summary["rounds"] == 2
-        assert [r["server-round"] for r in rows] == [0, 1, 2]
-        assert rows[-1]["eval-acc"] > rows[0]["eval-acc"] + 0.2, rows
-        assert rows[-1]["full-train-loss"] < rows[0]["full-train-loss"], rows
-        for row in rows[1:]:
-            assert row["bytes-down"] > 0 and row["bytes-up"] > 0, row
-            assert row["coverage"] == 1.0, row
-        cli_out = tmp_path / "cli"
-        assert cli.main(["run", str(scenario), "--out", str(cli_out)]) == 0
-        assert_same_rows(rows, json.loads((cli_out / "metrics.json").read_text()))
-        from fl_subnet.checkpoint import load_model
+    rows = json.loads((out_dir / "metrics.json").read_text())
+    summary = json.loads((out_dir / "summary.json").read_text())
+    assert summary["rounds"] == 2
+    assert [r["server-round"] for r in rows] == [0, 1, 2]
+    assert rows[-1]["eval-acc"] > rows[0]["eval-acc"] + 0.2, rows
+    assert rows[-1]["full-train-loss"] < rows[0]["full-train-loss"], rows
+    for row in rows[1:]:
+        assert row["bytes-down"] > 0 and row["bytes-up"] > 0, row
+        assert row["coverage"] == 1.0, row
+    cli_out = tmp_path / "cli"
+    assert cli.main(["run", str(scenario), "--out", str(cli_out)]) == 0
+    assert_same_rows(rows, json.loads((cli_out / "metrics.json").read_text()))
+    from fl_subnet.checkpoint import load_model
 
-        sim, local = load_model(out_dir / "model.safetensors"), load_model(cli_out / "model.safetensors")
-        diffs = {k: float((sim[k].double() - local[k].double()).abs().max()) for k in sim}
-        print("max |simulation - in-process| per tensor:", diffs)
-        assert max(diffs.values()) <= 1e-5, diffs
-    except BaseException:
-        print(procs.tails())
-        raise
-    finally:
-        procs.stop_all()
+    sim, local = load_model(out_dir / "model.safetensors"), load_model(cli_out / "model.safetensors")
+    diffs = {k: float((sim[k].double() - local[k].double()).abs().max()) for k in sim}
+    print("max |simulation - in-process| per tensor:", diffs)
+    assert max(diffs.values()) <= 1e-5, diffs
 
 
 @pytest.mark.skipif(bool(missing_binaries("flwr", "flower-superlink")),
