@@ -186,6 +186,22 @@ def reset_peak() -> bool:
     return True
 
 
+def add_docs_options(p, json_out: Path, root: Path, page: str) -> None:
+    """The options of a benchmark that writes a JSON file and renders it into a docs page:
+    ``--out`` (default ``json_out``; ``--quick`` writes none unless given), ``--write-docs``
+    (render into ``page``) and ``--render-only`` (run nothing, render the JSON)."""
+    p.add_argument("--out", type=Path, default=None, help=f"the JSON file (default {json_out.relative_to(root)}; "
+                                                          "--quick writes none unless given)")
+    p.add_argument("--write-docs", action="store_true", help=f"render the table into {page}")
+    p.add_argument("--render-only", action="store_true", help="run nothing: render the JSON into the docs")
+
+
+def output_file(args, json_out: Path) -> Path | None:
+    """Where :func:`add_docs_options`' benchmark writes its JSON: ``--out``, else
+    ``json_out`` unless ``--quick`` (None: nowhere)."""
+    return args.out if args.out is not None or args.quick else json_out
+
+
 def bench_logging(log: logging.Logger) -> None:
     """A bench script's logging: warnings of every library to stderr, its own ``log`` at INFO
     (its progress); stdout stays for the JSON lines."""

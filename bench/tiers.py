@@ -51,8 +51,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import (bench_logging, between, emit, machine, quiet_runs, record,  # noqa: E402
-                          replace_between, run_line)
+from bench.common import (add_docs_options, bench_logging, between, emit, machine, output_file, quiet_runs,  # noqa: E402
+                          record, replace_between, run_line)
 
 log = logging.getLogger("bench.tiers")
 
@@ -240,13 +240,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
                    help=f"{len(QUICK_SEEDS)} seed, {QUICK_ROUNDS} rounds, variants {', '.join(QUICK_VARIANTS)}")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help=f"default {list(SEEDS)}")
     p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=None, help="default: all")
-    p.add_argument("--out", type=Path, default=None, help=f"the JSON file (default {JSON_OUT.relative_to(ROOT)}; "
-                                                          "--quick writes none unless given)")
-    p.add_argument("--write-docs", action="store_true", help="render the table into docs/heterogeneous.md")
-    p.add_argument("--render-only", action="store_true", help="run nothing: render the JSON into the docs")
+    add_docs_options(p, JSON_OUT, ROOT, "docs/heterogeneous.md")
     args = p.parse_args(list(argv) if argv is not None else None)
     bench_logging(log)
-    out = args.out if args.out is not None or args.quick else JSON_OUT
+    out = output_file(args, JSON_OUT)
     if args.render_only:
         data = json.loads((out or JSON_OUT).read_text())
         write_docs(data)
