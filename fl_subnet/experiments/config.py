@@ -232,12 +232,16 @@ HiddenWidths = Annotated[
                                    "classification set), which has no unit groups; for ``shallow-relu`` "
                                    "the single width m; unused by the other models."),
 ]
-FolderPath = Annotated[
-    str, AfterValidator(_check_path), _Allowed("a folder path (a string without NUL characters)"),
-    Field(strict=True, description="Output folder of ``flwr run``: an absolute path, or one relative to "
-                                   "``~/flwr-runs/`` (empty: ``~/flwr-runs/<strategy>-<time>``); "
-                                   "``fl-subnet`` sets it from ``--out``."),
-]
+def PathKey(allowed: str, doc: str):  # noqa: N802  (a type factory)
+    """A string key naming a folder, file or hub name (no NUL character); ``allowed`` is
+    what an error message says is allowed."""
+    return Annotated[str, AfterValidator(_check_path), _Allowed(allowed), Field(strict=True, description=doc)]
+
+
+FolderPath = PathKey("a folder path (a string without NUL characters)",
+                     "Output folder of ``flwr run``: an absolute path, or one relative to "
+                     "``~/flwr-runs/`` (empty: ``~/flwr-runs/<strategy>-<time>``); "
+                     "``fl-subnet`` sets it from ``--out``.")
 DeviceName = Annotated[
     str, AfterValidator(check_device_name), _Allowed(DEVICE_CHOICES),
     Field(strict=True, description="Where the nodes train and evaluate, and the server's central evaluation "
@@ -247,19 +251,15 @@ DeviceName = Annotated[
                                    "``device``) and may override it (``--node-config \"device='cuda:1'\"``). "
                                    "``fl-subnet`` runs every node on this machine and checks it at once."),
 ]
-DataPath = Annotated[
-    str, AfterValidator(_check_path), _Allowed("a folder path or hub name (a string without NUL characters)"),
-    Field(strict=True, description="``text``: a folder written by ``DatasetDict.save_to_disk`` (splits ``train`` "
-                                   "and ``test``, columns ``text`` and ``label``), or a hub name when the "
-                                   "machine is online."),
-]
-BaseModel = Annotated[
-    str, AfterValidator(_check_path), _Allowed("a folder path or hub name (a string without NUL characters)"),
-    Field(strict=True, description="``hf-classifier``: the pre-trained model, a folder written by "
-                                   "``save_pretrained`` (config, weights and, for ``text``, the tokenizer) or a "
-                                   "hub name when the machine is online; empty: the tiny BERT pre-trained on "
-                                   "task A from ``seed`` (``shifted-majority``'s base)."),
-]
+DataPath = PathKey("a folder path or hub name (a string without NUL characters)",
+                   "``text``: a folder written by ``DatasetDict.save_to_disk`` (splits ``train`` "
+                   "and ``test``, columns ``text`` and ``label``), or a hub name when the "
+                   "machine is online.")
+BaseModel = PathKey("a folder path or hub name (a string without NUL characters)",
+                    "``hf-classifier``: the pre-trained model, a folder written by "
+                    "``save_pretrained`` (config, weights and, for ``text``, the tokenizer) or a "
+                    "hub name when the machine is online; empty: the tiny BERT pre-trained on "
+                    "task A from ``seed`` (``shifted-majority``'s base).")
 _TARGETS = re.compile(r"\s*[A-Za-z_][A-Za-z0-9_.]*\s*(,\s*[A-Za-z_][A-Za-z0-9_.]*\s*)*")
 
 
@@ -275,13 +275,11 @@ LoraTargets = Annotated[
     Field(strict=True, description="``hf-classifier``: the modules that get LoRA adapters (peft's "
                                    "``target_modules``: a module whose name ends with one of them)."),
 ]
-ResumeFrom = Annotated[
-    str, AfterValidator(_check_path), _Allowed("a folder path (a string without NUL characters)"),
-    Field(strict=True, description="``flwr run``: continue the run saved in this results folder (absolute, or "
-                                   "relative to ``~/flwr-runs/``) after its last checkpointed round, writing "
-                                   "on there; only :data:`RESUMABLE_KEYS` may differ from its config. "
-                                   "Empty: a new run. ``fl-subnet run`` uses ``--resume DIR`` instead."),
-]
+ResumeFrom = PathKey("a folder path (a string without NUL characters)",
+                     "``flwr run``: continue the run saved in this results folder (absolute, or "
+                     "relative to ``~/flwr-runs/``) after its last checkpointed round, writing "
+                     "on there; only :data:`RESUMABLE_KEYS` may differ from its config. "
+                     "Empty: a new run. ``fl-subnet run`` uses ``--resume DIR`` instead.")
 
 #: Keys a resumed run may change (``resume-from``, ``fl-subnet run --resume``): how long the
 #: run goes on, where it writes, how long it waits, and how replies are screened and
