@@ -364,3 +364,48 @@ def test_run_config_keys_reach_the_rule():
     assert isinstance(agg, MaskedBucketing)
     assert (agg.clip_radius, agg.clip_iterations, agg.bucket_size, agg.seed, agg.server_round) == (
         0.5, 2, 3, cfg.seed, 7)
+
+
+def _masked_centered_clip_numpy(points, numels, radius, iterations):
+    """The masked rule of ``centered_clip``'s docstring, entry by entry in numpy (v₀ = 0)."""
+    keys = list(numels)
+    v = {k: np.zeros(n) for k, n in numels.items()}
+    held = [{k: (idx.numpy(), d.numpy()) for k, (idx, d) in p.items()} for p in points]
+    count = {k: np.zeros(n) for k, n in numels.items()}
+    for p in held:
+        for k, (idx, _) in p.items():
+            count[k][idx] += 1
+
+    def dist(p):
+        return math.sqrt(sum(float(np.sum((d - v[k][idx]) ** 2)) for k, (idx, d) in p.items()))
+
+    if radius == 0.0:
+        radius = float(np.median([dist(p) for p in held]))
+    for _ in range(iterations):
+        scales = [min(1.0, radius / dist(p)) if dist(p) > radius else 1.0 for p in held]
+        acc = {k: np.zeros(n) for k, n in numels.items()}
+        for p, s in zip(held, scales):
+            for k, (idx, d) in p.items():
+                acc[k][idx] += (d - v[k][idx]) * s
+        v = {k: v[k] + acc[k] / np.maximum(count[k], 1) for k in keys}
+    return v, radius
+
+
+@pytest.mark.parametrize("radius", [0.0, 1.5])
+def test_centered_clip_is_the_masked_rule_entry_by_entry(radius):
+    """Partial points (one holds no bias) against the rule of the docstring in numpy."""
+    gen = torch.Generator().manual_seed(7)
+    numels = {"w": 40, "b": 6}
+    points = []
+    for i in range(9):
+        p = {}
+        for k, n in numels.items():
+            idx = torch.nonzero(torch.rand(n, generator=gen) < 0.6).squeeze(1)
+            if idx.numel() and not (k == "b" and i == 4):  # point 4 holds no bias
+                p[k] = (idx, torch.randn(idx.numel(), generator=gen, dtype=torch.float64) * (8.0 if i == 2 else 1.0))
+        points.append(p)
+    v, used, clipped = centered_clip(points, numels, None, radius, 3)
+    want, want_radius = _masked_centered_clip_numpy(points, numels, radius, 3)
+    assert used == pytest.approx(want_radius, abs=1e-13) and clipped >= 1
+    for k in numels:
+        np.testing.assert_allclose(v[k].numpy(), want[k], rtol=0, atol=1e-12)

@@ -114,11 +114,8 @@ class MaskedAggregator:
         self._flat_den: torch.Tensor | None = None
         self._weights_fit = True  # the weights and their total fit the sums' dtype (else see finalize)
         self._total_weight = 0.0
-        floats = {k: v for k, v in self.state.items() if v.is_floating_point()}
         # the flat path needs the map of exactly these float tensors, of one dtype
-        self.flat = flat if flat is not None and flat.keys == sorted(floats) and all(
-            flat.shapes[k] == tuple(v.shape) for k, v in floats.items()) and len(
-            {v.dtype for v in floats.values()}) == 1 else None
+        self.flat = flat if flat is not None and flat.matches(self.state) else None
 
     @property
     def num_replies(self) -> int:

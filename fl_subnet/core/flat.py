@@ -20,7 +20,7 @@ kept; keys of skipped depth blocks hold nothing).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 
 import torch
 
@@ -248,6 +248,21 @@ class FlatMap:
         if self.numel <= CACHE_NUMEL:
             plan.flat = (self, kept, shapes)
         return kept, shapes
+
+    def matches(self, state: Mapping[str, torch.Tensor]) -> bool:
+        """Whether this map lays out exactly ``state``'s float tensors (same keys and
+        shapes) and they share one dtype."""
+        floats = {k: v for k, v in state.items() if v.is_floating_point()}
+        return self.keys == sorted(floats) and all(self.shapes[k] == tuple(v.shape) for k, v in floats.items()) \
+            and len({v.dtype for v in floats.values()}) == 1
+
+    def concat(self, tensors: Mapping[str, torch.Tensor], keys: Collection[str] | None = None) -> torch.Tensor:
+        """The tensors of ``keys`` (default :attr:`keys`; of others, those among
+        :attr:`keys`), flattened and laid end to end in this map's order: ``(Σ numel,)``
+        (float32 and empty for no key)."""
+        keys = self.keys if keys is None else [k for k in self.keys if k in keys]
+        parts = [tensors[k].reshape(-1) for k in keys]
+        return parts[0] if len(parts) == 1 else torch.cat(parts) if parts else torch.zeros(0)
 
     def split(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
         """A full-length ``(N,)`` vector as views of every key's full shape."""

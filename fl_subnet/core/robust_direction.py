@@ -29,6 +29,8 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from .aggregate import MaskedAggregator
+from .flat import FlatMap
 from .robust import _RobustAggregator
 from .samplers import generator_for
 from .masks import Mask
@@ -49,6 +51,10 @@ BUCKET_SLOT = -5
 #: the flat positions in the full tensor of the entries it holds (unique); ``delta``
 #: float64 of shape ``(n,)``, its update ``W − W_k`` at those positions.
 Point = dict[str, tuple[torch.Tensor, torch.Tensor]]
+
+#: The one key of a :data:`Point` over a model's float tensors laid end to end
+#: (:meth:`WholeUpdateRule.use_flat`).
+WHOLE = "<whole>"
 
 
 def check_clip_radius(value: object) -> float:
@@ -285,13 +291,60 @@ class WholeUpdateRule(_RobustAggregator):
         self.next_center: dict[str, torch.Tensor] | None = None
         self._used: list[int] | None = None
         self._held: dict[str, torch.Tensor] | None = None
+        self.flat: FlatMap | None = None
+
+    def use_flat(self, flat: FlatMap | None) -> WholeUpdateRule:
+        """Lay each reply's update out as one vector over the float tensors end to end
+        (``flat``'s order; the :data:`Point`'s one key :data:`WHOLE`) instead of one entry
+        per tensor, when ``flat`` maps exactly the global state's float tensors (else
+        ignored). The same entries, norms and means (to rounding: sums run in another
+        order), with a fixed number of tensor operations per reply and iteration instead
+        of one per tensor: the small models of many tensors :mod:`fl_subnet.core.flat`
+        is for; the checks and :meth:`held` of the replies go through ``flat`` too
+        (:class:`~fl_subnet.core.aggregate.MaskedAggregator`'s flat path). Returns ``self``.
+
+        Raises
+        ------
+        RuntimeError
+            If a reply was added already."""
+        if self._replies:
+            raise RuntimeError("use_flat() comes before the first add()")
+        self.flat = flat if flat is not None and flat.matches(self.state) else None
+        if self.flat is not None:
+            self._inner = MaskedAggregator(self.state, self.slicer, flat=self.flat)
+        return self
 
     def _numels(self) -> dict[str, int]:
+        if self.flat is not None:
+            return {WHOLE: self.flat.numel}
         return {k: t.numel() for k, t in self.state.items() if t.is_floating_point()}
 
     def _points(self) -> list[Point]:
         """Every added reply as a :data:`Point` (its update over the entries it holds)."""
-        return [update_point(self.state, self.slicer, compact, mask) for compact, mask in self._replies]
+        if self.flat is None:
+            return [update_point(self.state, self.slicer, compact, mask) for compact, mask in self._replies]
+        whole = self.flat.concat(self.state)
+        points = []
+        for compact, mask in self._replies:
+            idx = self.flat.kept(mask).long()  # ascending: the order of the compact tensors end to end
+            values = self.flat.concat({k: t.detach() for k, t in compact.items()}, compact)
+            points.append({WHOLE: (idx, values.to(torch.float64) - whole[idx].to(torch.float64))})
+        return points
+
+    def _by_point_key(self, tensors: Mapping[str, torch.Tensor] | None) -> dict[str, torch.Tensor] | None:
+        """Key → tensor (e.g. a center) as the points' keys have it: as given, or, with
+        :meth:`use_flat`, one vector under :data:`WHOLE` (a missing key: zeros)."""
+        if tensors is None or self.flat is None:
+            return None if tensors is None else dict(tensors)
+        parts = {k: tensors[k].detach().reshape(-1).to(device="cpu", dtype=torch.float64) if k in tensors
+                 else torch.zeros(math.prod(shape), dtype=torch.float64) for k, shape in self.flat.shapes.items()}
+        return {WHOLE: self.flat.concat(parts)}
+
+    def _by_state_key(self, per_point_key: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Inverse of :meth:`_by_point_key` for flat vectors: key → ``(N_k,)``."""
+        if self.flat is None:
+            return per_point_key
+        return {k: t.reshape(-1) for k, t in self.flat.split(per_point_key[WHOLE]).items()}
 
     def _aggregate(self, points: list[Point]) -> dict[str, torch.Tensor]:
         raise NotImplementedError
@@ -311,9 +364,11 @@ class WholeUpdateRule(_RobustAggregator):
             v = self._aggregate(points)
             used = range(len(points)) if self._used is None else self._used
             held = {key: torch.zeros(n, dtype=torch.bool) for key, n in self._numels().items()}
-            for i in used:
-                for key, (idx, _) in points[i].items():
-                    held[key][idx] = True
+            for key, h in held.items():
+                idx = [points[i][key][0] for i in used if key in points[i]]
+                if idx:
+                    h[torch.cat(idx)] = True
+            v, held = self._by_state_key(v), self._by_state_key(held)
             if self._used is not None:
                 self._held = {key: h.reshape(self.state[key].shape).to(self.state[key].device)
                               for key, h in held.items()}
@@ -391,8 +446,8 @@ class MaskedCenteredClip(WholeUpdateRule):
         self.radius: float | None = None
 
     def _aggregate(self, points: list[Point]) -> dict[str, torch.Tensor]:
-        v, self.radius, clipped = centered_clip(points, self._numels(), self.center, self.clip_radius,
-                                                self.clip_iterations)
+        v, self.radius, clipped = centered_clip(points, self._numels(), self._by_point_key(self.center),
+                                                self.clip_radius, self.clip_iterations)
         log.debug("centered clipping: %d point(s), radius %.4g, %d clipped in the first iteration",
                   len(points), self.radius, clipped)
         return v
@@ -459,4 +514,4 @@ def make_center(rule: object, previous: Mapping[str, torch.Tensor] | None) -> Ma
 
 __all__ = ["BUCKET_SIZE", "BUCKET_SLOT", "CLIP_ITERATIONS", "MaskedBucketing", "MaskedCenteredClip", "Point",
            "WholeUpdateRule", "bucket_means", "bucket_order", "centered_clip", "check_bucket_size",
-           "check_clip_iterations", "check_clip_radius", "holder_sums", "make_center", "update_point"]
+           "check_clip_iterations", "check_clip_radius", "holder_sums", "make_center", "update_point", "WHOLE"]

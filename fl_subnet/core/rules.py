@@ -55,23 +55,24 @@ def _trimmed_mean(state, slicer, *, trim_fraction=0.25, **_) -> MaskedTrimmedMea
     return MaskedTrimmedMean(state, slicer, trim_fraction)
 
 
-def _centered_clip(state, slicer, *, clip_radius=0.0, clip_iterations=CLIP_ITERATIONS, center=None,
+def _centered_clip(state, slicer, *, clip_radius=0.0, clip_iterations=CLIP_ITERATIONS, center=None, flat=None,
                    **_) -> MaskedCenteredClip:
-    return MaskedCenteredClip(state, slicer, clip_radius, clip_iterations, center)
+    return MaskedCenteredClip(state, slicer, clip_radius, clip_iterations, center).use_flat(flat)
 
 
 def _bucketing(state, slicer, *, clip_radius=0.0, clip_iterations=CLIP_ITERATIONS, center=None,
-               bucket_size=BUCKET_SIZE, seed=0, server_round=0, **_) -> MaskedBucketing:
-    return MaskedBucketing(state, slicer, clip_radius, clip_iterations, center, bucket_size, seed, server_round)
+               bucket_size=BUCKET_SIZE, seed=0, server_round=0, flat=None, **_) -> MaskedBucketing:
+    return MaskedBucketing(state, slicer, clip_radius, clip_iterations, center, bucket_size, seed,
+                           server_round).use_flat(flat)
 
 
 def _geometric_median(state, slicer, *, weiszfeld_iterations=WEISZFELD_ITERATIONS,
-                      weiszfeld_smoothing=WEISZFELD_SMOOTHING, **_) -> MaskedGeometricMedian:
-    return MaskedGeometricMedian(state, slicer, weiszfeld_iterations, weiszfeld_smoothing)
+                      weiszfeld_smoothing=WEISZFELD_SMOOTHING, flat=None, **_) -> MaskedGeometricMedian:
+    return MaskedGeometricMedian(state, slicer, weiszfeld_iterations, weiszfeld_smoothing).use_flat(flat)
 
 
-def _multi_krum(state, slicer, *, krum_rogues=KRUM_ROGUES_AUTO, **_) -> MaskedMultiKrum:
-    return MaskedMultiKrum(state, slicer, krum_rogues)
+def _multi_krum(state, slicer, *, krum_rogues=KRUM_ROGUES_AUTO, flat=None, **_) -> MaskedMultiKrum:
+    return MaskedMultiKrum(state, slicer, krum_rogues).use_flat(flat)
 
 
 def _product_space(state, slicer, **_) -> MaskedProductSpace:
@@ -98,7 +99,8 @@ AGGREGATION_RULES: dict[str, Callable[..., AggregationRule]] = {
 def make_rule(name: str, global_state: Mapping[str, torch.Tensor], slicer: Slicer, **options) -> AggregationRule:
     """The rule ``name`` over ``global_state`` (``W_k``, not modified).
 
-    ``options``: ``untouched``, ``denominator``, ``precision``, ``flat`` (the mean),
+    ``options``: ``untouched``, ``denominator``, ``precision``, ``flat`` (the mean and the
+    whole-update rules, :meth:`~fl_subnet.core.robust_direction.WholeUpdateRule.use_flat`),
     ``trim_fraction`` (the trimmed mean), ``clip_radius``, ``clip_iterations``, ``center``
     (centered clipping and bucketing), ``bucket_size``, ``seed``, ``server_round``
     (bucketing), ``weiszfeld_iterations``, ``weiszfeld_smoothing`` (the geometric median),
