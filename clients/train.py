@@ -234,7 +234,8 @@ def train_local(model: nn.Module, data: Dataset, cfg: TrainConfig, seed: int = 0
         dev = model_device(model)
     else:
         dev = resolve_device(device)
-        model.to(dev)
+        if any(t.device != dev for t in itertools.chain(model.parameters(), model.buffers())):
+            model.to(dev)  # (Module.to walks every module even when nothing moves)
     scaler = grad_scaler(dev, cfg.amp)  # None but for fp16; ValueError naming 'amp' where it cannot run
     amp = autocast(dev, cfg.amp)  # reusable: a nullcontext, or torch.autocast
 
