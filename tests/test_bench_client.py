@@ -57,7 +57,7 @@ def test_client_quick_holds_only_its_compact_slice():
 
 def test_scale_quick_runs_both_and_reports_memory():
     lines = run_bench("scale")
-    assert [m["metric"] for m in lines] == ["seconds", "bytes"]
+    assert [m["metric"] for m in lines] == ["seconds", "bytes", "seconds"]
     for m in lines:
         assert m["bench"] == "scale"
         assert m["setting"]["nodes"] == 100 and m["setting"]["sampled_per_round"] == 10
@@ -66,6 +66,24 @@ def test_scale_quick_runs_both_and_reports_memory():
     peak = lines[1]
     assert 50e6 < peak["median"] < 24e9 and 50e6 < peak["fedavg_median"] < 24e9  # a process holding torch
     assert peak["target"] == 1.2
+    cpu = lines[2]
+    assert "steady round" in cpu["setting"]["measure"] and cpu["target"] == 1.0
+    for parts, median in ((cpu["parts"], cpu["median"]), (cpu["parts_fedavg"], cpu["fedavg_median"])):
+        assert set(parts) == {"configure", "aggregate", "clients", "rest"}
+        assert parts["clients"] > 0 and parts["aggregate"] > 0  # 10 nodes trained and were aggregated
+        assert sum(parts.values()) == pytest.approx(median)  # one run each: the parts add up
+    assert cpu["median"] < lines[0]["median"]  # a round's CPU is within the run's wall time
+
+
+def test_steady_cpu_is_the_rounds_after_the_first():
+    from scale import steady_cpu
+
+    marks = [(5.0, {}), (9.0, {"clients": 2.0}), (10.5, {"clients": 3.0, "aggregate": 0.25}),
+             (12.5, {"clients": 4.0, "aggregate": 0.5})]
+    cpu, parts = steady_cpu(marks)
+    assert cpu == (12.5 - 9.0) / 2 and parts == {"aggregate": 0.25, "clients": 1.0}
+    with pytest.raises(RuntimeError, match="rounds 0, 1 and at least 2"):
+        steady_cpu(marks[:2])
 
 
 @pytest.mark.slow
