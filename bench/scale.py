@@ -222,11 +222,10 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-scale-") as tmp:
         work = Path(tmp)
         runs: dict[str, list[dict]] = {k: [] for k in ["fedavg", *(f"ours-{s}" for s in strategies)]}
-        sides = ["fedavg", *strategies]
+        sides = [("fedavg", "fedavg"), *((f"ours-{s}", s) for s in strategies)]  # (run key, strategy)
         for rep in range(args.reps):  # FedAvg first, then ours, then ours first, ...
-            for side in sides if rep % 2 == 0 else reversed(sides):
-                key = side if side == "fedavg" else f"ours-{side}"
-                runs[key].append(one_run(key, scenario(args, side), work))
+            for key, strategy in sides if rep % 2 == 0 else reversed(sides):
+                runs[key].append(one_run(key, scenario(args, strategy), work))
     fedavg = runs["fedavg"]
     for s in strategies:
         ours = runs[f"ours-{s}"]
