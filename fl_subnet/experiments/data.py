@@ -51,6 +51,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from . import partition as _partition_module
+from .extras import data_packages, require
 from .partition import check_num_partitions, partition
 from .partition_cache import PARTITION_TENSORS, SPLIT_TENSORS, through_cache
 
@@ -392,8 +393,12 @@ def load_dataset_by_name(name: str, **kw) -> datasets.DatasetDict:
     :func:`load_images` (source, path, seed), :func:`synthetic_regression` (n, d,
     n_test, teacher_width, noise, seed), :func:`shifted_majority` (n, n_test, seed) or
     :func:`load_text` (path, tokenizer, seq_len, seed). ``ValueError`` naming ``dataset`` for an
-    unknown name; ``TypeError`` for a keyword the loader does not take.
+    unknown name; ``TypeError`` for a keyword the loader does not take;
+    ``ModuleNotFoundError`` naming the extra to install when a package the data set needs
+    is missing (:func:`fl_subnet.experiments.extras.require`).
     """
+    if name in DATASET_NAMES:
+        require(data_packages(name), what=f"dataset {name!r}")
     if name == "digits":
         return load_digits(**kw)
     if name == "mnist-5k":

@@ -364,11 +364,17 @@ def run_server(grid: Grid, cfg: RunConfig, on_round: Callable[[dict], None] | No
         If the checkpoint belongs to another run config (naming the keys).
     fl_subnet.checkpoint.CheckpointError
         (a ``ValueError``) If the checkpoint fails verification; nothing is written.
+    ModuleNotFoundError
+        Before anything runs, if a package the data set, the plots or the model need is
+        missing (:func:`fl_subnet.experiments.extras.require`: names the extra to install).
     """
     from fl_subnet.checkpoint import load_checkpoint
     from fl_subnet.strategies import build_strategy
 
+    from .extras import require, run_packages
     from .results import config_dict
+
+    require(run_packages(cfg.dataset, cfg.model), what=f"the run config (dataset {cfg.dataset!r}, model {cfg.model!r})")
 
     factory = factory_for(cfg)
     torch.manual_seed(cfg.seed)
