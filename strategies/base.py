@@ -453,7 +453,8 @@ class SubnetStrategy(NodeSampling, FedAvg):
         server_round += self.round_offset
         self._t_round = time.perf_counter()
         self._sent = {}
-        self._layouts = {}  # node → its slice's packing layout, computed once a round
+        self._layouts = {}  # id(mask) → (mask, its slice's packing layout), computed once a round
+        sliced: dict[int, tuple[Mask, ArrayRecord]] = {}  # id(mask) → the slice of a mask several nodes share
         self._out = {}
         if self.fraction_train == 0.0 and self.num_train_nodes is None:
             return []
@@ -486,8 +487,14 @@ class SubnetStrategy(NodeSampling, FedAvg):
             else:
                 if not full and self._flat is not None and whole is None:
                     whole = torch.cat([self._state[k].reshape(-1) for k in self._flat.keys])
-                slice_arrays = arrays if full else gather_packed(
-                    self.slicer, self._state, mask, self._node_layout(node_id, mask), self._flat, whole)
+                if full:
+                    slice_arrays = arrays
+                elif id(mask) in sliced:  # IST: the nodes of one part share its Mask and its slice
+                    slice_arrays = sliced[id(mask)][1]
+                else:
+                    slice_arrays = gather_packed(self.slicer, self._state, mask, self._node_layout(node_id, mask),
+                                                 self._flat, whole)
+                    sliced[id(mask)] = (mask, slice_arrays)  # (the mask held: its id stays its own)
                 node_config = ConfigRecord(dict(config))  # Strategy.start reuses `config`
                 node_config["server-round"] = server_round
                 if self.local_steps is not None:
@@ -777,11 +784,12 @@ class SubnetStrategy(NodeSampling, FedAvg):
 
     def _node_layout(self, node: int, mask: Mask):
         """The packing layout of ``mask``'s slice of this round's global model, for the
-        node it was sent to (computed once a round, for its message and its reply)."""
-        layout = self._layouts.get(node)
-        if layout is None:
-            layout = self._layouts[node] = slice_layout(self.slicer, mask, self._full_meta, self._flat)
-        return layout
+        node it was sent to (computed once a round per mask object, for the messages and
+        replies of every node it went to)."""
+        hit = self._layouts.get(id(mask))
+        if hit is None:  # nodes that share a mask object (IST's parts) share its layout
+            hit = self._layouts[id(mask)] = (mask, slice_layout(self.slicer, mask, self._full_meta, self._flat))
+        return hit[1]
 
     def _decode(self, arrays: ArrayRecord) -> dict[str, torch.Tensor]:
         """The global state of ``arrays``: the state :meth:`aggregate_train` built it from

@@ -149,6 +149,8 @@ class PartitionSampler(MaskSampler):
         never depend on ``k``. The IST strategy asks for ``k·p`` nodes a round and
         refuses fewer at construction.
 
+    The slots of one part get one and the same :class:`Mask` object.
+
     Raises
     ------
     ValueError
@@ -186,11 +188,12 @@ class PartitionSampler(MaskSampler):
                         num_masks // self.num_subnets, -(-num_masks // self.num_subnets))
         gen = generator_for(self.seed, server_round, -1)
         parts = {g.name: self.parts(g, gen) for g in groups}
-        return [
-            Mask({g.name: torch.nonzero(parts[g.name] == slot % self.num_subnets).flatten() for g in groups},
-                 {g.name: self.scale for g in groups})
-            for slot in range(num_masks)
-        ]
+        # the slots of one part share its Mask (masks are read-only): what is computed
+        # per mask (index maps, compact shapes, the server's slice) is computed once per part
+        per_part = [Mask({g.name: torch.nonzero(parts[g.name] == part).flatten() for g in groups},
+                         {g.name: self.scale for g in groups})
+                    for part in range(min(self.num_subnets, num_masks))]
+        return [per_part[slot % self.num_subnets] for slot in range(num_masks)]
 
 
 def prefix_size(size: int, capacity: float) -> int:
@@ -243,16 +246,23 @@ class CapacitySampler(MaskSampler):
         return [self.default_capacity if c is None else check_keep_prob(c, "capacity") for c in caps]
 
     def window(self, group: UnitGroup, server_round: int, k: int) -> torch.Tensor:
+        """The ``k`` units of ``group`` a node keeps in ``server_round``: sorted int64
+        ``(k,)``, a function of the arguments only (no random draw)."""
         raise NotImplementedError
 
     def sample(self, groups, server_round, num_masks, capacities=None):
-        masks = []
+        """One mask per slot from its capacity; slots of equal capacity share one
+        :class:`Mask` object (masks are read-only; :meth:`window` is a function of its
+        arguments), so what is computed per mask is computed once per capacity."""
+        by_capacity: dict[float, Mask] = {}
         for r in self.capacities(num_masks, capacities):
-            idx = {g.name: self.window(g, server_round, prefix_size(g.size, r)) for g in groups}
-            scales = {g.name: (1.0 / r if self.scale and (self.rank_scale or g.kind != "ranks") else 1.0)
-                      for g in groups}
-            masks.append(Mask(idx, scales, scale_before_norm=True))  # the reference's Scaler sits before the norm
-        return masks
+            if r not in by_capacity:
+                idx = {g.name: self.window(g, server_round, prefix_size(g.size, r)) for g in groups}
+                scales = {g.name: (1.0 / r if self.scale and (self.rank_scale or g.kind != "ranks") else 1.0)
+                          for g in groups}
+                # the reference's Scaler sits before the norm
+                by_capacity[r] = Mask(idx, scales, scale_before_norm=True)
+        return [by_capacity[r] for r in self.capacities(num_masks, capacities)]
 
 
 class NestedPrefixSampler(CapacitySampler):
