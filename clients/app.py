@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 from collections.abc import Callable, Sequence
@@ -84,6 +85,20 @@ def node_device(context: Context) -> torch.device:
 
 
 def _takes(fn: Callable, name: str) -> bool:
+    """Whether ``fn`` takes the keyword ``name`` (read once per function: every train
+    message asks)."""
+    try:
+        return _takes_cached(fn, name)
+    except TypeError:  # an unhashable callable
+        return _read_takes(fn, name)
+
+
+@functools.lru_cache(maxsize=256)
+def _takes_cached(fn: Callable, name: str) -> bool:
+    return _read_takes(fn, name)
+
+
+def _read_takes(fn: Callable, name: str) -> bool:
     try:
         params = inspect.signature(fn).parameters
     except (TypeError, ValueError):
