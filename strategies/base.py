@@ -486,7 +486,7 @@ class SubnetStrategy(NodeSampling, FedAvg):
                 content = shared[1]
             else:
                 if not full and self._flat is not None and whole is None:
-                    whole = torch.cat([self._state[k].reshape(-1) for k in self._flat.keys])
+                    whole = self._flat.concat(self._state)
                 if full:
                     slice_arrays = arrays
                 elif id(mask) in sliced:  # IST: the nodes of one part share its Mask and its slice

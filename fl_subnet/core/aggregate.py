@@ -191,8 +191,7 @@ class MaskedAggregator:
         values = None
         with torch_threads():
             if self.flat is not None:
-                parts = [compact[k].reshape(-1) for k in self.flat.keys if k in compact]
-                values = torch.cat(parts) if len(parts) > 1 else parts[0] if parts else None
+                values = self.flat.concat(compact, compact) if any(k in compact for k in self.flat.keys) else None
             if values is None or not _all_finite(values):
                 for key, full in self.state.items():
                     t = compact.get(key)

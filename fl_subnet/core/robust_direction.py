@@ -327,7 +327,7 @@ class WholeUpdateRule(_RobustAggregator):
         points = []
         for compact, mask in self._replies:
             idx = self.flat.kept(mask).long()  # ascending: the order of the compact tensors end to end
-            values = self.flat.concat({k: t.detach() for k, t in compact.items()}, compact)
+            values = self.flat.concat(compact, compact).detach()
             points.append({WHOLE: (idx, values.to(torch.float64) - whole[idx].to(torch.float64))})
         return points
 

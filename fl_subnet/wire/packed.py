@@ -111,7 +111,7 @@ def gather_packed(slicer, state: Mapping[str, torch.Tensor], mask, layout: Layou
     if flat is None:
         return pack_state(slicer.gather(state, mask), layout)
     if whole is None:
-        whole = torch.cat([state[k].detach().reshape(-1) for k in flat.keys])
+        whole = flat.concat(state).detach()
     parts: dict[str, list[torch.Tensor]] = {"float": [whole.index_select(0, flat.kept(mask))]}
     for key, _, kind in layout:
         if kind != "float":
