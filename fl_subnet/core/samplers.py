@@ -254,15 +254,16 @@ class CapacitySampler(MaskSampler):
         """One mask per slot from its capacity; slots of equal capacity share one
         :class:`Mask` object (masks are read-only; :meth:`window` is a function of its
         arguments), so what is computed per mask is computed once per capacity."""
+        caps = self.capacities(num_masks, capacities)
         by_capacity: dict[float, Mask] = {}
-        for r in self.capacities(num_masks, capacities):
+        for r in caps:
             if r not in by_capacity:
                 idx = {g.name: self.window(g, server_round, prefix_size(g.size, r)) for g in groups}
                 scales = {g.name: (1.0 / r if self.scale and (self.rank_scale or g.kind != "ranks") else 1.0)
                           for g in groups}
                 # the reference's Scaler sits before the norm
                 by_capacity[r] = Mask(idx, scales, scale_before_norm=True)
-        return [by_capacity[r] for r in self.capacities(num_masks, capacities)]
+        return [by_capacity[r] for r in caps]
 
 
 class NestedPrefixSampler(CapacitySampler):
